@@ -1,0 +1,172 @@
+"""The adaptation flow: textadapt's stages as Prefect tasks, for one dataset.
+
+``textadapt run DATASET`` calls ``adapt`` directly; without PREFECT_API_URL Prefect starts a
+temporary local API for the run, with one it shows in that server's UI. The flow's one parameter
+is ``RunOptions``, the same model the CLI's flags fill in.
+
+Caching is textadapt's own (DuckDB, content-addressed), so Prefect's task caching is off: a
+retried or re-run task asks the cache and does only what is missing.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from textadapt import datasets, encoders, pipeline, prompts
+from textadapt.config import RunOptions, Settings
+from textadapt.llm import Sampling, make_backend
+from textadapt.report import RunReport, write_report
+from textadapt.store import Store
+
+TASK = dict(cache_policy=NO_CACHE, persist_result=False)
+
+
+class RunOutcome(BaseModel):
+    run_id: str
+    report_path: str
+    untrained_backbone: bool
+    llm_calls: int
+    cached_generations: int
+    text_encoder_calls: int
+    trained_descriptions: int
+    results: dict[str, float]  # method -> top-1
+
+
+def _progress(label: str):
+    """Log progress at every tenth of the way: visible on the console and in the Prefect UI."""
+    logger, last = get_run_logger(), [-1]
+
+    def report(done: int, total: int) -> None:
+        tenth = 10 * done // total if total else 10
+        if tenth != last[0]:
+            last[0] = tenth
+            logger.info("%s: %d/%d", label, done, total)
+
+    return report
+
+
+@task(name="load dataset", **TASK)
+def load_dataset(options: RunOptions, settings: Settings):
+    spec = datasets.find_spec(options.dataset, settings.dataset_search_path)
+    images = datasets.load_test_images(spec, settings.home)
+    return datasets.restrict(spec, images, options.max_classes, options.max_images)
+
+
+@task(name="check templates", **TASK)
+def load_templates(options: RunOptions, settings: Settings, spec):
+    templates = prompts.list_templates(settings.prompts_dir, options.template_sets)
+    prompts.check_templates(templates, spec)
+    return templates
+
+
+@task(name="load backbone", **TASK)
+def load_backbone(spec: str, settings: Settings):
+    return encoders.load_backbone(spec, settings.device)
+
+
+@task(name="generate descriptions", **TASK)
+def generate(plan, backend, store, dataset, sampling):
+    return pipeline.generate(plan, backend, store, dataset, sampling, _progress("generating"))
+
+
+@task(name="encode images", **TASK)
+def encode_images(backbone, images, store, batch_size):
+    return encoders.encode_images(backbone, images, store, batch_size, _progress("encoding test images"))
+
+
+@task(name="zero-shot baselines", **TASK)
+def zero_shot(backbone, spec, store, batch_size):
+    return pipeline.zero_shot_weights(backbone, spec, store, batch_size)
+
+
+@task(name="train heads", **TASK)
+def train_heads(backbone, sets, spec, store, steps, seed, batch_size):
+    return pipeline.train_heads(backbone, sets, spec, store, steps, seed, batch_size)
+
+
+@flow(name="textadapt-adapt", persist_result=False)
+def adapt(options: RunOptions) -> RunOutcome:
+    """Generate descriptions, train text-only heads, and score them against zero-shot CLIP."""
+    logger = get_run_logger()
+    settings = Settings()
+    backbone_spec, llm_spec = options.backbone or settings.backbone, options.llm or settings.llm
+    run_id = f"{options.dataset}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+    seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(name: str):
+        t0 = time.perf_counter()
+        yield
+        seconds[name] = time.perf_counter() - t0
+
+    with Store(settings.db_path) as store:
+        store.start_run(run_id, options.dataset, options.model_dump())
+        logger.info("run %s, cache %s", run_id, settings.db_path)
+        try:
+            with stage("dataset and templates"):
+                spec, images = load_dataset(options, settings)
+                templates = load_templates(options, settings, spec)
+            with stage("backbone"):  # before any LLM call: a missing backbone costs no generation
+                backbone = load_backbone(backbone_spec, settings)
+            if backbone.untrained:
+                logger.warning("backbone %s is UNTRAINED (random weights): the accuracies of this run mean nothing", backbone.arch)
+            store.add_backbone(backbone.id, backbone_spec, backbone.arch, backbone.weights, backbone.untrained)
+            backend = make_backend(llm_spec, settings.threads)
+            store.update_run(run_id, backbone=backbone.id, llm=backend.identity)
+
+            sampling = Sampling(temperature=options.temperature, max_tokens=options.max_tokens)
+            plan = pipeline.plan_generations(spec, templates, backend.identity, sampling, options.samples)
+            with stage("generation"):
+                try:
+                    gen = generate(plan, backend, store, spec.name, sampling)
+                finally:
+                    backend.close()
+            if gen.made == 0:
+                logger.info("all %d generations served from the cache: 0 LLM calls", gen.planned)
+            else:
+                logger.info("%d LLM calls, %d generations from the cache", gen.made, gen.cached)
+            store.update_run(run_id, llm_calls=gen.made, cached_generations=gen.cached)
+            sets = pipeline.training_sets(plan, store)
+            pipeline.check_trainable(sets, spec)
+            store.link_generations(run_id, [p.key for p in plan], [p.class_index for p in plan])
+
+            with stage("image embeddings"):
+                image_emb, image_calls = encode_images(backbone, images, store, options.batch_size)
+            with stage("zero-shot baselines"):
+                weights, zs_calls = zero_shot(backbone, spec, store, options.batch_size)
+            steps = options.steps or spec.train.steps
+            with stage("training"):
+                heads, head_calls = train_heads(backbone, sets, spec, store, steps, options.seed, options.batch_size)
+            weights.update({m: h.weight for m, h in heads.items()})
+            with stage("scoring"):
+                scores = pipeline.evaluate(weights, image_emb, images.labels, len(spec.classes))
+                best = pipeline.save_results(store, run_id, spec, scores, heads, sets)
+
+            examples_from = sets.get("targeted") or next(iter(sets.values()))
+            examples = {c: [t for t, y in zip(examples_from.texts, examples_from.labels) if y == i][:2] for i, c in enumerate(spec.classes)}
+            report = RunReport(
+                run_id=run_id, spec=spec, backbone_spec=backbone_spec, backbone_id=backbone.id, untrained=backbone.untrained,
+                arch=backbone.arch, llm=backend.identity, image_source=images.source, n_images=len(images), generation=gen,
+                sets=sets, scores=scores, heads=heads, best_baseline=best, text_encoder_calls=zs_calls + head_calls,
+                image_encoder_calls=image_calls, steps=steps, seed=options.seed, stage_seconds=seconds, examples=examples,
+            )
+            path = write_report(report, settings.reports_dir)
+            store.update_run(run_id, text_encoder_calls=zs_calls + head_calls, report_path=str(path))
+            store.finish_run(run_id, "completed")
+        except BaseException as e:
+            store.finish_run(run_id, "failed", f"{type(e).__name__}: {e}")
+            raise
+    logger.info("report: %s", path)
+    return RunOutcome(
+        run_id=run_id, report_path=str(path), untrained_backbone=backbone.untrained, llm_calls=gen.made,
+        cached_generations=gen.cached, text_encoder_calls=zs_calls + head_calls,
+        trained_descriptions=sum(len(ts.texts) for ts in sets.values()),
+        results={m: s.top1 for m, s in scores.items()},
+    )

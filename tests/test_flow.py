@@ -1,0 +1,94 @@
+"""The whole flow, through the real CLI, on a small Fashion-MNIST subset: the real SmolLM2, a real
+DuckDB file, Prefect's temporary local API, and a tiny randomly initialised open_clip backbone."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, TINY
+from textadapt.encoders import _hub_reachable
+from textadapt.store import Store
+
+CLI = str(Path(sys.executable).parent / "textadapt")
+SMALL = ["--backbone", TINY, "--max-classes", "3", "--samples", "2", "--max-images", "300", "--steps", "30"]
+
+
+def textadapt(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run([CLI, *args], capture_output=True, text=True, env=os.environ.copy(), timeout=900, stdin=subprocess.DEVNULL)
+    if check and p.returncode != 0:
+        raise AssertionError(f"textadapt {' '.join(args)} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def query(home: Path, sql: str) -> list[tuple]:
+    with Store(home / "textadapt.duckdb", read_only=True) as s:
+        return s.sql(sql)[1]
+
+
+def test_run_caches_everything_and_reports_every_method(home, tmp_path, monkeypatch):
+    first = textadapt("run", "fashion-mnist", *SMALL)
+    assert "UNTRAINED BACKBONE" in first.stderr
+    report = Path(re.search(r"report: (\S+\.md)", first.stdout).group(1))
+    text = report.read_text()
+    assert text.startswith("**UNTRAINED BACKBONE")
+    for method in ("zero-shot:class-name", "zero-shot:a-photo-of", "zero-shot:ensemble", "tap-head:generic", "tap-head:targeted"):
+        assert f"| `{method}` |" in text
+
+    # 3 classes x 10 questions x 2 samples, each stored once; the report's count agrees with SQL.
+    assert query(home, "SELECT count(*) FROM generations") == [(60,)]
+    trained = int(re.search(r"Trained on (\d+) descriptions", text).group(1))
+    assert query(home, "SELECT count(*) FROM generations WHERE rejected IS NULL") == [(trained,)]
+    assert query(home, "SELECT count(DISTINCT template), count(DISTINCT class_name) FROM generations") == [(10, 3)]
+    run_id = report.stem
+    assert query(home, f"SELECT count(*) FROM results WHERE run_id = '{run_id}'") == [(5,)]
+    assert query(home, f"SELECT count(*) FROM class_results WHERE run_id = '{run_id}'") == [(15,)]
+    assert query(home, f"SELECT count(*) FROM run_generations WHERE run_id = '{run_id}'") == [(60,)]
+
+    # Nothing changed: no LLM call, no text encoded.
+    again = textadapt("run", "fashion-mnist", *SMALL)
+    assert "0 LLM calls" in again.stdout and "0 texts encoded" in again.stdout
+    rows = query(home, "SELECT status, llm_calls, cached_generations, text_encoder_calls FROM runs ORDER BY started_at")
+    assert rows[0][:2] == ("completed", 60) and rows[0][3] > 0
+    assert rows[1] == ("completed", 0, 60, 0)
+
+    # Editing one template regenerates exactly that template's rows.
+    prompts = tmp_path / "prompts"
+    shutil.copytree(REPO / "prompts", prompts)
+    look = prompts / "targeted" / "look.j2"
+    look.write_text(look.read_text().replace("look like", "look like, seen from the front,"))
+    monkeypatch.setenv("TEXTADAPT_PROMPTS_DIR", str(prompts))
+    edited = textadapt("run", "fashion-mnist", *SMALL, "--templates", "targeted")
+    assert "6 LLM calls, 24 cached" in edited.stdout  # 3 classes x 2 samples of targeted/look
+    assert query(home, "SELECT count(*) FROM generations") == [(66,)]
+
+    out = textadapt("sql", "SELECT class_name, template, count(*) FROM generations GROUP BY ALL").stdout
+    assert "targeted/look" in out and "T-shirt or top" in out
+
+
+def test_strict_backbone_fails_before_any_llm_call(home):
+    if _hub_reachable():
+        pytest.skip("the Hugging Face hub is reachable: the weights would download")
+    p = textadapt("run", "fashion-mnist", "--backbone", "ViT-B-32:openai", "--max-classes", "2", check=False)
+    assert p.returncode == 2
+    assert "Ways out" in p.stderr and "ViT-B-32:auto" in p.stderr
+    assert query(home, "SELECT count(*) FROM generations") == [(0,)]
+    [(status, error)] = query(home, "SELECT status, error FROM runs")
+    assert status == "failed" and "ViT-B-32:openai" in error
+
+
+def test_unknown_dataset_lists_the_known_ones():
+    p = textadapt("run", "fashion-mnst", check=False)
+    assert p.returncode == 2
+    assert "unknown dataset 'fashion-mnst'" in p.stderr and "fashion-mnist" in p.stderr
+
+
+def test_sql_is_read_only_unless_asked(home):
+    Store(home / "textadapt.duckdb").close()
+    p = textadapt("sql", "DELETE FROM runs", check=False)
+    assert p.returncode == 2 and "--write" in p.stderr
+    assert textadapt("sql", "--write", "DELETE FROM runs").returncode == 0

@@ -1,0 +1,97 @@
+"""Configuration in one typed place.
+
+``Settings`` is where things live and which models to use by default: environment variables
+(``TEXTADAPT_*``) over an optional TOML file (``$TEXTADAPT_HOME/config.toml`` or
+``$TEXTADAPT_CONFIG``) over the defaults below. ``RunOptions`` is one adaptation run; the CLI's
+flags and the Prefect flow's parameters are both this model, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _shipped(name: str) -> Path:
+    """A folder shipped with textadapt: the checkout's own in a source/editable install, else the wheel's copy."""
+    in_checkout = REPO_ROOT / name
+    return in_checkout if in_checkout.is_dir() else Path(__file__).resolve().parent / "_assets" / name
+
+
+def default_home() -> Path:
+    if os.environ.get("TEXTADAPT_HOME"):
+        return Path(os.environ["TEXTADAPT_HOME"]).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "textadapt"
+
+
+def _config_file() -> Path:
+    return Path(os.environ.get("TEXTADAPT_CONFIG") or default_home() / "config.toml").expanduser()
+
+
+class Settings(BaseSettings):
+    """Where textadapt keeps things and what it uses unless a run says otherwise."""
+
+    model_config = SettingsConfigDict(env_prefix="TEXTADAPT_", extra="forbid")
+
+    home: Path = Field(default_factory=default_home, description="Cache, reports and downloaded images.")
+    db: Path | None = Field(None, description="The DuckDB cache file; default $home/textadapt.duckdb.")
+    datasets_dirs: list[Path] = Field(
+        default_factory=list,
+        description="Extra folders searched for DATASET.toml specs, before $home/datasets and the shipped ones.",
+    )
+    prompts_dir: Path = Field(default_factory=lambda: _shipped("prompts"), description="Jinja prompt templates.")
+    backbone: str = Field("ViT-B-32:openai", description="open_clip backbone spec ARCH:PRETRAINED.")
+    llm: str = Field("llama-cpp:smollm2", description="LLM backend spec.")
+    device: str = Field("auto", description="torch device for encoders and training: auto, cpu, cuda, cuda:1...")
+    threads: int | None = Field(None, description="CPU threads for llama.cpp; default: all cores.")
+
+    @property
+    def db_path(self) -> Path:
+        return self.db or self.home / "textadapt.duckdb"
+
+    @property
+    def dataset_search_path(self) -> list[Path]:
+        return [*self.datasets_dirs, self.home / "datasets", _shipped("data") / "datasets"]
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.home / "reports"
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=_config_file()))
+
+
+class RunOptions(BaseModel):
+    """One adaptation run of one dataset. Unset fields take the Settings or the dataset spec's value."""
+
+    dataset: str
+    backbone: str | None = Field(None, description="open_clip spec ARCH:PRETRAINED (default: Settings.backbone).")
+    llm: str | None = Field(None, description="LLM backend spec (default: Settings.llm).")
+    template_sets: list[str] = Field(
+        default_factory=lambda: ["generic", "targeted"],
+        description="Prompt template sets (folders of prompts/); one adapted head is trained per set.",
+    )
+    samples: int = Field(5, ge=1, description="Samples per rendered question (TAP: 5).")
+    temperature: float = Field(0.99, ge=0, description="LLM sampling temperature (TAP: 0.99).")
+    max_tokens: int = Field(50, ge=1, description="Longest answer in tokens (TAP: 50).")
+    steps: int | None = Field(None, ge=1, description="Training steps (default: the dataset spec's).")
+    seed: int = Field(7777, description="Seed for training and sampling (TAP: 7777).")
+    max_classes: int | None = Field(None, ge=2, description="Use only the first N classes (smoke runs).")
+    max_images: int | None = Field(None, ge=1, description="Score on the first N test images only.")
+    batch_size: int = Field(256, ge=1, description="Encoder batch size.")
+
+    @field_validator("template_sets")
+    @classmethod
+    def _not_empty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one template set is needed")
+        return v

@@ -1,0 +1,257 @@
+"""The frozen CLIP backbone: resolved from a spec through open_clip, and its cached encoders.
+
+A backbone spec is ``ARCH:WEIGHTS``:
+
+- ``ViT-B-32:openai``: an open_clip pretrained tag (downloaded and cached as open_clip does);
+- ``hf-hub:ORG/REPO``: a Hugging Face hub model in open_clip format;
+- ``ViT-B-32:/path/to/checkpoint.pt``: a local checkpoint file (``.pt``, ``.bin``, ``.safetensors``);
+- ``ViT-B-32:random``: untrained weights (seeded, so always the same): a smoke test, not a classifier;
+- ``ViT-B-32:auto``: the architecture's first pretrained tag, or untrained weights if none can be had.
+
+Every embedding is cached under the backbone's identity, ``ARCH@sha256`` of its weights and image
+preprocessing: the same weights reached by any route share a cache, different ones never do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urlparse
+
+import numpy as np
+import open_clip
+import torch
+
+from textadapt import TextadaptError
+from textadapt.datasets import ImageSet, iter_batches
+from textadapt.store import Store
+
+log = logging.getLogger(__name__)
+MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+RANDOM_SEED = 0
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Backbone:
+    spec: str
+    arch: str
+    weights: str
+    untrained: bool
+    model: torch.nn.Module
+    preprocess: Callable
+    tokenizer: Callable
+    device: torch.device
+    id: str = ""
+    embed_dim: int = 0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TextadaptError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TextadaptError(f"device {name!r} asked for, but torch sees no CUDA GPU; use --device cpu or auto")
+    return device
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """``ARCH:WEIGHTS`` -> (arch, weights); hub ids are their own arch."""
+    if spec.startswith("hf-hub:"):
+        return spec, "hf-hub"
+    arch, sep, weights = spec.partition(":")
+    if not sep or not arch or not weights:
+        raise TextadaptError(f"backbone spec {spec!r} is not ARCH:WEIGHTS (e.g. ViT-B-32:openai, ViT-B-32:random, hf-hub:ORG/REPO)")
+    return arch, weights
+
+
+def _register_configs() -> None:
+    if MODEL_CONFIGS.is_dir() and not set(p.stem for p in MODEL_CONFIGS.glob("*.json")) <= set(open_clip.list_models()):
+        open_clip.add_model_config(MODEL_CONFIGS)
+
+
+def weights_id(model: torch.nn.Module, preprocess) -> str:
+    """sha256 over every tensor of the state dict (in key order) and the image preprocessing."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(repr(preprocess).encode())
+    return h.hexdigest()
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def _offline_unless_reachable():
+    """Without a route to the hub, use only its local cache: a miss fails at once, not after ~50 s of retries."""
+    from huggingface_hub import constants
+
+    if _hub_reachable():
+        yield
+        return
+    was, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = was
+
+
+def _create(arch: str, pretrained: str | None):
+    if pretrained is None or Path(pretrained).is_file():
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
+    else:
+        with _offline_unless_reachable():
+            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
+    return model, preprocess
+
+
+def _ways_out(arch: str, weights: str, err: Exception) -> TextadaptError:
+    return TextadaptError(
+        f"could not get the weights of backbone {arch}:{weights}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
+        f"Ways out:\n"
+        f"  - with network access, run once so open_clip downloads and caches them (~/.cache/huggingface);\n"
+        f"  - copy a checkpoint here and pass --backbone {arch}:/path/to/open_clip_model.safetensors;\n"
+        f"  - pass --backbone {arch}:auto to fall back to untrained weights (a smoke run: accuracies mean nothing);\n"
+        f"  - pass --backbone {arch}:random for untrained weights on purpose."
+    )
+
+
+def load_backbone(spec: str, device: str = "auto") -> Backbone:
+    """Build the frozen model for ``spec``; strict unless the spec says ``auto``."""
+    _register_configs()
+    arch, weights = parse_spec(spec)
+    if not arch.startswith("hf-hub:") and arch not in open_clip.list_models():
+        close = [m for m in open_clip.list_models() if arch.lower().replace("/", "-") in m.lower()][:8]
+        raise TextadaptError(f"unknown open_clip architecture {arch!r} in backbone spec {spec!r}" + (f"; did you mean one of {close}?" if close else "; see open_clip.list_models()"))
+    untrained = False
+    if arch.startswith("hf-hub:"):
+        try:
+            with _offline_unless_reachable():
+                model, preprocess = _create(arch, None)
+        except Exception as e:
+            raise _ways_out(arch, weights, e) from None
+    elif weights == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_SEED)
+            model, preprocess = _create(arch, None)
+        untrained = True
+    elif weights == "auto":
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        tag = "openai" if "openai" in tags else (tags[0] if tags else None)
+        try:
+            if tag is None:
+                raise RuntimeError(f"open_clip lists no pretrained weights for {arch}")
+            model, preprocess = _create(arch, tag)
+            weights = tag
+        except Exception as e:
+            log.warning("no pretrained weights for %s (%s): using UNTRAINED weights", arch, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_SEED)
+                model, preprocess = _create(arch, None)
+            weights, untrained = "random", True
+    elif weights.endswith(CHECKPOINT_SUFFIXES) or "/" in weights or Path(weights).expanduser().exists():
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise TextadaptError(f"backbone checkpoint file not found: {path} (from spec {spec!r})")
+        try:
+            model, preprocess = _create(arch, str(path))
+        except Exception as e:
+            raise TextadaptError(f"{path}: not a loadable {arch} checkpoint: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        weights = str(path)
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        if weights not in tags:
+            raise TextadaptError(f"{arch} has no pretrained tag {weights!r}; open_clip knows {tags or 'none'}; or use a checkpoint path, random or auto")
+        try:
+            model, preprocess = _create(arch, weights)
+        except Exception as e:
+            raise _ways_out(arch, weights, e) from None
+    dev = resolve_device(device)
+    model = model.to(dev).eval().requires_grad_(False)
+    bb = Backbone(spec, arch, weights, untrained, model, preprocess, open_clip.get_tokenizer(arch), dev)
+    bb.id = f"{arch}@{weights_id(model, preprocess)[:16]}"
+    with torch.inference_mode():
+        bb.embed_dim = int(model.encode_text(bb.tokenizer(["a"]).to(dev)).shape[-1])
+    return bb
+
+
+def save_checkpoint(backbone: Backbone, path: Path) -> None:
+    """Write the backbone's weights in a file ``load_backbone(f"{arch}:{path}")`` reads back."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in backbone.model.state_dict().items()}, str(path))
+    else:
+        torch.save(backbone.model.state_dict(), path)
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@torch.inference_mode()
+def encode_texts(backbone: Backbone, texts: list[str], store: Store, batch_size: int = 256) -> tuple[np.ndarray, int]:
+    """L2-normalised embeddings of ``texts`` in order, and how many had to be encoded (not cached)."""
+    hashes = [_sha(t) for t in texts]
+    cached = store.get_embeddings("text", backbone.id, list(set(hashes)))
+    todo = list(dict.fromkeys(h for h in hashes if h not in cached))
+    by_hash = {h: t for h, t in zip(hashes, texts)}
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        tokens = backbone.tokenizer([by_hash[h] for h in chunk]).to(backbone.device)
+        emb = backbone.model.encode_text(tokens, normalize=True).float().cpu().numpy()
+        store.put_embeddings("text", backbone.id, chunk, emb, [by_hash[h] for h in chunk])
+        cached.update(zip(chunk, emb))
+    if not texts:
+        return np.zeros((0, backbone.embed_dim), np.float32), 0
+    return np.stack([cached[h] for h in hashes]), len(todo)
+
+
+@torch.inference_mode()
+def encode_images(backbone: Backbone, images: ImageSet, store: Store, batch_size: int = 256,
+                  progress: Progress | None = None) -> tuple[np.ndarray, int]:
+    """L2-normalised embeddings of every image in order, and how many had to be encoded.
+
+    Each batch is stored as soon as it is encoded, so an interrupted run resumes where it stopped.
+    """
+    hashes = images.keys()
+    cached = store.get_embeddings("image", backbone.id, list(set(hashes)))
+    first_of = {}  # identical images are encoded once
+    for i, h in enumerate(hashes):
+        if h not in cached:
+            first_of.setdefault(h, i)
+    todo_idx = list(first_of.values())
+    todo = ImageSet([images.images[i] for i in todo_idx], images.labels[todo_idx], images.source)
+    if progress:
+        progress(0, len(todo))
+    for start, batch in zip(range(0, len(todo), batch_size), iter_batches(todo, batch_size)):
+        pixels = torch.stack([backbone.preprocess(im) for im in batch]).to(backbone.device)
+        emb = backbone.model.encode_image(pixels, normalize=True).float().cpu().numpy()
+        chunk = [hashes[i] for i in todo_idx[start : start + len(batch)]]
+        store.put_embeddings("image", backbone.id, chunk, emb)
+        cached.update(zip(chunk, emb))
+        if progress:
+            progress(start + len(batch), len(todo))
+    return np.stack([cached[h] for h in hashes]), len(todo_idx)

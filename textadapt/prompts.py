@@ -1,0 +1,132 @@
+"""Prompt templates: plain Jinja files under ``prompts/SET/NAME.j2``, one question each.
+
+A template is named ``SET/NAME`` (``targeted/look``). Its first lines are a Jinja comment saying
+what it asks and which variables it uses. It renders in Jinja's sandbox (templates are shared)
+with undefined variables as errors, and these variables:
+
+- ``class_name``: the class being described, as written in the dataset spec;
+- ``dataset``: ``name``, ``title``, ``domain``, ``category``, ``task`` and ``classes`` from the spec.
+
+Filter ``article`` prefixes "a" or "an": ``{{ class_name | article }}``.
+The template's source hash is part of every generation's cache key, so editing one template
+regenerates exactly that template's rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+from jinja2.sandbox import SandboxedEnvironment
+
+from textadapt import TextadaptError
+from textadapt.datasets import DatasetSpec
+
+
+def article(noun: str) -> str:
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    name: str  # "targeted/look"
+    path: Path
+    source: str
+
+    @property
+    def template_set(self) -> str:
+        return self.name.split("/", 1)[0]
+
+    @property
+    def source_hash(self) -> str:
+        return hashlib.sha256(self.source.encode("utf-8")).hexdigest()
+
+    @property
+    def intent(self) -> str:
+        m = re.match(r"\s*\{#(.*?)#\}", self.source, re.S)
+        return " ".join(m.group(1).split()) if m else ""
+
+
+@functools.lru_cache(maxsize=512)
+def _compile(source: str, filename: str) -> jinja2.Template:
+    """Compile exactly the hashed source, under the file's name so errors point into the file."""
+    env = SandboxedEnvironment(
+        loader=jinja2.FunctionLoader(lambda _name: (source, filename, lambda: True)), undefined=jinja2.StrictUndefined
+    )
+    env.filters["article"] = article
+    return env.get_template(filename)
+
+
+def list_templates(root: Path, sets: list[str] | None = None) -> list[PromptTemplate]:
+    """Every template of the given sets (all sets if None), sorted by name."""
+    root = Path(root)
+    if sets is not None:
+        missing = [s for s in sets if not (root / s).is_dir()]
+        if missing:
+            have = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+            raise TextadaptError(f"no template set {missing} in {root}; sets there: {have}")
+    out = []
+    for path in sorted(root.glob("*/*.j2")):
+        name = f"{path.parent.name}/{path.stem}"
+        if sets is None or path.parent.name in sets:
+            out.append(PromptTemplate(name, path, path.read_text(encoding="utf-8")))
+    if sets is not None:
+        empty = [s for s in sets if not any(t.template_set == s for t in out)]
+        if empty:
+            raise TextadaptError(f"template set(s) {empty} in {root} hold no .j2 file")
+    return out
+
+
+def prompt_variables(spec: DatasetSpec, class_name: str) -> dict:
+    return {
+        "class_name": class_name,
+        "dataset": {
+            "name": spec.name,
+            "title": spec.title or spec.name,
+            "domain": spec.prompting.domain,
+            "category": spec.prompting.category,
+            "task": spec.prompting.task,
+            "classes": list(spec.classes),
+        },
+    }
+
+
+def _template_line(exc: BaseException, path: Path) -> int | None:
+    """The template line of an error raised while rendering (Jinja maps its frames onto the file)."""
+    tb, line = exc.__traceback__, None
+    while tb is not None:
+        if Path(tb.tb_frame.f_code.co_filename) == path:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+def render(template: PromptTemplate, spec: DatasetSpec, class_name: str) -> str:
+    """The exact text sent to the LLM; errors name the template file, its line and the variable."""
+    try:
+        text = _compile(template.source, str(template.path)).render(**prompt_variables(spec, class_name))
+    except jinja2.TemplateSyntaxError as e:
+        raise TextadaptError(f"{template.path}:{e.lineno}: template syntax error: {e.message}") from None
+    except jinja2.UndefinedError as e:
+        line = _template_line(e, template.path)
+        raise TextadaptError(
+            f"{template.path}:{line or '?'}: undefined variable: {e.message}. "
+            f"Templates get: class_name, dataset.{{name,title,domain,category,task,classes}}"
+        ) from None
+    except jinja2.exceptions.SecurityError as e:
+        raise TextadaptError(f"{template.path}: refused by the template sandbox: {e}") from None
+    text = " ".join(text.split())
+    if not text:
+        raise TextadaptError(f"{template.path}: renders to an empty prompt for class {class_name!r}")
+    return text
+
+
+def check_templates(templates: list[PromptTemplate], spec: DatasetSpec) -> None:
+    """Render every template for every class before any LLM call, so a typo costs nothing."""
+    for t in templates:
+        for c in spec.classes:
+            render(t, spec, c)

@@ -1,0 +1,130 @@
+"""The run report: Markdown, written next to the cache and recorded in ``runs.report_path``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from textadapt.adapters import TrainedHead
+from textadapt.datasets import DatasetSpec
+from textadapt.pipeline import GenerationStats, TrainingSet, head_method, is_zero_shot
+from textadapt.scoring import Score
+
+UNTRAINED_WARNING = (
+    "**UNTRAINED BACKBONE: {arch} has random weights, so every "
+    "accuracy in this report is noise and means nothing.** The pipeline ran for real; use a pretrained "
+    "backbone (e.g. `--backbone ViT-B-32:openai` with network access) for numbers that mean something."
+)
+
+
+@dataclass
+class RunReport:
+    run_id: str
+    spec: DatasetSpec
+    backbone_spec: str
+    backbone_id: str
+    untrained: bool
+    arch: str
+    llm: str
+    image_source: str
+    n_images: int
+    generation: GenerationStats
+    sets: dict[str, TrainingSet]
+    scores: dict[str, Score]
+    heads: dict[str, TrainedHead]
+    best_baseline: str
+    text_encoder_calls: int
+    image_encoder_calls: int
+    steps: int
+    seed: int
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)  # class -> a few descriptions
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None or np.isnan(x) else f"{100 * x:.1f}"
+
+
+def _delta(x: float) -> str:
+    return "n/a" if np.isnan(x) else f"{100 * x:+.1f}"
+
+
+def render_markdown(r: RunReport) -> str:
+    spec, out = r.spec, []
+    if r.untrained:
+        out += [UNTRAINED_WARNING.format(arch=r.arch), ""]
+    out += [
+        f"# textadapt report: {spec.title or spec.name}",
+        "",
+        f"- run: `{r.run_id}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- backbone: `{r.backbone_spec}` (cache identity `{r.backbone_id}`){' UNTRAINED' if r.untrained else ''}",
+        f"- LLM: `{r.llm}`",
+        f"- test images: {r.n_images} from `{r.image_source}`, {len(spec.classes)} classes",
+        f"- TAP head: {r.steps} full-batch steps, seed {r.seed}",
+        "",
+        "## Generation",
+        "",
+        f"{r.generation.planned} generations planned: {r.generation.made} LLM calls made by this run, "
+        f"{r.generation.cached} served from the cache"
+        + (" (nothing generated: every answer was already cached)." if r.generation.made == 0 else
+           f"; {r.generation.completion_tokens} completion tokens in {r.generation.seconds:.0f} s."),
+        f"Text encoder: {r.text_encoder_calls} texts encoded, the rest from the cache. "
+        f"Image encoder: {r.image_encoder_calls} images encoded, the rest from the cache.",
+        "",
+        "| template set | generations | rejected | trained on (descriptions) |",
+        "|---|---:|---:|---:|",
+    ]
+    for ts in r.sets.values():
+        why = ", ".join(f"{k}: {v}" for k, v in sorted(ts.rejected.items())) or "none"
+        out.append(f"| {ts.template_set} | {ts.generations} | {sum(ts.rejected.values())} ({why}) | {len(ts.texts)} |")
+    total = sum(len(ts.texts) for ts in r.sets.values())
+    out += ["", f"Trained on {total} descriptions in all.", ""]
+
+    best = r.scores[r.best_baseline]
+    out += [
+        "## Results",
+        "",
+        f"Best zero-shot baseline: `{r.best_baseline}`. Deltas are in accuracy points against it.",
+        "",
+        "| method | kind | training texts | top-1 % | mean per-class % | top-1 delta |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for m, s in r.scores.items():
+        kind = "zero-shot" if is_zero_shot(m) else "adapted"
+        n = next((len(ts.texts) for ts in r.sets.values() if head_method(ts.template_set) == m), None)
+        out.append(f"| `{m}` | {kind} | {n if n is not None else ''} | {_pct(s.top1)} | {_pct(s.mean_per_class)} | {_delta(s.top1 - best.top1)} |")
+
+    methods = list(r.scores)
+    out += ["", "## Per class", "", "Accuracy (recall) per class, %; delta columns: adapted head minus the best zero-shot baseline.", ""]
+    heads = [m for m in methods if not is_zero_shot(m)]
+    out.append("| class | images | " + " | ".join(f"`{m}`" for m in methods) + " | " + " | ".join(f"delta `{h}`" for h in heads) + " |")
+    out.append("|---|---:|" + "---:|" * (len(methods) + len(heads)))
+    for i, c in enumerate(spec.classes):
+        accs = " | ".join(_pct(r.scores[m].per_class[i]) for m in methods)
+        deltas = " | ".join(_delta(r.scores[h].per_class[i] - best.per_class[i]) for h in heads)
+        out.append(f"| {c} | {int(best.n_per_class[i])} | {accs} | {deltas} |")
+
+    out += ["", "## Training", "", "| head | steps | first loss | last loss | seconds | device |", "|---|---:|---:|---:|---:|---|"]
+    for m, h in r.heads.items():
+        out.append(f"| `{m}` | {r.steps} | {h.losses[0]:.3f} | {h.losses[-1]:.3f} | {h.seconds:.2f} | {h.device} |")
+
+    if r.stage_seconds:
+        out += ["", "## Time per stage", "", "| stage | seconds |", "|---|---:|"]
+        out += [f"| {k} | {v:.1f} |" for k, v in r.stage_seconds.items()]
+
+    if r.examples:
+        out += ["", "## Example descriptions", ""]
+        for c, texts in r.examples.items():
+            out.append(f"- **{c}**: " + " / ".join(f"\"{t}\"" for t in texts))
+    out += ["", "Query everything behind this report: `textadapt sql \"SELECT * FROM results WHERE run_id = '" + r.run_id + "'\"`", ""]
+    return "\n".join(out)
+
+
+def write_report(r: RunReport, reports_dir: Path) -> Path:
+    path = reports_dir / r.spec.name / f"{r.run_id}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_markdown(r), encoding="utf-8")
+    return path

@@ -1,0 +1,316 @@
+"""The cache: one DuckDB file holding every generation, embedding, run and result.
+
+The schema is a user interface (``docs/schema.md`` documents it; users query it with
+``textadapt sql`` or the ``duckdb`` shell). It is versioned: ``MIGRATIONS[i]`` takes a file from
+version i to i+1, and opening a file applies the missing ones in one transaction. Rows are
+written as they arrive, so a crash loses only what was in flight.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from textadapt import TextadaptError
+
+MIGRATIONS: list[str] = [
+    # 0 -> 1: the first schema
+    """
+    CREATE TABLE generations (
+        key VARCHAR PRIMARY KEY,          -- sha256 of dataset, model, template hash, prompt, params, sample index
+        dataset VARCHAR NOT NULL,
+        class_name VARCHAR NOT NULL,
+        template VARCHAR NOT NULL,        -- SET/NAME of the prompt template
+        template_hash VARCHAR NOT NULL,   -- sha256 of the template's source
+        model VARCHAR NOT NULL,           -- LLM identity, e.g. llama-cpp:SmolLM2-135M-Instruct.Q4_1.gguf@sha256:...
+        prompt VARCHAR NOT NULL,          -- the rendered text sent to the LLM
+        params JSON NOT NULL,             -- sampling parameters
+        sample_index INTEGER NOT NULL,
+        raw_text VARCHAR,                 -- the LLM's answer as received
+        description VARCHAR,              -- the cleaned answer; NULL when rejected
+        rejected VARCHAR,                 -- why the answer is not used (NULL: accepted)
+        prompt_tokens INTEGER,
+        completion_tokens INTEGER,
+        seconds DOUBLE,
+        created_at TIMESTAMP DEFAULT current_timestamp
+    );
+    CREATE VIEW descriptions AS
+        SELECT key, dataset, class_name, template, model, description, created_at
+        FROM generations WHERE rejected IS NULL;
+    CREATE TABLE backbones (
+        backbone VARCHAR PRIMARY KEY,     -- ARCH@sha256 of weights and preprocessing: the embedding cache key
+        spec VARCHAR NOT NULL,            -- as asked for, e.g. ViT-B-32:openai
+        arch VARCHAR NOT NULL,
+        weights VARCHAR NOT NULL,         -- pretrained tag, hub id, file or 'random'
+        untrained BOOLEAN NOT NULL,
+        created_at TIMESTAMP DEFAULT current_timestamp
+    );
+    CREATE TABLE text_embeddings (
+        backbone VARCHAR NOT NULL,
+        text_hash VARCHAR NOT NULL,       -- sha256 of the text
+        text VARCHAR NOT NULL,
+        embedding FLOAT[] NOT NULL,       -- L2-normalised
+        created_at TIMESTAMP DEFAULT current_timestamp,
+        PRIMARY KEY (backbone, text_hash)
+    );
+    CREATE TABLE image_embeddings (
+        backbone VARCHAR NOT NULL,
+        image_hash VARCHAR NOT NULL,      -- sha256 of the image's bytes
+        embedding FLOAT[] NOT NULL,       -- L2-normalised
+        created_at TIMESTAMP DEFAULT current_timestamp,
+        PRIMARY KEY (backbone, image_hash)
+    );
+    CREATE TABLE runs (
+        run_id VARCHAR PRIMARY KEY,
+        dataset VARCHAR NOT NULL,
+        status VARCHAR NOT NULL,          -- running, completed, failed
+        options JSON NOT NULL,
+        backbone VARCHAR,
+        llm VARCHAR,
+        llm_calls INTEGER,                -- generations made by this run (0: all served from the cache)
+        cached_generations INTEGER,
+        text_encoder_calls INTEGER,       -- texts encoded by this run (0: all served from the cache)
+        report_path VARCHAR,
+        error VARCHAR,
+        started_at TIMESTAMP DEFAULT current_timestamp,
+        finished_at TIMESTAMP
+    );
+    CREATE TABLE run_generations (        -- which generations a run used, and as which class
+        run_id VARCHAR NOT NULL,
+        key VARCHAR NOT NULL,
+        class_index INTEGER NOT NULL,
+        PRIMARY KEY (run_id, key)
+    );
+    CREATE TABLE results (
+        run_id VARCHAR NOT NULL,
+        method VARCHAR NOT NULL,          -- e.g. zero-shot:class-name, tap-head:targeted
+        kind VARCHAR NOT NULL,            -- zero-shot or adapted
+        top1 DOUBLE NOT NULL,
+        mean_per_class DOUBLE NOT NULL,
+        n_images INTEGER NOT NULL,
+        n_texts INTEGER,                  -- training descriptions (adapted heads)
+        train_seconds DOUBLE,
+        losses DOUBLE[],                  -- training loss every 10 steps
+        PRIMARY KEY (run_id, method)
+    );
+    CREATE TABLE class_results (
+        run_id VARCHAR NOT NULL,
+        method VARCHAR NOT NULL,
+        class_index INTEGER NOT NULL,
+        class_name VARCHAR NOT NULL,
+        n_images INTEGER NOT NULL,
+        accuracy DOUBLE,                  -- recall of the class
+        delta DOUBLE,                     -- accuracy minus the best zero-shot baseline's on this class
+        PRIMARY KEY (run_id, method, class_index)
+    );
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass
+class Generation:
+    """One LLM sample, as stored."""
+
+    key: str
+    dataset: str
+    class_name: str
+    template: str
+    template_hash: str
+    model: str
+    prompt: str
+    params: dict
+    sample_index: int
+    raw_text: str | None
+    description: str | None
+    rejected: str | None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    seconds: float | None = None
+
+
+def _open_error(path: Path, e: Exception) -> TextadaptError:
+    msg = str(e)
+    if "lock" in msg.lower():
+        return TextadaptError(
+            f"{path} is in use by another process (a run writing to it?). Wait for it to finish, "
+            f"or point TEXTADAPT_DB / --db at another file. DuckDB said: {msg.splitlines()[0]}"
+        )
+    return TextadaptError(f"{path}: cannot open as a textadapt cache (DuckDB said: {msg.splitlines()[0]})")
+
+
+class Store:
+    """The DuckDB cache file. One writer process at a time (DuckDB's rule); readers use read_only."""
+
+    def __init__(self, path: Path, read_only: bool = False):
+        self.path = Path(path)
+        if read_only and not self.path.exists():
+            raise TextadaptError(f"{self.path}: no cache file yet; run `textadapt run DATASET` first")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.con = duckdb.connect(str(self.path), read_only=read_only)
+        except (duckdb.IOException, duckdb.Error) as e:
+            raise _open_error(self.path, e) from None
+        self.read_only = read_only
+        self._migrate()
+
+    def _migrate(self) -> None:
+        tables = {r[0] for r in self.con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        if "textadapt_meta" in tables:
+            version = int(self.con.execute("SELECT value FROM textadapt_meta WHERE key = 'schema_version'").fetchone()[0])
+        elif tables:
+            self.con.close()
+            raise TextadaptError(f"{self.path} is a DuckDB file but not a textadapt cache (it has tables {sorted(tables)[:5]}); refusing to touch it")
+        else:
+            version = 0
+        if version > SCHEMA_VERSION:
+            raise TextadaptError(f"{self.path} has schema version {version}, newer than this textadapt's {SCHEMA_VERSION}: upgrade textadapt")
+        if version == SCHEMA_VERSION:
+            return
+        if self.read_only:
+            raise TextadaptError(f"{self.path} has schema version {version}; open it once for writing to migrate it to {SCHEMA_VERSION}")
+        self.con.execute("BEGIN TRANSACTION")
+        if version == 0:
+            self.con.execute("CREATE TABLE textadapt_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+            self.con.execute("INSERT INTO textadapt_meta VALUES ('schema_version', '0')")
+        for sql in MIGRATIONS[version:]:
+            self.con.execute(sql)
+        self.con.execute("UPDATE textadapt_meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
+        self.con.execute("COMMIT")
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- generations -----------------------------------------------------------------------
+
+    def existing_generations(self, keys: list[str]) -> set[str]:
+        if not keys:
+            return set()
+        self.con.register("_wanted", pa.table({"key": keys}))
+        try:
+            return {r[0] for r in self.con.execute("SELECT g.key FROM generations g JOIN _wanted w USING (key)").fetchall()}
+        finally:
+            self.con.unregister("_wanted")
+
+    def add_generation(self, g: Generation) -> None:
+        """Insert one generation at once (autocommit): it survives a crash of what follows."""
+        self.con.execute(
+            "INSERT INTO generations (key, dataset, class_name, template, template_hash, model, prompt, params, "
+            "sample_index, raw_text, description, rejected, prompt_tokens, completion_tokens, seconds) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            [g.key, g.dataset, g.class_name, g.template, g.template_hash, g.model, g.prompt, json.dumps(g.params, sort_keys=True),
+             g.sample_index, g.raw_text, g.description, g.rejected, g.prompt_tokens, g.completion_tokens, g.seconds],
+        )
+
+    def generations(self, keys: list[str]) -> dict[str, tuple[str | None, str | None, str]]:
+        """key -> (description, rejected, template) for the given keys."""
+        self.con.register("_wanted", pa.table({"key": keys}))
+        try:
+            rows = self.con.execute(
+                "SELECT g.key, g.description, g.rejected, g.template FROM generations g JOIN _wanted w USING (key)"
+            ).fetchall()
+        finally:
+            self.con.unregister("_wanted")
+        return {k: (d, r, t) for k, d, r, t in rows}
+
+    # -- embeddings ------------------------------------------------------------------------
+
+    def get_embeddings(self, kind: str, backbone: str, hashes: list[str]) -> dict[str, np.ndarray]:
+        table, col = _embedding_table(kind)
+        if not hashes:
+            return {}
+        self.con.register("_wanted", pa.table({"h": hashes}))
+        try:
+            tbl = self.con.execute(
+                f"SELECT e.{col}, e.embedding FROM {table} e JOIN _wanted w ON e.{col} = w.h WHERE e.backbone = ?", [backbone]
+            ).fetch_arrow_table()
+        finally:
+            self.con.unregister("_wanted")
+        if tbl.num_rows == 0:
+            return {}
+        emb = tbl.column("embedding").combine_chunks()
+        flat = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+        matrix = flat.reshape(tbl.num_rows, -1)
+        return dict(zip(tbl.column(col).to_pylist(), matrix))
+
+    def put_embeddings(self, kind: str, backbone: str, hashes: list[str], embeddings: np.ndarray, texts: list[str] | None = None) -> None:
+        table, col = _embedding_table(kind)
+        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        lists = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.ravel()), embeddings.shape[1]).cast(pa.list_(pa.float32()))
+        data = {"backbone": [backbone] * len(hashes), col: hashes, "embedding": lists}
+        if kind == "text":
+            data["text"] = texts
+        self.con.register("_new", pa.table(data))
+        try:
+            cols = ", ".join(data)
+            self.con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _new ON CONFLICT DO NOTHING")
+        finally:
+            self.con.unregister("_new")
+
+    def add_backbone(self, backbone: str, spec: str, arch: str, weights: str, untrained: bool) -> None:
+        self.con.execute(
+            "INSERT INTO backbones (backbone, spec, arch, weights, untrained) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            [backbone, spec, arch, weights, untrained],
+        )
+
+    # -- runs and results ------------------------------------------------------------------
+
+    def start_run(self, run_id: str, dataset: str, options: dict) -> None:
+        self.con.execute(
+            "INSERT INTO runs (run_id, dataset, status, options) VALUES (?, ?, 'running', ?)", [run_id, dataset, json.dumps(options)]
+        )
+
+    def update_run(self, run_id: str, **fields) -> None:
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        self.con.execute(f"UPDATE runs SET {sets} WHERE run_id = ?", [*fields.values(), run_id])
+
+    def finish_run(self, run_id: str, status: str, error: str | None = None) -> None:
+        self.con.execute("UPDATE runs SET status = ?, error = ?, finished_at = current_timestamp WHERE run_id = ?", [status, error, run_id])
+
+    def link_generations(self, run_id: str, keys: list[str], class_indices: list[int]) -> None:
+        self.con.register("_links", pa.table({"run_id": [run_id] * len(keys), "key": keys, "class_index": class_indices}))
+        try:
+            self.con.execute("INSERT INTO run_generations SELECT * FROM _links ON CONFLICT DO NOTHING")
+        finally:
+            self.con.unregister("_links")
+
+    def save_result(self, run_id: str, method: str, kind: str, top1: float, mean_per_class: float, n_images: int,
+                    per_class: list[tuple[int, str, int, float | None, float | None]], n_texts: int | None = None,
+                    train_seconds: float | None = None, losses: list[float] | None = None) -> None:
+        self.con.execute("BEGIN TRANSACTION")
+        self.con.execute(
+            "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [run_id, method, kind, top1, mean_per_class, n_images, n_texts, train_seconds, losses],
+        )
+        self.con.executemany(
+            "INSERT OR REPLACE INTO class_results VALUES (?, ?, ?, ?, ?, ?, ?)", [[run_id, method, *row] for row in per_class]
+        )
+        self.con.execute("COMMIT")
+
+    def sql(self, query: str) -> tuple[list[str], list[tuple]]:
+        try:
+            cur = self.con.execute(query)
+        except duckdb.Error as e:
+            raise TextadaptError(f"SQL error: {e}") from None
+        if cur.description is None:
+            return [], []
+        return [d[0] for d in cur.description], cur.fetchall()
+
+
+def _embedding_table(kind: str) -> tuple[str, str]:
+    if kind == "text":
+        return "text_embeddings", "text_hash"
+    if kind == "image":
+        return "image_embeddings", "image_hash"
+    raise ValueError(kind)
