@@ -10,6 +10,7 @@ retried or re-run task asks the cache and does only what is missing.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from contextlib import contextmanager
@@ -19,13 +20,29 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from textadapt import datasets, encoders, pipeline, prompts
+from textadapt import TextadaptError, datasets, encoders, pipeline, prompts
 from textadapt.config import RunOptions, Settings
 from textadapt.llm import Sampling, make_backend
 from textadapt.report import RunReport, write_report
 from textadapt.store import Store
 
 TASK = dict(cache_policy=NO_CACHE, persist_result=False)
+
+
+class _UserErrorsWithoutTraceback(logging.Filter):
+    """A TextadaptError's message says what is wrong and what to do; its traceback only hides that."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], TextadaptError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_user_errors() -> None:
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _UserErrorsWithoutTraceback) for f in logger.filters):
+            logger.addFilter(_UserErrorsWithoutTraceback())
 
 
 class RunOutcome(BaseModel):
@@ -94,6 +111,7 @@ def train_heads(backbone, sets, spec, store, steps, seed, batch_size):
 @flow(name="textadapt-adapt", persist_result=False)
 def adapt(options: RunOptions) -> RunOutcome:
     """Generate descriptions, train text-only heads, and score them against zero-shot CLIP."""
+    quiet_user_errors()
     logger = get_run_logger()
     settings = Settings()
     backbone_spec, llm_spec = options.backbone or settings.backbone, options.llm or settings.llm

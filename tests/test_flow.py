@@ -69,6 +69,14 @@ def test_run_caches_everything_and_reports_every_method(home, tmp_path, monkeypa
     out = textadapt("sql", "SELECT class_name, template, count(*) FROM generations GROUP BY ALL").stdout
     assert "targeted/look" in out and "T-shirt or top" in out
 
+    # Every example query in the schema docs runs against a real cache (tables and columns exist).
+    doc = (REPO / "docs" / "schema.md").read_text()
+    queries = [q.strip() for block in re.findall(r"```sql\n(.*?)```", doc, re.S) for q in block.split(";") if q.strip()]
+    assert len(queries) >= 6
+    with Store(home / "textadapt.duckdb", read_only=True) as s:
+        answered = [bool(s.sql(q.replace("fashion-mnist-...", run_id))[1]) for q in queries]
+    assert sum(answered) >= len(queries) - 2  # the rejections and sandal examples may find nothing here
+
 
 def test_strict_backbone_fails_before_any_llm_call(home):
     if _hub_reachable():

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -17,13 +18,13 @@ from textadapt import TextadaptError
 from textadapt.config import RunOptions, Settings
 
 app = typer.Typer(help="Adapt CLIP to a new dataset from text alone.", no_args_is_help=True, add_completion=False)
-out, err = Console(), Console(stderr=True)
+out, err = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
 
 
 @app.callback()
 def main(
-    home: Optional[Path] = typer.Option(None, help="Where the cache and reports live [env TEXTADAPT_HOME].", show_default=False),
-    db: Optional[Path] = typer.Option(None, help="The DuckDB cache file [env TEXTADAPT_DB; default HOME/textadapt.duckdb].", show_default=False),
+    home: Optional[Path] = typer.Option(None, help="Where the cache and reports live (env TEXTADAPT_HOME).", show_default=False),
+    db: Optional[Path] = typer.Option(None, help="The DuckDB cache file (env TEXTADAPT_DB; default HOME/textadapt.duckdb).", show_default=False),
 ) -> None:
     # Flags sit on top of env and config file; setting the env passes them on to the flow.
     if home:
@@ -33,7 +34,8 @@ def main(
 
 
 def _fail(e: Exception) -> None:
-    err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+    err.print("[bold red]error:[/]", end=" ")
+    err.print(str(e), markup=False, highlight=False)  # messages quote user text: never read it as markup
     raise typer.Exit(2)
 
 
@@ -59,8 +61,11 @@ def run(
             samples=samples, temperature=temperature, max_tokens=max_tokens, steps=steps, seed=seed,
             max_classes=max_classes, max_images=max_images, batch_size=batch_size,
         )
-    except Exception as e:
-        _fail(e)
+    except ValidationError as e:
+        flag = {"template_sets": "templates"}
+        _fail(TextadaptError("; ".join(f"--{flag.get(str(x['loc'][0]), str(x['loc'][0])).replace('_', '-')}: {x['msg']}" for x in e.errors())))
+    # Prefect's usage analytics would only fail without network; textadapt runs offline by design.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.adapt import adapt  # Prefect is imported only for commands that run flows
 
     try:

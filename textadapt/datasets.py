@@ -128,7 +128,9 @@ def load_spec(path: Path) -> DatasetSpec:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise TextadaptError(f"{path}: not valid TOML: {e}") from None
+        m = re.search(r"\(at line (\d+), column (\d+)\)", str(e))
+        where = f"{path}:{m.group(1)}:{m.group(2)}" if m else str(path)
+        raise TextadaptError(f"{where}: not valid TOML: {e}") from None
     try:
         spec = DatasetSpec.model_validate(raw)
     except ValidationError as e:
@@ -261,7 +263,9 @@ def load_test_images(spec: DatasetSpec, home: Path) -> ImageSet:
         if found is not None:
             check_labels(spec, found)
             return found
-    ways = "\n  ".join(f"- {s.kind}: {s.how or getattr(s, 'dir', '')}" for s in spec.images) or "- (the spec lists no [[images]] source)"
+    ways = "\n  ".join(
+        f"- {s.kind}" + (f" (looked in {s.dir})" if hasattr(s, "dir") else "") + (f": {s.how}" if s.how else "") for s in spec.images
+    ) or "- (the spec lists no [[images]] source)"
     raise TextadaptError(f"no images for dataset {spec.name!r} ({spec.path}). Ways to get them:\n  {ways}")
 
 

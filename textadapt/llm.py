@@ -109,6 +109,10 @@ class LlamaCppBackend(Backend):
         llm = self._load()
         for r in requests:
             t0 = time.perf_counter()
+            # Evaluate every prompt from scratch: reusing the KV cache of a shared prefix changes the
+            # last token's logits slightly, and with them the sample, so the same seed would not
+            # give the same answer. A short prompt costs little to evaluate.
+            llm.reset()
             out = llm.create_chat_completion(
                 messages=[{"role": "user", "content": r.prompt}],
                 temperature=r.sampling.temperature,

@@ -81,7 +81,9 @@ def render_markdown(r: RunReport) -> str:
         why = ", ".join(f"{k}: {v}" for k, v in sorted(ts.rejected.items())) or "none"
         out.append(f"| {ts.template_set} | {ts.generations} | {sum(ts.rejected.values())} ({why}) | {len(ts.texts)} |")
     total = sum(len(ts.texts) for ts in r.sets.values())
-    out += ["", f"Trained on {total} descriptions in all.", ""]
+    generations = sum(ts.generations for ts in r.sets.values())
+    rejected = sum(sum(ts.rejected.values()) for ts in r.sets.values())
+    out += ["", f"Trained on {total} descriptions in all: {generations} generations, less {rejected} rejected.", ""]
 
     best = r.scores[r.best_baseline]
     out += [
