@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +50,24 @@ class Settings(BaseSettings):
     llm: str = Field("llama-cpp:smollm2", description="LLM backend spec.")
     device: str = Field("auto", description="torch device for encoders and training: auto, cpu, cuda, cuda:1...")
     threads: int | None = Field(None, description="CPU threads for llama.cpp; default: all cores.")
+    # The openai:MODEL backend (any OpenAI-compatible server). TEXTADAPT_LLM_* and the config file
+    # come first; OPENAI_BASE_URL / OPENAI_API_KEY are the fallbacks when neither sets them.
+    llm_base_url: str | None = Field(
+        default_factory=lambda: os.environ.get("OPENAI_BASE_URL") or None,
+        description="Base URL of the OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1; "
+        "fallback $OPENAI_BASE_URL, else https://api.openai.com/v1.",
+    )
+    llm_api_key: SecretStr | None = Field(
+        default_factory=lambda: SecretStr(os.environ["OPENAI_API_KEY"]) if os.environ.get("OPENAI_API_KEY") else None,
+        description="API key for openai:MODEL; fallback $OPENAI_API_KEY. Local servers need none. Never stored or logged.",
+    )
+    llm_concurrency: int = Field(8, ge=1, description="Requests in flight at once to the HTTP LLM.")
+    llm_timeout: float = Field(60, gt=0, description="Seconds before one HTTP LLM request times out (then it is retried).")
+    llm_max_retries: int = Field(5, ge=0, description="Retries per HTTP LLM request (back-off; 429 Retry-After honoured).")
+    llm_n_per_request: bool | None = Field(
+        None,
+        description="Whether the HTTP LLM server honours `n` (several samples per request); None: probe it once.",
+    )
 
     @property
     def db_path(self) -> Path:
@@ -88,10 +106,14 @@ class RunOptions(BaseModel):
     max_classes: int | None = Field(None, ge=2, description="Use only the first N classes (smoke runs).")
     max_images: int | None = Field(None, ge=1, description="Score on the first N test images only.")
     batch_size: int = Field(256, ge=1, description="Encoder batch size.")
+    sources: list[str] = Field(
+        default_factory=list, description="Imported description sources to train on too (one head each)."
+    )
+    refresh: bool = Field(False, description="Regenerate every planned generation; older rounds stay in the cache.")
+    train_only: bool = Field(False, description="Train the heads and skip the images and scoring (no images needed).")
 
-    @field_validator("template_sets")
-    @classmethod
-    def _not_empty(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("at least one template set is needed")
-        return v
+    @model_validator(mode="after")
+    def _something_to_train_on(self) -> "RunOptions":
+        if not self.template_sets and not self.sources:
+            raise ValueError("nothing to train on: give at least one template set or imported source")
+        return self
