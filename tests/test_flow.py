@@ -42,7 +42,11 @@ def test_run_caches_everything_and_reports_every_method(home, tmp_path, monkeypa
     # 3 classes x 10 questions x 2 samples, each stored once; the report's count agrees with SQL.
     assert query(home, "SELECT count(*) FROM generations") == [(60,)]
     trained = int(re.search(r"Trained on (\d+) descriptions", text).group(1))
-    assert query(home, "SELECT count(*) FROM generations WHERE rejected IS NULL") == [(trained,)]
+    used = f"SELECT count(*) FROM run_generations r JOIN descriptions d USING (key) WHERE r.run_id = '{report.stem}' AND r.excluded IS NULL"
+    assert query(home, used) == [(trained,)]
+    accepted, duplicates = query(home, "SELECT count(*) FILTER (rejected IS NULL), count(*) FILTER (excluded LIKE 'duplicate of%') "
+                                       f"FROM generations JOIN run_generations USING (key) WHERE run_id = '{report.stem}'")[0]
+    assert accepted - duplicates == trained
     assert query(home, "SELECT count(DISTINCT template), count(DISTINCT class_name) FROM generations") == [(10, 3)]
     run_id = report.stem
     assert query(home, f"SELECT count(*) FROM results WHERE run_id = '{run_id}'") == [(5,)]
@@ -66,16 +70,42 @@ def test_run_caches_everything_and_reports_every_method(home, tmp_path, monkeypa
     assert "6 LLM calls, 24 cached" in edited.stdout  # 3 classes x 2 samples of targeted/look
     assert query(home, "SELECT count(*) FROM generations") == [(66,)]
 
+    # --refresh asks again on purpose; the old rows stay, and the run records which it used.
+    fresh = textadapt("run", "fashion-mnist", *SMALL, "--templates", "targeted", "--refresh")
+    assert "30 LLM calls, 0 cached" in fresh.stdout  # 3 classes x 5 questions x 2 samples
+    assert query(home, "SELECT count(*), count(*) FILTER (refresh = 1) FROM generations") == [(96, 30)]
+    fresh_run = re.search(r"report: \S+/(\S+)\.md", fresh.stdout).group(1)
+    assert query(home, f"SELECT DISTINCT g.refresh FROM run_generations r JOIN generations g USING (key) WHERE r.run_id = '{fresh_run}'") == [(1,)]
+    again = textadapt("run", "fashion-mnist", *SMALL, "--templates", "targeted")
+    assert "0 LLM calls" in again.stdout  # later runs use the newest round
+
     out = textadapt("sql", "SELECT class_name, template, count(*) FROM generations GROUP BY ALL").stdout
     assert "targeted/look" in out and "T-shirt or top" in out
 
     # Every example query in the schema docs runs against a real cache (tables and columns exist).
     doc = (REPO / "docs" / "schema.md").read_text()
     queries = [q.strip() for block in re.findall(r"```sql\n(.*?)```", doc, re.S) for q in block.split(";") if q.strip()]
-    assert len(queries) >= 6
+    assert len(queries) >= 9
     with Store(home / "textadapt.duckdb", read_only=True) as s:
-        answered = [bool(s.sql(q.replace("fashion-mnist-...", run_id))[1]) for q in queries]
-    assert sum(answered) >= len(queries) - 2  # the rejections and sandal examples may find nothing here
+        for q in queries:
+            s.sql(q.replace("fashion-mnist-...", run_id))  # raises on a table or column the docs invent
+
+
+def test_published_descriptions_train_without_an_llm(home):
+    from test_descriptions import CUPL
+
+    imported = textadapt("descriptions", "import", str(CUPL), "--dataset", "imagenet1k", "--source", "cupl")
+    assert "2 classes of imagenet1k have no description" in imported.stderr
+    p = textadapt("run", "imagenet1k", "--templates", "", "--sources", "cupl", "--train-only", "--max-classes", "20",
+                  "--backbone", TINY, "--steps", "10")
+    assert "no LLM generation" in p.stdout
+    [(llm, calls, status)] = query(home, "SELECT llm, llm_calls, status FROM runs")
+    assert (calls, status) == (0, "completed") and llm.startswith("none")
+    report = Path(re.search(r"report: (\S+\.md)", p.stdout).group(1)).read_text()
+    assert "| `tap-head:import:cupl` | 10 |" in report and "--train-only" in report
+    trained = int(re.search(r"Trained on (\d+) descriptions", report).group(1))
+    assert trained == query(home, "SELECT count(*) FROM run_generations r JOIN descriptions USING (key) WHERE r.excluded IS NULL")[0][0]
+    assert 20 * 30 < trained < 20 * 200
 
 
 def test_strict_backbone_fails_before_any_llm_call(home):

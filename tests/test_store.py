@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -59,3 +60,46 @@ def test_read_only_store_refuses_writes(tmp_path):
     with Store(tmp_path / "c.duckdb", read_only=True) as s:
         with pytest.raises(TextadaptError, match="read-only"):
             s.sql("DELETE FROM runs")
+
+
+def test_migration_from_version_1_keeps_every_row(tmp_path):
+    from textadapt.store import MIGRATIONS
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))  # a cache as textadapt 0.1.0 (schema 1) wrote it
+    con.execute("CREATE TABLE textadapt_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+    con.execute("INSERT INTO textadapt_meta VALUES ('schema_version', '1')")
+    con.execute(MIGRATIONS[0])
+    con.execute("INSERT INTO generations (key, dataset, class_name, template, template_hash, model, prompt, params, sample_index, "
+                "description) VALUES ('k1', 'd', 'bag', 'generic/look', 'h', 'm', 'p', '{}', 0, 'a bag with handles.')")
+    con.execute("INSERT INTO run_generations VALUES ('r1', 'k1', 8)")
+    con.close()
+    with Store(path) as s:
+        assert s.sql("SELECT value FROM textadapt_meta")[1] == [(str(SCHEMA_VERSION),)]
+        assert s.sql("SELECT key, base_key, refresh, description FROM generations")[1] == [("k1", "k1", 0, "a bag with handles.")]
+        assert s.sql("SELECT run_id, key, class_index, excluded FROM run_generations")[1] == [("r1", "k1", 8, None)]
+        assert s.sql("SELECT description FROM descriptions")[1] == [("a bag with handles.",)]
+
+
+def test_descriptions_view_has_one_row_per_list_item(tmp_path):
+    from textadapt.store import Generation
+
+    with Store(tmp_path / "c.duckdb") as s:
+        s.add_generations([Generation("k", "d", "shirt", "attributes/x", "h", "m", "p", {}, 0, "raw", "long sleeves\na collar", None)])
+        assert s.sql("SELECT description FROM descriptions ORDER BY 1")[1] == [("a collar",), ("long sleeves",)]
+
+
+def test_the_duckdb_shell_opens_the_cache(tmp_path):
+    """PyPI's duckdb-cli (the `duckdb` shell, pinned to the library's version) reads the same file."""
+    import shutil
+
+    from textadapt.store import Generation
+
+    with Store(tmp_path / "c.duckdb") as s:
+        s.add_generations([Generation("k", "d", "bag", "generic/look", "h", "m", "p", {}, 0, "raw", "A bag with two handles.", None)])
+    shell = shutil.which("duckdb", path=str(Path(sys.executable).parent))
+    assert shell, "the duckdb shell (duckdb-cli) is not installed"
+    out = subprocess.run([shell, "-readonly", "-csv", str(tmp_path / "c.duckdb"), "-c", "SELECT class_name, description FROM descriptions"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["class_name,description", "bag,A bag with two handles."]

@@ -1,10 +1,22 @@
-"""Turn a raw LLM answer into a training description, or say why it is rejected.
+"""Turn a raw LLM answer into training descriptions, or say why it is rejected.
 
-Rejected answers are stored with their reason (``generations.rejected``) and never trained on.
+``clean(raw, parse)`` follows the template's ``parse`` mode:
+
+- ``sentence``: one description; list markers, quotes and markup are stripped, and where the
+  answer holds several sentences only the first is kept (the templates ask for one);
+- ``list``: one descriptor per line, or a JSON list; each item is cleaned like a sentence;
+- ``questions``: question templates with ``{}`` where the class goes (meta-prompting); the class
+  is put in with its article ("a shirt", "an ankle boot").
+
+Several items are returned joined by newlines (``generations.description``; the ``descriptions``
+view has one row per item). Rejected answers are stored with their reason and never trained on.
+Duplicates are not decided here: whether a text repeats another depends on what else a run uses,
+so ``pipeline.training_sets`` marks them per run (``run_generations.excluded``).
 """
 
 from __future__ import annotations
 
+import json
 import re
 
 REFUSALS = re.compile(
@@ -14,22 +26,79 @@ REFUSALS = re.compile(
 )
 MARKUP = re.compile(r"(\*\*|__|^#+\s*)")
 LEADING_JUNK = re.compile(r"^\s*(?:[-*\u2022]+|\(?\d+[.)]|[a-z][.)](?=\s))\s*", re.I)
+LABEL = re.compile(r"^(caption|description|answer|question)\s*\d*\s*:\s*", re.I)
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
 QUOTES = "\"'\u201c\u201d\u2018\u2019`"
+CLASS_SLOT = re.compile(r"\{\{?\s*(class_name|class|c|category|x)?\s*\}?\}|\[(class|class name|category)\]", re.I)
 
 
-def clean(raw: str | None) -> tuple[str | None, str | None]:
-    """(description, None) for a usable answer, (None, reason) for a rejected one."""
-    if raw is None:
-        return None, "no answer"
-    text = MARKUP.sub("", " ".join(raw.split()))
-    text = LEADING_JUNK.sub("", text)
-    text = text.strip().strip(QUOTES).strip()
-    if text.lower().startswith(("caption:", "description:", "answer:")):
-        text = text.split(":", 1)[1].strip().strip(QUOTES).strip()
+def _tidy(text: str) -> str:
+    text = MARKUP.sub("", " ".join(text.split()))
+    text = LEADING_JUNK.sub("", text).strip().strip(QUOTES).strip()
+    text = LABEL.sub("", text).strip().strip(QUOTES).strip()
+    return text
+
+
+def _sentence(raw: str) -> tuple[str | None, str | None]:
+    text = _tidy(raw)
     if not text or not any(ch.isalnum() for ch in text):
         return None, "empty"
     if REFUSALS.match(text):
         return None, "refusal"
+    text = SENTENCE_END.split(text, maxsplit=1)[0]
     if len(text.split()) < 3:
         return None, "too short"
     return text, None
+
+
+def _items(raw: str) -> list[str]:
+    stripped = raw.strip()
+    if stripped.startswith("```"):
+        stripped = stripped.strip("`").removeprefix("json").strip()
+    try:
+        parsed = json.loads(stripped)
+        if isinstance(parsed, dict):
+            parsed = next((v for v in parsed.values() if isinstance(v, list)), [])
+        lines = [str(x) for x in parsed] if isinstance(parsed, list) else raw.splitlines()
+    except (json.JSONDecodeError, ValueError):
+        lines = raw.splitlines()
+    items, seen = [], set()
+    for line in lines:
+        item = _tidy(line).rstrip(",;")
+        key = item.lower().rstrip(".")
+        if item and any(ch.isalnum() for ch in item) and not REFUSALS.match(item) and key not in seen and not item.endswith(":"):
+            seen.add(key)
+            items.append(item)
+    return items
+
+
+def _slot(question: str, category: str) -> str:
+    """Mark where the class goes with a bare {}: the LLM's own slot, else the dataset's category noun."""
+    q = CLASS_SLOT.sub("{}", question)
+    if "{}" not in q and category:
+        words = [category] + [w for w in category.split() if len(w) > 3]
+        for w in words:
+            q, n = re.subn(rf"\b(?:(?:a|an|the|this|that|your|one)\s+)?{re.escape(w)}s?\b", "{}", q, count=1, flags=re.I)
+            if n:
+                break
+    return re.sub(r"\b(?:a|an|the)\s+\{\}", "{}", q, flags=re.I)
+
+
+def clean(raw: str | None, parse: str = "sentence", category: str = "") -> tuple[str | None, str | None]:
+    """(description, None) for a usable answer, (None, reason) for a rejected one.
+
+    ``category`` (questions only): the dataset's category noun, taken as the class slot where the
+    LLM wrote no ``{}``.
+    """
+    if raw is None:
+        return None, "no answer"
+    if parse == "sentence":
+        return _sentence(raw)
+    if parse == "list":
+        items = _items(raw)
+        return ("\n".join(items), None) if items else (None, "no items")
+    if parse == "questions":
+        questions = [_slot(q, category) for q in _items(raw)]
+        questions = [q for q in questions if q.count("{}") == 1 and len(q.split()) >= 3]
+        return ("\n".join(questions), None) if questions else (None, "no questions with a {} class slot")
+    raise ValueError(f"unknown parse mode {parse!r}")

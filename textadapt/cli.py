@@ -44,7 +44,10 @@ def run(
     dataset: str = typer.Argument(..., help="Dataset name: a spec data/datasets/NAME.toml (see `textadapt datasets`)."),
     backbone: Optional[str] = typer.Option(None, help="open_clip spec ARCH:WEIGHTS: ViT-B-32:openai, hf-hub:ORG/REPO, ARCH:/path.pt, ARCH:random, ARCH:auto [default: ViT-B-32:openai]."),
     llm: Optional[str] = typer.Option(None, help="LLM spec [default: llama-cpp:smollm2]."),
-    templates: str = typer.Option("generic,targeted", help="Comma-separated template sets of prompts/; one head is trained per set."),
+    templates: str = typer.Option("generic,targeted", help="Comma-separated template sets of prompts/ (see `textadapt prompts list`); one head per set. \"\" for none."),
+    sources: str = typer.Option("", help="Comma-separated imported description sources to train on too (see `textadapt descriptions import`)."),
+    refresh: bool = typer.Option(False, "--refresh", help="Regenerate every description on purpose; older ones stay in the cache."),
+    train_only: bool = typer.Option(False, "--train-only", help="Train the heads without scoring them (no images needed)."),
     samples: int = typer.Option(5, help="Samples per question (TAP: 5)."),
     temperature: float = typer.Option(0.99, help="Sampling temperature (TAP: 0.99)."),
     max_tokens: int = typer.Option(50, help="Longest answer in tokens (TAP: 50)."),
@@ -57,12 +60,15 @@ def run(
     """Generate descriptions, train text-only heads, and score them against zero-shot CLIP."""
     try:
         options = RunOptions(
-            dataset=dataset, backbone=backbone, llm=llm, template_sets=[t.strip() for t in templates.split(",") if t.strip()],
+            dataset=dataset, backbone=backbone, llm=llm, template_sets=_names(templates), sources=_names(sources),
+            refresh=refresh, train_only=train_only,
             samples=samples, temperature=temperature, max_tokens=max_tokens, steps=steps, seed=seed,
             max_classes=max_classes, max_images=max_images, batch_size=batch_size,
         )
     except ValidationError as e:
         flag = {"template_sets": "templates"}
+        if not e.errors()[0]["loc"]:  # a check of the options together
+            _fail(TextadaptError(e.errors()[0]["msg"].removeprefix("Value error, ")))
         _fail(TextadaptError("; ".join(f"--{flag.get(str(x['loc'][0]), str(x['loc'][0])).replace('_', '-')}: {x['msg']}" for x in e.errors())))
     # Prefect's usage analytics would only fail without network; textadapt runs offline by design.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -75,14 +81,24 @@ def run(
     if outcome.untrained_backbone:
         err.print("[bold red]UNTRAINED BACKBONE:[/] the backbone has random weights (no pretrained weights were asked for "
                   "or could be had): every accuracy below is noise and means nothing.")
-    calls = "0 LLM calls (every generation served from the cache)" if outcome.llm_calls == 0 else f"{outcome.llm_calls} LLM calls"
+    if outcome.llm_calls == outcome.cached_generations == 0:
+        calls = "no LLM generation (no template set)"
+    elif outcome.llm_calls == 0:
+        calls = "0 LLM calls (every generation served from the cache)"
+    else:
+        calls = f"{outcome.llm_calls} LLM calls"
     out.print(f"{calls}, {outcome.cached_generations} cached; {outcome.text_encoder_calls} texts encoded; "
               f"trained on {outcome.trained_descriptions} descriptions")
-    table = Table("method", "top-1 %")
-    for m, top1 in outcome.results.items():
-        table.add_row(m, f"{100 * top1:.1f}")
-    out.print(table)
+    if outcome.results:
+        table = Table("method", "top-1 %")
+        for m, top1 in outcome.results.items():
+            table.add_row(m, f"{100 * top1:.1f}")
+        out.print(table)
     out.print(f"report: {outcome.report_path}")
+
+
+def _names(csv_list: str) -> list[str]:
+    return [t.strip() for t in csv_list.split(",") if t.strip()]
 
 
 @app.command()
@@ -131,6 +147,130 @@ def list_datasets() -> None:
             n = f"invalid: {str(e).splitlines()[-1].strip()}"
         table.add_row(name, n, str(path))
     out.print(table)
+
+
+prompts_app = typer.Typer(help="The prompt templates: list, show, and render exactly what would be sent.", no_args_is_help=True)
+app.add_typer(prompts_app, name="prompts")
+
+
+def _templates(settings: Settings):
+    from textadapt.prompts import list_templates
+
+    return {t.name: t for t in list_templates(settings.prompts_dir)}
+
+
+@prompts_app.command("list")
+def prompts_list() -> None:
+    """Every template: name, how its answer is parsed, what it asks."""
+    settings = Settings()
+    table = Table("name", "parse", "intent")
+    try:
+        for t in _templates(settings).values():
+            table.add_row(t.name, t.parse, t.intent)
+    except TextadaptError as e:
+        _fail(e)
+    out.print(table)
+    out.print(f"({settings.prompts_dir})")
+
+
+@prompts_app.command("show")
+def prompts_show(name: str = typer.Argument(..., help="SET/NAME, e.g. targeted/look.")) -> None:
+    """Print a template's file."""
+    templates = _templates(Settings())
+    if name not in templates:
+        _fail(TextadaptError(f"no template {name!r}; templates: {', '.join(templates)}"))
+    out.print(f"# {templates[name].path}", markup=False)
+    print(templates[name].source, end="")
+
+
+@prompts_app.command("render")
+def prompts_render(
+    name: str = typer.Argument(..., help="SET/NAME, e.g. targeted/look."),
+    dataset: str = typer.Option(..., "--dataset", help="Dataset name."),
+    class_name: Optional[str] = typer.Option(None, "--class", help="Class name [default: every class]."),
+) -> None:
+    """Print exactly what would be sent to the LLM, with the sampling settings.
+
+    Confusable classes come from the spec's [prompting.confusable] table, else the neighbouring
+    classes in the list (a run uses the backbone's nearest class names instead).
+    """
+    from textadapt.datasets import find_spec
+    from textadapt.llm import Sampling
+    from textadapt.prompts import render
+
+    settings = Settings()
+    try:
+        templates = _templates(settings)
+        if name not in templates:
+            raise TextadaptError(f"no template {name!r}; templates: {', '.join(templates)}")
+        t, spec = templates[name], find_spec(dataset, settings.dataset_search_path)
+        if class_name is not None and class_name not in spec.classes:
+            raise TextadaptError(f"{spec.name} has no class {class_name!r}; classes: {spec.classes}")
+        sampling = Sampling(**t.sampling_overrides())
+        classes = [""] if t.parse == "questions" else [class_name] if class_name else spec.classes
+        out.print(f"# {t.name}: parse={t.parse}, temperature={sampling.temperature}, max_tokens={sampling.max_tokens}, "
+                  f"stop={list(sampling.stop)}", markup=False)
+        for c in classes:
+            print(render(t, spec, c))
+    except TextadaptError as e:
+        _fail(e)
+
+
+descriptions_app = typer.Typer(help="Import and export descriptions as {class: [sentences]} JSON (the CuPL / DCLIP format).", no_args_is_help=True)
+app.add_typer(descriptions_app, name="descriptions")
+
+
+@descriptions_app.command("import")
+def descriptions_import(
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="A JSON file {class name: [sentences]}."),
+    dataset: str = typer.Option(..., "--dataset", help="The dataset whose classes the file describes."),
+    source: str = typer.Option(..., "--source", help="A short name for this collection, e.g. cupl; train on it with --sources."),
+    key: Optional[str] = typer.Option(None, "--key", help="For a file holding several datasets: which one."),
+) -> None:
+    """Store a published description file in the cache, to train on without an LLM."""
+    from textadapt.datasets import find_spec
+    from textadapt.descriptions import import_descriptions
+    from textadapt.store import Store
+
+    settings = Settings()
+    try:
+        spec = find_spec(dataset, settings.dataset_search_path)
+        with Store(settings.db_path) as store:
+            r = import_descriptions(file, spec, source, store, key)
+    except TextadaptError as e:
+        _fail(e)
+    out.print(f"imported {r.rows - r.rejected} descriptions of {len(r.per_class)} classes as {source!r} "
+              f"({r.rejected} rejected by cleaning); train on them with: textadapt run {spec.name} --sources {source}", markup=False)
+    if r.unmatched:
+        err.print(f"{len(r.unmatched)} names in {file} match no class of {spec.name} and were not imported: "
+                  f"{', '.join(r.unmatched[:20])}{' ...' if len(r.unmatched) > 20 else ''}", markup=False)
+    if r.missing:
+        err.print(f"{len(r.missing)} classes of {spec.name} have no description in the file: "
+                  f"{', '.join(r.missing[:20])}{' ...' if len(r.missing) > 20 else ''}", markup=False)
+
+
+@descriptions_app.command("export")
+def descriptions_export(
+    dataset: Optional[str] = typer.Option(None, "--dataset"),
+    template: Optional[str] = typer.Option(None, "--template", help="A template (targeted/look), a set (targeted) or import/SOURCE."),
+    run_id: Optional[str] = typer.Option(None, "--run", help="Only what this run trained on."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="File to write [default: stdout]."),
+) -> None:
+    """Write accepted descriptions as {class name: [sentences]} JSON."""
+    from textadapt.descriptions import export_descriptions
+    from textadapt.store import Store
+
+    try:
+        with Store(Settings().db_path, read_only=True) as store:
+            data = export_descriptions(store, dataset, template, run_id)
+    except TextadaptError as e:
+        _fail(e)
+    text = json.dumps(data, indent=1, ensure_ascii=False)
+    if output:
+        output.write_text(text + "\n", encoding="utf-8")
+        err.print(f"wrote {sum(map(len, data.values()))} descriptions of {len(data)} classes to {output}", markup=False)
+    else:
+        print(text)
 
 
 if __name__ == "__main__":

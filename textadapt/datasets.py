@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import inspect
 import re
 import struct
 import tomllib
@@ -19,7 +20,7 @@ from typing import Annotated, Iterator, Literal, Union
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from textadapt import TextadaptError
 
@@ -34,6 +35,9 @@ class Prompting(_Strict):
     domain: str = Field(description='Noun phrase for targeted questions: "... in {{ dataset.domain }}".')
     category: str = Field(description='What the classes are kinds of, singular: "clothing item".')
     task: str = Field(description="One sentence on what the classifier must tell apart.")
+    confusable: dict[str, list[str]] = Field(
+        default_factory=dict, description="Class -> the classes most easily confused with it (contrastive questions)."
+    )
 
 
 class ZeroShot(_Strict):
@@ -68,10 +72,12 @@ class IdxSource(_Strict):
 
 
 class TorchvisionSource(_Strict):
-    """A torchvision dataset class, downloaded into $TEXTADAPT_HOME/images (needs network)."""
+    """A torchvision dataset class: downloaded into ``root`` where it can be (needs network)."""
 
     kind: Literal["torchvision"]
     class_: str = Field(alias="class")
+    root: str | None = Field(None, description="Folder for the files; default $TEXTADAPT_HOME/images.")
+    kwargs: dict = Field(default_factory=lambda: {"train": False}, description="Arguments selecting the test split.")
     how: str = ""
 
 
@@ -111,6 +117,14 @@ class DatasetSpec(_Strict):
                 raise ValueError(f"class {i} {c!r} duplicates class {seen[key]}")
             seen[key] = i
         return [c.strip() for c in v]
+
+    @model_validator(mode="after")
+    def _confusable_are_classes(self) -> "DatasetSpec":
+        for c, others in self.prompting.confusable.items():
+            unknown = [x for x in [c, *others] if x not in self.classes]
+            if unknown:
+                raise ValueError(f"prompting.confusable names {unknown}, which are not classes of this dataset")
+        return self
 
 
 def _line_of(text: str, loc: tuple) -> int | None:
@@ -225,10 +239,16 @@ def _from_torchvision(src: TorchvisionSource, home: Path) -> ImageSet | None:
     cls = getattr(torchvision.datasets, src.class_, None)
     if cls is None:
         raise TextadaptError(f"torchvision has no dataset class {src.class_!r}")
+    root = Path(src.root).expanduser() if src.root else home / "images"
+    kwargs = dict(src.kwargs)
+    if "download" in inspect.signature(cls).parameters:
+        kwargs["download"] = True
     try:
-        ds = cls(root=str(home / "images"), train=False, download=True)
-    except Exception:  # no network, server down, ...: the next source is tried
+        ds = cls(root=str(root), **kwargs)
+    except Exception:  # no network, files not there, ...: the next source is tried
         return None
+    if not hasattr(ds, "data"):  # folder-backed datasets (ImageNet): images are files
+        return ImageSet([path for path, _ in ds.samples], np.asarray(ds.targets, dtype=np.int64), f"torchvision:{src.class_}")
     data = ds.data.numpy() if hasattr(ds.data, "numpy") else np.asarray(ds.data)
     return ImageSet(list(data), np.asarray(ds.targets, dtype=np.int64), f"torchvision:{src.class_}")
 
@@ -287,12 +307,13 @@ def check_labels(spec: DatasetSpec, images: ImageSet) -> None:
         )
 
 
-def restrict(spec: DatasetSpec, images: ImageSet, max_classes: int | None, max_images: int | None) -> tuple[DatasetSpec, ImageSet]:
+def restrict(spec: DatasetSpec, images: ImageSet | None, max_classes: int | None,
+             max_images: int | None) -> tuple[DatasetSpec, ImageSet | None]:
     """The first ``max_classes`` classes and the first ``max_images`` of their test images (smoke runs)."""
     if max_classes and max_classes < len(spec.classes):
         spec = spec.model_copy(update={"classes": spec.classes[:max_classes]})
-        images = images.subset(images.labels < max_classes)
-    if max_images and max_images < len(images):
+        images = images.subset(images.labels < max_classes) if images is not None else None
+    if images is not None and max_images and max_images < len(images):
         images = images.subset(np.arange(len(images)) < max_images)
     return spec, images
 

@@ -1,11 +1,21 @@
 """Prompt templates: plain Jinja files under ``prompts/SET/NAME.j2``, one question each.
 
 A template is named ``SET/NAME`` (``targeted/look``). Its first lines are a Jinja comment saying
-what it asks and which variables it uses. It renders in Jinja's sandbox (templates are shared)
-with undefined variables as errors, and these variables:
+what it asks and which variables it uses, and may set ``key: value`` options:
+
+- ``parse: sentence`` (default: the answer is one description), ``parse: list`` (one descriptor per
+  line or a JSON list: each item is a description), or ``parse: questions`` (meta-prompting: the
+  answer is a list of question templates with ``{}`` for the class; each is then asked for every
+  class, as ``SET/NAME/i``). A ``questions`` template is rendered once per dataset, without a class;
+- ``max_tokens``, ``temperature``, ``stop`` (``none`` for no stop string): this template's sampling.
+
+It renders in Jinja's sandbox (templates are shared) with undefined variables as errors, and
+these variables:
 
 - ``class_name``: the class being described, as written in the dataset spec;
-- ``dataset``: ``name``, ``title``, ``domain``, ``category``, ``task`` and ``classes`` from the spec.
+- ``dataset``: ``name``, ``title``, ``domain``, ``category``, ``task`` and ``classes`` from the spec;
+- ``confusable``: the classes most easily confused with this one (the spec's
+  ``[prompting.confusable]`` table, else the nearest class names in the backbone's text space).
 
 Filter ``article`` prefixes "a" or "an": ``{{ class_name | article }}``.
 The template's source hash is part of every generation's cache key, so editing one template
@@ -31,11 +41,17 @@ def article(noun: str) -> str:
     return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
+OPTION = re.compile(r"^\s*(parse|max_tokens|temperature|stop)\s*:\s*(.+?)\s*$")
+PARSE_MODES = ("sentence", "list", "questions")
+QUESTION_SUFFIX = " Answer in one sentence."
+
+
 @dataclass(frozen=True)
 class PromptTemplate:
-    name: str  # "targeted/look"
+    name: str  # "targeted/look"; a meta-prompted question: "meta/questions/3"
     path: Path
-    source: str
+    source: str  # Jinja source; for a meta-prompted question, the question with {} for the class
+    question: bool = False  # written by the LLM from a ``parse: questions`` template
 
     @property
     def template_set(self) -> str:
@@ -45,10 +61,43 @@ class PromptTemplate:
     def source_hash(self) -> str:
         return hashlib.sha256(self.source.encode("utf-8")).hexdigest()
 
+    def _header(self) -> list[str]:
+        m = re.match(r"\s*\{#(.*?)#\}", self.source, re.S)
+        return m.group(1).splitlines() if m and not self.question else []
+
     @property
     def intent(self) -> str:
-        m = re.match(r"\s*\{#(.*?)#\}", self.source, re.S)
-        return " ".join(m.group(1).split()) if m else ""
+        if self.question:
+            return f"meta-prompted question from {self.path.name}"
+        return " ".join(" ".join(line for line in self._header() if not OPTION.match(line)).split())
+
+    @property
+    def options(self) -> dict[str, str]:
+        opts = dict(m.groups() for line in self._header() if (m := OPTION.match(line)))
+        if opts.get("parse", "sentence") not in PARSE_MODES:
+            raise TextadaptError(f"{self.path}: parse: {opts['parse']!r} is not one of {PARSE_MODES}")
+        return opts
+
+    @property
+    def parse(self) -> str:
+        return "sentence" if self.question else self.options.get("parse", "sentence")
+
+    def sampling_overrides(self) -> dict:
+        """This template's own sampling settings (header options), over the run's."""
+        if self.question:
+            return {}
+        out: dict = {}
+        for key, value in self.options.items():
+            try:
+                if key == "max_tokens":
+                    out["max_tokens"] = int(value)
+                elif key == "temperature":
+                    out["temperature"] = float(value)
+                elif key == "stop":
+                    out["stop"] = () if value == "none" else (value.strip("\"'"),)
+            except ValueError:
+                raise TextadaptError(f"{self.path}: option {key}: {value!r} is not a number") from None
+        return out
 
 
 @functools.lru_cache(maxsize=512)
@@ -81,9 +130,19 @@ def list_templates(root: Path, sets: list[str] | None = None) -> list[PromptTemp
     return out
 
 
-def prompt_variables(spec: DatasetSpec, class_name: str) -> dict:
+def default_confusable(spec: DatasetSpec, class_name: str, k: int = 3) -> list[str]:
+    """The spec's confusable classes for ``class_name``, else its neighbours in the class list."""
+    if class_name in spec.prompting.confusable:
+        return spec.prompting.confusable[class_name]
+    i = spec.classes.index(class_name) if class_name in spec.classes else 0
+    others = spec.classes[i + 1 :] + spec.classes[:i]
+    return others[:k]
+
+
+def prompt_variables(spec: DatasetSpec, class_name: str, confusable: list[str] | None = None) -> dict:
     return {
         "class_name": class_name,
+        "confusable": confusable if confusable is not None else default_confusable(spec, class_name),
         "dataset": {
             "name": spec.name,
             "title": spec.title or spec.name,
@@ -105,10 +164,15 @@ def _template_line(exc: BaseException, path: Path) -> int | None:
     return line
 
 
-def render(template: PromptTemplate, spec: DatasetSpec, class_name: str) -> str:
-    """The exact text sent to the LLM; errors name the template file, its line and the variable."""
+def render(template: PromptTemplate, spec: DatasetSpec, class_name: str, confusable: list[str] | None = None) -> str:
+    """The exact text sent to the LLM; errors name the template file, its line and the variable.
+
+    A ``parse: questions`` template is rendered without a class (pass ``class_name=""``).
+    """
+    if template.question:
+        return template.source.replace("{}", article(class_name)) + QUESTION_SUFFIX
     try:
-        text = _compile(template.source, str(template.path)).render(**prompt_variables(spec, class_name))
+        text = _compile(template.source, str(template.path)).render(**prompt_variables(spec, class_name, confusable))
     except jinja2.TemplateSyntaxError as e:
         raise TextadaptError(f"{template.path}:{e.lineno}: template syntax error: {e.message}") from None
     except jinja2.UndefinedError as e:
@@ -128,5 +192,14 @@ def render(template: PromptTemplate, spec: DatasetSpec, class_name: str) -> str:
 def check_templates(templates: list[PromptTemplate], spec: DatasetSpec) -> None:
     """Render every template for every class before any LLM call, so a typo costs nothing."""
     for t in templates:
-        for c in spec.classes:
+        t.sampling_overrides()
+        for c in [""] if t.parse == "questions" else spec.classes:
             render(t, spec, c)
+
+
+def questions_from(template: PromptTemplate, answer: str) -> list[PromptTemplate]:
+    """The question templates an LLM wrote in answer to a ``parse: questions`` template."""
+    return [
+        PromptTemplate(f"{template.name}/{i}", template.path, q, question=True)
+        for i, q in enumerate(answer.splitlines())
+    ]

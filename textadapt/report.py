@@ -35,13 +35,14 @@ class RunReport:
     sets: dict[str, TrainingSet]
     scores: dict[str, Score]
     heads: dict[str, TrainedHead]
-    best_baseline: str
+    best_baseline: str | None  # None: a --train-only run, nothing scored
     text_encoder_calls: int
     image_encoder_calls: int
     steps: int
     seed: int
     stage_seconds: dict[str, float] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)  # class -> a few descriptions
+    filled: dict[str, list[str]] = field(default_factory=dict)  # set -> classes trained on the fallback prompt
 
 
 def _pct(x: float | None) -> str:
@@ -74,17 +75,31 @@ def render_markdown(r: RunReport) -> str:
         f"Text encoder: {r.text_encoder_calls} texts encoded, the rest from the cache. "
         f"Image encoder: {r.image_encoder_calls} images encoded, the rest from the cache.",
         "",
-        "| template set | generations | rejected | trained on (descriptions) |",
-        "|---|---:|---:|---:|",
+        "| template set | generations | rejected | left out by this run | trained on (descriptions) |",
+        "|---|---:|---:|---:|---:|",
     ]
     for ts in r.sets.values():
         why = ", ".join(f"{k}: {v}" for k, v in sorted(ts.rejected.items())) or "none"
-        out.append(f"| {ts.template_set} | {ts.generations} | {sum(ts.rejected.values())} ({why}) | {len(ts.texts)} |")
+        left = ", ".join(f"{k}: {v}" for k, v in sorted(ts.excluded.items())) or "none"
+        out.append(f"| {ts.template_set} | {ts.generations} | {sum(ts.rejected.values())} ({why}) | {left} | {len(ts.texts)} |")
     total = sum(len(ts.texts) for ts in r.sets.values())
     generations = sum(ts.generations for ts in r.sets.values())
     rejected = sum(sum(ts.rejected.values()) for ts in r.sets.values())
-    out += ["", f"Trained on {total} descriptions in all: {generations} generations, less {rejected} rejected.", ""]
+    out += ["", f"Trained on {total} descriptions in all, from {generations} generations ({rejected} rejected; "
+            "a list answer gives several descriptions, a duplicate none).", ""]
+    for name, classes in r.filled.items():
+        out += [f"**{name}: no accepted description for {len(classes)} classes**, trained on \"a photo of a {{class}}.\" "
+                f"for them (counted above): {', '.join(classes[:30])}{' ...' if len(classes) > 30 else ''}.", ""]
+    if r.best_baseline is None:
+        out += ["## Results", "", "None: a `--train-only` run trains the heads without scoring them on images.", ""]
+    else:
+        out += _results(r)
+    out += _training(r)
+    return "\n".join(out)
 
+
+def _results(r: RunReport) -> list[str]:
+    spec, out = r.spec, []
     best = r.scores[r.best_baseline]
     out += [
         "## Results",
@@ -108,8 +123,11 @@ def render_markdown(r: RunReport) -> str:
         accs = " | ".join(_pct(r.scores[m].per_class[i]) for m in methods)
         deltas = " | ".join(_delta(r.scores[h].per_class[i] - best.per_class[i]) for h in heads)
         out.append(f"| {c} | {int(best.n_per_class[i])} | {accs} | {deltas} |")
+    return out
 
-    out += ["", "## Training", "", "| head | steps | first loss | last loss | seconds | device |", "|---|---:|---:|---:|---:|---|"]
+
+def _training(r: RunReport) -> list[str]:
+    out = ["", "## Training", "", "| head | steps | first loss | last loss | seconds | device |", "|---|---:|---:|---:|---:|---|"]
     for m, h in r.heads.items():
         out.append(f"| `{m}` | {r.steps} | {h.losses[0]:.3f} | {h.losses[-1]:.3f} | {h.seconds:.2f} | {h.device} |")
 
@@ -122,7 +140,7 @@ def render_markdown(r: RunReport) -> str:
         for c, texts in r.examples.items():
             out.append(f"- **{c}**: " + " / ".join(f"\"{t}\"" for t in texts))
     out += ["", "Query everything behind this report: `textadapt sql \"SELECT * FROM results WHERE run_id = '" + r.run_id + "'\"`", ""]
-    return "\n".join(out)
+    return out
 
 
 def write_report(r: RunReport, reports_dir: Path) -> Path:

@@ -109,6 +109,17 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (run_id, method, class_index)
     );
     """,
+    # 1 -> 2: refresh rounds, per-run exclusions, multi-item answers
+    """
+    ALTER TABLE generations ADD COLUMN base_key VARCHAR;     -- the key of refresh round 0: shared by every round
+    ALTER TABLE generations ADD COLUMN refresh INTEGER DEFAULT 0;  -- 0, then +1 for each --refresh
+    UPDATE generations SET base_key = key, refresh = 0;
+    ALTER TABLE run_generations ADD COLUMN excluded VARCHAR;  -- why the run did not train on it (duplicate ...)
+    CREATE OR REPLACE VIEW descriptions AS
+        SELECT key, dataset, class_name, template, model,
+               unnest(string_split(description, chr(10))) AS description, created_at
+        FROM generations WHERE rejected IS NULL;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -132,6 +143,8 @@ class Generation:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     seconds: float | None = None
+    base_key: str | None = None  # None: the key itself (refresh round 0)
+    refresh: int = 0
 
 
 def _open_error(path: Path, e: Exception) -> TextadaptError:
@@ -207,11 +220,52 @@ class Store:
         """Insert one generation at once (autocommit): it survives a crash of what follows."""
         self.con.execute(
             "INSERT INTO generations (key, dataset, class_name, template, template_hash, model, prompt, params, "
-            "sample_index, raw_text, description, rejected, prompt_tokens, completion_tokens, seconds) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            "sample_index, raw_text, description, rejected, prompt_tokens, completion_tokens, seconds, base_key, refresh) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             [g.key, g.dataset, g.class_name, g.template, g.template_hash, g.model, g.prompt, json.dumps(g.params, sort_keys=True),
-             g.sample_index, g.raw_text, g.description, g.rejected, g.prompt_tokens, g.completion_tokens, g.seconds],
+             g.sample_index, g.raw_text, g.description, g.rejected, g.prompt_tokens, g.completion_tokens, g.seconds,
+             g.base_key or g.key, g.refresh],
         )
+
+    def add_generations(self, rows: list[Generation]) -> None:
+        """Insert many generations in one statement (imports: DuckDB is fast in bulk, slow row by row)."""
+        if not rows:
+            return
+        cols = ["key", "dataset", "class_name", "template", "template_hash", "model", "prompt", "params", "sample_index",
+                "raw_text", "description", "rejected", "prompt_tokens", "completion_tokens", "seconds", "base_key", "refresh"]
+        data = {c: [getattr(g, c) for g in rows] for c in cols}
+        data["params"] = [json.dumps(p, sort_keys=True) for p in data["params"]]
+        data["base_key"] = [g.base_key or g.key for g in rows]
+        types = {"sample_index": pa.int32(), "prompt_tokens": pa.int32(), "completion_tokens": pa.int32(), "seconds": pa.float64(),
+                 "refresh": pa.int32()}
+        self.con.register("_new", pa.table({c: pa.array(v, types.get(c, pa.string())) for c, v in data.items()}))
+        try:
+            self.con.execute(f"INSERT INTO generations ({', '.join(cols)}) SELECT {', '.join(cols)} FROM _new ON CONFLICT DO NOTHING")
+        finally:
+            self.con.unregister("_new")
+
+    def latest_rounds(self, base_keys: list[str]) -> dict[str, tuple[str, int]]:
+        """base_key -> (key, refresh) of the newest stored round of each generation."""
+        if not base_keys:
+            return {}
+        self.con.register("_wanted", pa.table({"base_key": base_keys}))
+        try:
+            rows = self.con.execute(
+                "SELECT g.base_key, arg_max(g.key, g.refresh), max(g.refresh) FROM generations g JOIN _wanted w USING (base_key) "
+                "GROUP BY g.base_key"
+            ).fetchall()
+        finally:
+            self.con.unregister("_wanted")
+        return {b: (k, r) for b, k, r in rows}
+
+    def imported(self, dataset: str, source: str) -> list[tuple[str, str, str | None, str | None]]:
+        """(key, class_name, description, rejected) of the latest file imported as ``source`` for ``dataset``."""
+        return self.con.execute(
+            "SELECT key, class_name, description, rejected FROM generations WHERE dataset = ? AND template = ? AND template_hash = "
+            "(SELECT arg_max(template_hash, created_at) FROM generations WHERE dataset = ? AND template = ?) "
+            "ORDER BY class_name, sample_index",
+            [dataset, f"import/{source}", dataset, f"import/{source}"],
+        ).fetchall()
 
     def generations(self, keys: list[str]) -> dict[str, tuple[str | None, str | None, str]]:
         """key -> (description, rejected, template) for the given keys."""
@@ -278,10 +332,14 @@ class Store:
     def finish_run(self, run_id: str, status: str, error: str | None = None) -> None:
         self.con.execute("UPDATE runs SET status = ?, error = ?, finished_at = current_timestamp WHERE run_id = ?", [status, error, run_id])
 
-    def link_generations(self, run_id: str, keys: list[str], class_indices: list[int]) -> None:
-        self.con.register("_links", pa.table({"run_id": [run_id] * len(keys), "key": keys, "class_index": class_indices}))
+    def link_generations(self, run_id: str, links: list[tuple[str, int, str | None]]) -> None:
+        """Record which generations a run used: (key, class_index, excluded reason or None)."""
+        keys, class_indices, excluded = (list(col) for col in zip(*links)) if links else ([], [], [])
+        self.con.register("_links", pa.table({"run_id": pa.array([run_id] * len(keys), pa.string()), "key": pa.array(keys, pa.string()),
+                                              "class_index": pa.array(class_indices, pa.int32()), "excluded": pa.array(excluded, pa.string())}))
         try:
-            self.con.execute("INSERT INTO run_generations SELECT * FROM _links ON CONFLICT DO NOTHING")
+            self.con.execute("INSERT INTO run_generations (run_id, key, class_index, excluded) "
+                             "SELECT run_id, key, class_index, excluded FROM _links ON CONFLICT DO NOTHING")
         finally:
             self.con.unregister("_links")
 
