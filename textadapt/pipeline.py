@@ -1,6 +1,8 @@
 """The stages of an adaptation run, as plain functions with typed inputs and outputs.
 
-    plan_generations -> generate -> training_sets -> (encode_texts) -> train_heads
+    plan_meta -> resolve_rounds -> generate -> questions            (meta-prompting, if asked for)
+    confusable_classes -> plan_generations -> resolve_rounds -> generate
+    training_sets (+ imported sources) -> fill_missing -> train_heads
     zero_shot_weights + encode_images -> evaluate -> save_results -> report
 
 ``flows/adapt.py`` runs them in this order as Prefect tasks; tests and notebooks call them directly.
@@ -18,12 +20,12 @@ from typing import Callable
 
 import numpy as np
 
+from textadapt import TextadaptError
 from textadapt.adapters import TapRecipe, TrainedHead, train_tap_head
 from textadapt.cleaning import clean
 from textadapt.datasets import DatasetSpec
 from textadapt.encoders import Backbone, encode_texts
 from textadapt.llm import Backend, Request, Sampling
-from textadapt import TextadaptError
 from textadapt.prompts import PromptTemplate, questions_from, render
 from textadapt.scoring import BASELINES, Score, best_baseline, class_prompts, openclip_imagenet_templates, predict, prototypes, score
 from textadapt.store import Generation, Store
