@@ -87,6 +87,11 @@ def render_markdown(r: RunReport) -> str:
     rejected = sum(sum(ts.rejected.values()) for ts in r.sets.values())
     out += ["", f"Trained on {total} descriptions in all, from {generations} generations ({rejected} rejected; "
             "a list answer gives several descriptions, a duplicate none).", ""]
+    names = list(r.sets)
+    out += ["Descriptions trained on, per class:", "", "| class | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    counts = {n: np.bincount(ts.labels, minlength=len(spec.classes)) for n, ts in r.sets.items()}
+    out += [f"| {c} | " + " | ".join(str(int(counts[n][i])) for n in names) + " |" for i, c in enumerate(spec.classes)]
+    out.append("")
     for name, classes in r.filled.items():
         out += [f"**{name}: no accepted description for {len(classes)} classes**, trained on \"a photo of a {{class}}.\" "
                 f"for them (counted above): {', '.join(classes[:30])}{' ...' if len(classes) > 30 else ''}.", ""]
