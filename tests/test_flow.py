@@ -130,3 +130,40 @@ def test_sql_is_read_only_unless_asked(home):
     p = textadapt("sql", "DELETE FROM runs", check=False)
     assert p.returncode == 2 and "--write" in p.stderr
     assert textadapt("sql", "--write", "DELETE FROM runs").returncode == 0
+
+
+def test_a_run_killed_mid_generation_loses_only_what_was_in_flight(home, tmp_path):
+    """SIGKILL during generation: every answer finished before the kill is in DuckDB once, the re-run
+    asks only for the rest, and the result equals an uninterrupted run's."""
+    import signal
+
+    args = ["run", "fashion-mnist", "--backbone", TINY, "--templates", "targeted", "--max-classes", "2", "--samples", "3",
+            "--max-images", "200", "--steps", "20"]  # 2 classes x 5 questions x 3 samples = 30 generations
+    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "INFO"}  # the progress lines say when generation is under way
+    proc = subprocess.Popen([CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, stdin=subprocess.DEVNULL)
+    killed_at = None
+    for line in proc.stdout:
+        m = re.search(r"generating: (\d+)/30", line)
+        if m and 9 <= int(m.group(1)) < 30:
+            proc.send_signal(signal.SIGKILL)
+            killed_at = int(m.group(1))
+            break
+    proc.wait(timeout=120)
+    proc.stdout.close()
+    assert killed_at is not None and proc.returncode == -signal.SIGKILL
+
+    [(stored,)] = query(home, "SELECT count(*) FROM generations")
+    assert killed_at <= stored < 30  # what was answered before the kill survived it (DuckDB replays its log)
+    rerun = textadapt(*args)
+    assert f"{30 - stored} LLM calls, {stored} cached" in rerun.stdout
+    assert query(home, "SELECT count(*), count(DISTINCT base_key) FROM generations") == [(30, 30)]
+    assert query(home, "SELECT status FROM runs ORDER BY started_at") == [("interrupted",), ("completed",)]
+
+    other = tmp_path / "uninterrupted"
+    p = subprocess.run([CLI, *args], capture_output=True, text=True, env={**os.environ, "TEXTADAPT_HOME": str(other)},
+                       timeout=900, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr
+    answers = "SELECT key, raw_text FROM generations ORDER BY key"
+    results = "SELECT method, top1, mean_per_class FROM results ORDER BY method"
+    assert query(home, answers) == query(other, answers)
+    assert query(home, results) == query(other, results)

@@ -68,7 +68,7 @@ MIGRATIONS: list[str] = [
     CREATE TABLE runs (
         run_id VARCHAR PRIMARY KEY,
         dataset VARCHAR NOT NULL,
-        status VARCHAR NOT NULL,          -- running, completed, failed
+        status VARCHAR NOT NULL,          -- running, completed, failed, interrupted
         options JSON NOT NULL,
         backbone VARCHAR,
         llm VARCHAR,
@@ -149,7 +149,7 @@ class Generation:
 
 def _open_error(path: Path, e: Exception) -> TextadaptError:
     msg = str(e)
-    if "lock" in msg.lower():
+    if "could not set lock" in msg.lower() or "conflicting lock" in msg.lower():
         return TextadaptError(
             f"{path} is in use by another process (a run writing to it?). Wait for it to finish, "
             f"or point TEXTADAPT_DB / --db at another file. DuckDB said: {msg.splitlines()[0]}"
@@ -171,6 +171,11 @@ class Store:
             raise _open_error(self.path, e) from None
         self.read_only = read_only
         self._migrate()
+        if not read_only:
+            # DuckDB lets one process write a file at a time, and this one now does: a run still
+            # marked running was cut off (killed, power loss) and will never finish.
+            self.con.execute("UPDATE runs SET status = 'interrupted', error = 'the process stopped before the run finished' "
+                             "WHERE status = 'running'")
 
     def _migrate(self) -> None:
         tables = {r[0] for r in self.con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
@@ -195,6 +200,9 @@ class Store:
             self.con.execute(sql)
         self.con.execute("UPDATE textadapt_meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
         self.con.execute("COMMIT")
+        # Put the schema in the file itself, not only in the write-ahead log: DuckDB 1.5.6 cannot
+        # replay a log holding our views' definitions after a crash, and would refuse the file.
+        self.con.execute("CHECKPOINT")
 
     def close(self) -> None:
         self.con.close()
