@@ -140,12 +140,12 @@ def adapt(options: RunOptions) -> RunOutcome:
             if backbone.untrained:
                 logger.warning("backbone %s is UNTRAINED (random weights): the accuracies of this run mean nothing", backbone.arch)
             store.add_backbone(backbone.id, backbone_spec, backbone.arch, backbone.weights, backbone.untrained)
+            backend = make_backend(llm_spec, settings) if templates else None
+            llm_identity = backend.identity if backend else "none (no template set)"
+            store.update_run(run_id, backbone=backbone.id, llm=llm_identity)  # known now, also if the run fails later
             zs_calls = 0
-            gen, plan, llm_identity = pipeline.GenerationStats(0, 0, 0), [], "none (no template set)"
-            if templates:
-                backend = make_backend(llm_spec, settings)
-                llm_identity = backend.identity
-                store.update_run(run_id, backbone=backbone.id, llm=backend.identity)
+            gen, plan = pipeline.GenerationStats(0, 0, 0), []
+            if backend:
                 sampling = Sampling(temperature=options.temperature, max_tokens=options.max_tokens)
                 with stage("generation"):
                     try:
@@ -167,7 +167,7 @@ def adapt(options: RunOptions) -> RunOutcome:
                     logger.info("all %d generations served from the cache: 0 LLM calls", gen.planned)
                 else:
                     logger.info("%d LLM calls, %d generations from the cache", gen.made, gen.cached)
-            store.update_run(run_id, backbone=backbone.id, llm=llm_identity, llm_calls=gen.made, cached_generations=gen.cached)
+            store.update_run(run_id, llm_calls=gen.made, cached_generations=gen.cached)
             selection = pipeline.training_sets([p for p in plan if p.class_index >= 0], store, spec, options.sources)
             filled = pipeline.fill_missing(selection.sets, spec)
             for name, classes in filled.items():

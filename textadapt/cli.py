@@ -44,7 +44,7 @@ def run(
     dataset: str = typer.Argument(..., help="Dataset name: a spec data/datasets/NAME.toml (see `textadapt datasets`)."),
     backbone: Optional[str] = typer.Option(None, help="open_clip spec ARCH:WEIGHTS: ViT-B-32:openai, hf-hub:ORG/REPO, ARCH:/path.pt, ARCH:random, ARCH:auto [default: ViT-B-32:openai]."),
     llm: Optional[str] = typer.Option(None, help="LLM spec [default: llama-cpp:smollm2]."),
-    templates: str = typer.Option("generic,targeted", help="Comma-separated template sets of prompts/ (see `textadapt prompts list`); one head per set. \"\" for none."),
+    templates: str = typer.Option(",".join(RunOptions.model_fields["template_sets"].default_factory()), help="Comma-separated template sets of prompts/ (see `textadapt prompts list`); one head per set. \"\" for none."),
     sources: str = typer.Option("", help="Comma-separated imported description sources to train on too (see `textadapt descriptions import`)."),
     refresh: bool = typer.Option(False, "--refresh", help="Regenerate every description on purpose; older ones stay in the cache."),
     train_only: bool = typer.Option(False, "--train-only", help="Train the heads without scoring them (no images needed)."),

@@ -61,6 +61,13 @@ class Answer:
     seconds: float
 
 
+def with_stop_period(text: str, finish_reason: str | None, sampling: Sampling) -> str:
+    """Engines leave the stop string out of the answer; a sentence stopped at its period keeps it."""
+    if finish_reason == "stop" and "." in sampling.stop and text.strip():
+        return text.rstrip() + "."
+    return text
+
+
 class Backend(ABC):
     identity: str
 
@@ -134,8 +141,7 @@ class LlamaCppBackend(Backend):
             )
             choice = out["choices"][0]
             text = choice["message"]["content"] or ""
-            if choice.get("finish_reason") == "stop" and "." in r.sampling.stop and text.strip():
-                text = text.rstrip() + "."  # llama.cpp drops the stop string; the sentence keeps its period
+            text = with_stop_period(text, choice.get("finish_reason"), r.sampling)
             usage = out.get("usage") or {}
             yield r, Answer(text, usage.get("prompt_tokens"), usage.get("completion_tokens"), time.perf_counter() - t0)
 
@@ -407,9 +413,7 @@ class OpenAIBackend(Backend):
         texts = []
         for c in choices:
             text = (c.message.content if c.message else None) or ""
-            if c.finish_reason == "stop" and "." in sampling.stop and text.strip():
-                text = text.rstrip() + "."  # the server drops the stop string; the sentence keeps its period
-            texts.append(text)
+            texts.append(with_stop_period(text, c.finish_reason, sampling))
         usage = resp.usage
         completion = split_completion_tokens(
             usage.completion_tokens if usage else None, texts, [c.finish_reason for c in choices], sampling.max_tokens
@@ -494,9 +498,7 @@ class VLLMBackend(Backend):
             seconds = (time.perf_counter() - t0) / len(batch)  # the batch's time, shared evenly
             for r, out in zip(batch, outputs):
                 choice = out.outputs[0]
-                text = choice.text
-                if choice.finish_reason == "stop" and "." in r.sampling.stop and text.strip():
-                    text = text.rstrip() + "."  # vLLM leaves the stop string out, like llama.cpp
+                text = with_stop_period(choice.text, choice.finish_reason, r.sampling)
                 yield r, Answer(text, len(out.prompt_token_ids or []), len(choice.token_ids), seconds)
 
     def close(self) -> None:

@@ -96,7 +96,7 @@ def questions(meta_plan: list[PlannedGeneration], store: Store) -> list[PromptTe
     rows = store.generations([p.key for p in meta_plan])
     out = []
     for p in meta_plan:
-        description, rejected, _ = rows[p.key]
+        description, rejected = rows[p.key]
         if rejected is not None:
             raise TextadaptError(
                 f"{p.template.path}: the LLM wrote no usable question ({rejected}); see `textadapt sql \"SELECT raw_text FROM "
@@ -132,13 +132,12 @@ class GenerationStats:
     planned: int
     cached: int  # served from the cache: no LLM call
     made: int  # LLM calls made now
-    rejected_now: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
 
     def __add__(self, other: "GenerationStats") -> "GenerationStats":
         return GenerationStats(*(getattr(self, f) + getattr(other, f) for f in
-                                 ("planned", "cached", "made", "rejected_now", "completion_tokens", "seconds")))
+                                 ("planned", "cached", "made", "completion_tokens", "seconds")))
 
 
 def generate(plan: list[PlannedGeneration], backend: Backend, store: Store, spec: DatasetSpec,
@@ -163,7 +162,6 @@ def generate(plan: list[PlannedGeneration], backend: Backend, store: Store, spec
             base_key=p.base_key, refresh=p.refresh,
         ))
         stats.made += 1
-        stats.rejected_now += rejected is not None
         stats.completion_tokens += ans.completion_tokens or 0
         if progress:
             progress(stats.made, len(requests))

@@ -275,16 +275,16 @@ class Store:
             [dataset, f"import/{source}", dataset, f"import/{source}"],
         ).fetchall()
 
-    def generations(self, keys: list[str]) -> dict[str, tuple[str | None, str | None, str]]:
-        """key -> (description, rejected, template) for the given keys."""
+    def generations(self, keys: list[str]) -> dict[str, tuple[str | None, str | None]]:
+        """key -> (description, rejected) for the given keys."""
         self.con.register("_wanted", pa.table({"key": keys}))
         try:
             rows = self.con.execute(
-                "SELECT g.key, g.description, g.rejected, g.template FROM generations g JOIN _wanted w USING (key)"
+                "SELECT g.key, g.description, g.rejected FROM generations g JOIN _wanted w USING (key)"
             ).fetchall()
         finally:
             self.con.unregister("_wanted")
-        return {k: (d, r, t) for k, d, r, t in rows}
+        return {k: (d, r) for k, d, r in rows}
 
     # -- embeddings ------------------------------------------------------------------------
 
