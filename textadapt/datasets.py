@@ -78,6 +78,9 @@ class TorchvisionSource(_Strict):
     class_: str = Field(alias="class")
     root: str | None = Field(None, description="Folder for the files; default $TEXTADAPT_HOME/images.")
     kwargs: dict = Field(default_factory=lambda: {"train": False}, description="Arguments selecting the test split.")
+    check_classes: bool = Field(
+        False, description="Refuse the images unless the spec's classes equal the dataset's `classes` (case, '_' and '/' aside)."
+    )
     how: str = ""
 
 
@@ -233,7 +236,7 @@ def _from_idx(src: IdxSource) -> ImageSet | None:
     return ImageSet(list(images), labels, f"idx:{base}")
 
 
-def _from_torchvision(src: TorchvisionSource, home: Path) -> ImageSet | None:
+def _from_torchvision(src: TorchvisionSource, spec: DatasetSpec, home: Path) -> ImageSet | None:
     import torchvision
 
     cls = getattr(torchvision.datasets, src.class_, None)
@@ -247,10 +250,60 @@ def _from_torchvision(src: TorchvisionSource, home: Path) -> ImageSet | None:
         ds = cls(root=str(root), **kwargs)
     except Exception:  # no network, files not there, ...: the next source is tried
         return None
-    if not hasattr(ds, "data"):  # folder-backed datasets (ImageNet): images are files
-        return ImageSet([path for path, _ in ds.samples], np.asarray(ds.targets, dtype=np.int64), f"torchvision:{src.class_}")
-    data = ds.data.numpy() if hasattr(ds.data, "numpy") else np.asarray(ds.data)
-    return ImageSet(list(data), np.asarray(ds.targets, dtype=np.int64), f"torchvision:{src.class_}")
+    if src.check_classes:
+        _check_torchvision_classes(spec, ds, src.class_)
+    images, labels = torchvision_images(ds)
+    return ImageSet(images, labels, f"torchvision:{src.class_}")
+
+
+def torchvision_images(ds) -> tuple[list, np.ndarray]:
+    """Image files (or arrays) and labels of a torchvision dataset, without decoding the files.
+
+    torchvision keeps them under different names per dataset; an unknown layout falls back to
+    decoding every item (fine for small datasets only).
+    """
+    for files, labels in (("_image_files", "_labels"), ("_images", "_labels")):  # DTD, Food101, Flowers102, SUN397, FGVC, Pets
+        if hasattr(ds, files) and hasattr(ds, labels):
+            return [str(p) for p in getattr(ds, files)], np.asarray(getattr(ds, labels), dtype=np.int64)
+    for attr in ("samples", "_samples"):  # ImageFolder (ImageNet, EuroSAT, Country211), GTSRB, StanfordCars
+        samples = getattr(ds, attr, None)
+        if samples is not None and len(samples) and isinstance(samples[0][0], (str, Path)):
+            return [str(p) for p, _ in samples], np.asarray([y for _, y in samples], dtype=np.int64)
+    if hasattr(ds, "data"):  # in-memory arrays: MNIST, CIFAR (N,H,W[,C]); STL10, SVHN (N,C,H,W)
+        data = ds.data.numpy() if hasattr(ds.data, "numpy") else np.asarray(ds.data)
+        if data.ndim == 4 and data.shape[1] in (1, 3) and data.shape[-1] not in (1, 3):
+            data = data.transpose(0, 2, 3, 1)
+        labels = ds.targets if hasattr(ds, "targets") else ds.labels
+        return list(data), np.asarray(labels, dtype=np.int64)
+    if hasattr(ds, "categories") and hasattr(ds, "index") and hasattr(ds, "y"):  # Caltech101: files by category and number
+        base = Path(ds.root) / "101_ObjectCategories"
+        files = [str(base / ds.categories[y] / f"image_{i:04d}.jpg") for i, y in zip(ds.index, ds.y)]
+        return files, np.asarray(ds.y, dtype=np.int64)
+    images, labels = [], []
+    for img, y in ds:
+        images.append(np.asarray(img.convert("RGB")))
+        labels.append(int(y))
+    return images, np.asarray(labels, dtype=np.int64)
+
+
+def _same_name(a: str) -> str:
+    return " ".join(re.split(r"[\s_/]+", a.lower())).strip()
+
+
+def _check_torchvision_classes(spec: DatasetSpec, ds, class_name: str) -> None:
+    """The spec's class i must be torchvision's class i (its labels' meaning), up to case, '_' and '/'."""
+    theirs = getattr(ds, "classes", None)
+    if theirs is None:
+        raise TextadaptError(f"{spec.path}: check_classes is set, but torchvision's {class_name} has no `classes` to compare with")
+    theirs = [str(c) for c in theirs]
+    if len(theirs) != len(spec.classes):
+        raise TextadaptError(f"{spec.path}: {len(spec.classes)} classes, but torchvision's {class_name} has {len(theirs)}")
+    wrong = [(i, ours, t) for i, (ours, t) in enumerate(zip(spec.classes, theirs)) if _same_name(ours) != _same_name(t)]
+    if wrong:
+        shown = "; ".join(f"class {i} is {o!r} in the spec but {t!r} in torchvision" for i, o, t in wrong[:5])
+        raise TextadaptError(
+            f"{spec.path}: the class list does not match torchvision's {class_name}.classes ({len(wrong)} differ): {shown}"
+        )
 
 
 def _from_folder(src: FolderSource, classes: list[str]) -> ImageSet | None:
@@ -277,7 +330,7 @@ def load_test_images(spec: DatasetSpec, home: Path) -> ImageSet:
         if isinstance(src, IdxSource):
             found = _from_idx(src)
         elif isinstance(src, TorchvisionSource):
-            found = _from_torchvision(src, home)
+            found = _from_torchvision(src, spec, home)
         else:
             found = _from_folder(src, spec.classes)
         if found is not None:
