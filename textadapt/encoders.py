@@ -126,6 +126,20 @@ def _create(arch: str, pretrained: str | None):
     return model, preprocess
 
 
+def _init_untrained(model: torch.nn.Module) -> None:
+    """Initialise what open_clip leaves uninitialised in an untrained model (call under the seeded RNG).
+
+    open_clip 3.3 never initialises a CoCa text decoder's vocabulary projection (``torch.empty``:
+    whatever memory held, usually zeros, so every caption token got probability 1/vocab whatever the
+    image, and the backbone id was not reproducible). Same init as the text tower's projection.
+    """
+    from open_clip.transformer import MultimodalTransformer
+
+    for module in model.modules():
+        if isinstance(module, MultimodalTransformer) and module.text_projection is not None:
+            torch.nn.init.normal_(module.text_projection, std=module.width ** -0.5)
+
+
 def _ways_out(arch: str, weights: str, err: Exception) -> TextadaptError:
     return TextadaptError(
         f"could not get the weights of backbone {arch}:{weights}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
@@ -155,6 +169,7 @@ def load_backbone(spec: str, device: str = "auto") -> Backbone:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_SEED)
             model, preprocess = _create(arch, None)
+            _init_untrained(model)
         untrained = True
     elif weights == "auto":
         tags = open_clip.list_pretrained_tags_by_model(arch)
@@ -169,6 +184,7 @@ def load_backbone(spec: str, device: str = "auto") -> Backbone:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(RANDOM_SEED)
                 model, preprocess = _create(arch, None)
+                _init_untrained(model)
             weights, untrained = "random", True
     elif weights.endswith(CHECKPOINT_SUFFIXES) or "/" in weights or Path(weights).expanduser().exists():
         path = Path(weights).expanduser()
