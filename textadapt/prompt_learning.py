@@ -158,13 +158,11 @@ class PromptedClasses(torch.nn.Module):
             emb = self.tower.token_embedding(self.ids).float()
             self.prefix = emb[:, :start]  # start-of-text
             self.suffix = emb[:, start + n_ctx :]  # class name, period, end-of-text, (padding)
+            shape = ((len(class_names),) if recipe.class_specific else ()) + (n_ctx, self.prefix.shape[-1])
             if recipe.ctx_init is not None:
-                ctx = self.tower.token_embedding(prefix_ids[start : start + n_ctx].to(device)).float()
-            else:
-                gen = torch.Generator().manual_seed(recipe.seed)
-                ctx = torch.randn((n_ctx, self.prefix.shape[-1]), generator=gen) * 0.02
-            if recipe.class_specific:
-                ctx = ctx.unsqueeze(0).repeat(len(class_names), 1, 1)
+                ctx = self.tower.token_embedding(prefix_ids[start : start + n_ctx].to(device)).float().expand(shape)
+            else:  # independent per class in the class-specific case, as CoOp's CSC
+                ctx = torch.randn(shape, generator=torch.Generator().manual_seed(recipe.seed)) * 0.02
         self.ctx = torch.nn.Parameter(ctx.clone().to(device))
         self.chunk = max(1, recipe.class_chunk)
 
