@@ -1,0 +1,174 @@
+"""Prompt learning through the frozen text tower, on the tiny random backbone.
+
+The weights are untrained, so correctness is shown by exact identities (step 0 with the context
+initialised from "a photo of a" *is* zero-shot CLIP with that prompt; chunked and unchunked
+training agree) and by synthetic description embeddings whose right answer is known.
+"""
+
+import dataclasses
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from textadapt import TextadaptError
+from textadapt.prompt_learning import PromptRecipe, train_prompt_learner
+
+NAMES = ["t-shirt", "trouser", "pullover", "dress", "ankle boot", "sandal"]
+TINY_VISION = {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 8}
+TINY_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
+
+
+def zero_shot(backbone, names, template="a photo of a {}."):
+    with torch.no_grad():
+        tokens = backbone.tokenizer([template.format(c) for c in names]).to(backbone.device)
+        return backbone.model.encode_text(tokens, normalize=True).float().cpu().numpy()
+
+
+def no_descriptions(backbone):
+    return np.zeros((1, backbone.embed_dim), np.float32), np.zeros(1, int)
+
+
+def noisy_copies(rng, centres, per_class, spread=1.0):
+    dim = centres.shape[1]
+    x = np.repeat(centres, per_class, axis=0) + rng.normal(scale=spread / np.sqrt(dim), size=(len(centres) * per_class, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), np.repeat(np.arange(len(centres)), per_class)
+
+
+def separable_task(backbone, seed=0):
+    """Descriptions: noisy copies of a random target direction per class (train and held-out sets)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(len(NAMES), backbone.embed_dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    return noisy_copies(rng, centres, 20), noisy_copies(rng, centres, 20)
+
+
+def accuracy(x, y, weight):
+    return float(((x @ weight.T).argmax(axis=1) == y).mean())
+
+
+def custom_text_backbone(tiny_backbone, **text_cfg):
+    """The tiny backbone's tokenizer with a CustomTextCLIP model (text tower under ``model.text``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = open_clip.CustomTextCLIP(64, TINY_VISION, {**TINY_TEXT, **text_cfg}).eval().requires_grad_(False)
+    return dataclasses.replace(tiny_backbone, spec="custom-text:random", model=model)
+
+
+@pytest.mark.parametrize("class_specific", [False, True])
+def test_step_zero_is_the_zero_shot_prompt(tiny_backbone, class_specific):
+    x, y = no_descriptions(tiny_backbone)
+    head = train_prompt_learner(tiny_backbone, x, y, NAMES, PromptRecipe(steps=0, class_specific=class_specific))
+    assert head.weight.shape == (len(NAMES), tiny_backbone.embed_dim)
+    np.testing.assert_allclose(head.weight, zero_shot(tiny_backbone, NAMES), atol=1e-5)
+    # and it is not just any prompt: another init gives other embeddings
+    other = train_prompt_learner(tiny_backbone, x, y, NAMES, PromptRecipe(steps=0, ctx_init="a blurry photo of a", n_ctx=5))
+    np.testing.assert_allclose(other.weight, zero_shot(tiny_backbone, NAMES, "a blurry photo of a {}."), atol=1e-5)
+    assert not np.allclose(other.weight, head.weight, atol=1e-3)
+
+
+def test_step_zero_on_a_custom_text_tower(tiny_backbone):
+    backbone = custom_text_backbone(tiny_backbone)
+    x, y = no_descriptions(backbone)
+    head = train_prompt_learner(backbone, x, y, NAMES, PromptRecipe(steps=0))
+    np.testing.assert_allclose(head.weight, zero_shot(backbone, NAMES), atol=1e-5)
+
+
+def test_only_the_context_is_trained(tiny_backbone):
+    (x, y), _ = separable_task(tiny_backbone)
+    before = {k: v.clone() for k, v in tiny_backbone.model.state_dict().items()}
+    head = train_prompt_learner(tiny_backbone, x, y, NAMES, PromptRecipe(steps=5, lr=1e-2))
+    after = tiny_backbone.model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(p.requires_grad or p.grad is not None for p in tiny_backbone.model.parameters())
+    assert not np.allclose(head.weight, zero_shot(tiny_backbone, NAMES), atol=1e-3)  # the context did move
+    np.testing.assert_allclose(np.linalg.norm(head.weight, axis=1), 1.0, atol=1e-5)
+
+
+def test_training_fits_descriptions_and_generalises(tiny_backbone):
+    (x, y), (x_test, y_test) = separable_task(tiny_backbone)
+    start = train_prompt_learner(tiny_backbone, x, y, NAMES, PromptRecipe(steps=0))
+    head = train_prompt_learner(tiny_backbone, x, y, NAMES, PromptRecipe(steps=60, lr=1e-2))
+    assert len(head.losses) == 7 and head.seconds > 0 and head.device == "cpu"
+    assert head.losses[-1] < 0.5 * head.losses[0]
+    before, after = accuracy(x_test, y_test, start.weight), accuracy(x_test, y_test, head.weight)
+    assert after >= 0.8 and after > before + 0.3, (before, after)
+
+
+def test_seeded_and_deterministic(tiny_backbone):
+    (x, y), _ = separable_task(tiny_backbone)
+    recipe = PromptRecipe(steps=8, ctx_init=None, batch_size=32, lr=1e-2)
+    a = train_prompt_learner(tiny_backbone, x, y, NAMES, recipe)
+    b = train_prompt_learner(tiny_backbone, x, y, NAMES, recipe)
+    c = train_prompt_learner(tiny_backbone, x, y, NAMES, dataclasses.replace(recipe, seed=1))
+    assert np.array_equal(a.weight, b.weight) and a.losses == b.losses
+    assert not np.allclose(a.weight, c.weight, atol=1e-4)
+
+
+def test_chunked_classes_train_the_same(tiny_backbone):
+    """Above class_chunk prompts, chunks are recomputed in backward: the gradients must not change."""
+    (x, y), _ = separable_task(tiny_backbone)
+    recipe = PromptRecipe(steps=6, lr=1e-2)
+    whole = train_prompt_learner(tiny_backbone, x, y, NAMES, recipe)
+    chunked = train_prompt_learner(tiny_backbone, x, y, NAMES, dataclasses.replace(recipe, class_chunk=4))
+    np.testing.assert_allclose(chunked.weight, whole.weight, atol=1e-5)
+    np.testing.assert_allclose(chunked.losses, whole.losses, rtol=1e-5)
+
+
+@pytest.mark.parametrize("match_loss", ["l1", "l2"])
+def test_match_objective_moves_classes_towards_their_descriptions(tiny_backbone, match_loss):
+    (x, y), _ = separable_task(tiny_backbone)
+    means = np.stack([x[y == c].mean(axis=0) for c in range(len(NAMES))])
+    means /= np.linalg.norm(means, axis=1, keepdims=True)
+    start = train_prompt_learner(tiny_backbone, x, y, NAMES, PromptRecipe(steps=0))
+    head = train_prompt_learner(tiny_backbone, x, y, NAMES, PromptRecipe(steps=40, lr=1e-2, objective="match", match_loss=match_loss))
+    assert head.losses[-1] < head.losses[0]
+    cos_before, cos_after = (start.weight * means).sum(1), (head.weight * means).sum(1)
+    assert cos_after.mean() > cos_before.mean() + 0.2, (cos_before, cos_after)
+
+
+def test_custom_loss_gets_logits_labels_and_noisy_embeddings(tiny_backbone):
+    (x, y), _ = separable_task(tiny_backbone)
+    seen = []
+
+    def loss(logits, labels, embeddings):
+        seen.append((logits.shape, labels.shape, embeddings.shape, (embeddings - torch.as_tensor(x)).norm().item()))
+        return F.cross_entropy(logits, labels) * 2.0
+
+    head = train_prompt_learner(tiny_backbone, x, y, NAMES, PromptRecipe(steps=1, batch_size=None), loss=loss)
+    assert seen[0][:3] == ((len(x), len(NAMES)), (len(x),), x.shape)
+    assert seen[0][3] > 0  # the TAP noise is on the embeddings the loss sees
+    plain = train_prompt_learner(tiny_backbone, x, y, NAMES, PromptRecipe(steps=1, label_smoothing=0.0))
+    assert head.losses[0] == pytest.approx(2.0 * plain.losses[0], rel=1e-5)
+
+
+def test_bad_input_is_refused(tiny_backbone):
+    (x, y), _ = separable_task(tiny_backbone)
+    recipe = PromptRecipe(steps=1)
+    with pytest.raises(TextadaptError, match="no training descriptions"):
+        train_prompt_learner(tiny_backbone, np.zeros((0, tiny_backbone.embed_dim), np.float32), np.zeros(0, int), NAMES, recipe)
+    with pytest.raises(TextadaptError, match="no class names"):
+        train_prompt_learner(tiny_backbone, x, y, [], recipe)
+    with pytest.raises(TextadaptError, match=r"labels must be in \[0, 3\)"):
+        train_prompt_learner(tiny_backbone, x, y, NAMES[:3], recipe)
+    with pytest.raises(TextadaptError, match="dimension 32"):
+        train_prompt_learner(tiny_backbone, x[:, :32], y, NAMES, recipe)
+    with pytest.raises(TextadaptError, match="is 4 tokens but n_ctx is 16"):
+        train_prompt_learner(tiny_backbone, x, y, NAMES, PromptRecipe(n_ctx=16))
+    with pytest.raises(TextadaptError, match="objective must be"):
+        train_prompt_learner(tiny_backbone, x, y, NAMES, PromptRecipe(objective="align"))
+    with pytest.raises(TextadaptError, match="custom loss applies to objective 'classify' only"):
+        train_prompt_learner(tiny_backbone, x, y, NAMES, PromptRecipe(objective="match"), loss=lambda *a: a[0].sum())
+
+
+def test_unsupported_text_towers_are_refused(tiny_backbone):
+    (x, y), _ = separable_task(tiny_backbone)
+    coca_like = custom_text_backbone(tiny_backbone, embed_cls=True)
+    with pytest.raises(TextadaptError, match="appends a class token"):
+        train_prompt_learner(coca_like, x, y, NAMES, PromptRecipe(steps=1))
+    no_tower = dataclasses.replace(tiny_backbone, spec="vision-only", model=torch.nn.Linear(2, 2))
+    with pytest.raises(TextadaptError, match="needs open_clip's own text transformer.*'vision-only'"):
+        train_prompt_learner(no_tower, x, y, NAMES, PromptRecipe(steps=1))
