@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from textadapt import TextadaptError, datasets, encoders, pipeline, prompts
+from textadapt import TextadaptError, captioner, datasets, encoders, harness, pipeline, prompts
 from textadapt.config import RunOptions, Settings
 from textadapt.llm import Sampling, make_backend
 from textadapt.report import RunReport, write_report
@@ -102,14 +102,32 @@ def encode_images(backbone, images, store, batch_size):
     return encoders.encode_images(backbone, images, store, batch_size, _progress("encoding test images"))
 
 
-@task(name="zero-shot baselines", **TASK)
-def zero_shot(backbone, spec, store, batch_size):
-    return pipeline.zero_shot_weights(backbone, spec, store, batch_size)
+@task(name="training-free classifiers", **TASK)
+def training_free(backbone, spec, store, sets, dclip_sets, seeds, batch_size):
+    return harness.training_free(backbone, spec, store, sets, dclip_sets, seeds, batch_size)
 
 
-@task(name="train heads", **TASK)
-def train_heads(backbone, sets, spec, store, steps, seed, batch_size):
-    return pipeline.train_heads(backbone, sets, spec, store, steps, seed, batch_size)
+@task(name="train adapters", **TASK)
+def train_adapters(backbone, spec, store, sets, teacher, config, batch_size):
+    logger = get_run_logger()
+    return harness.adapted(backbone, spec, store, sets, teacher, config, batch_size, log=logger.info)
+
+
+@task(name="captioner", **TASK)
+def caption_scores(captioner_bb, images, spec, config):
+    scores = captioner.classify_with_captioner(captioner_bb, images, spec.classes, progress=_progress("captioner scoring"))
+    return harness.captioner_results(scores, images.labels, len(spec.classes), config.scorings, config.beta)
+
+
+def harness_config(options: RunOptions, steps: int) -> harness.HarnessConfig:
+    if options.train_only and options.prior == "mean-image" and set(options.scoring) & {"ig", "all"}:
+        raise TextadaptError("--prior mean-image needs the test images, which --train-only skips; use empty-text or blank-image")
+    return harness.HarnessConfig(
+        methods=harness.parse_methods(options.methods), scorings=harness.parse_scorings(options.scoring),
+        seeds=[options.seed + i for i in range(options.seeds)], steps=steps, prior=options.prior, beta=options.ig_beta,
+        ot_alpha=options.ot_alpha, ot_eps=options.ot_eps, ot_iters=options.ot_iters, ot_marginal=options.ot_marginal,
+        ot_teacher=options.ot_teacher,
+    )
 
 
 @flow(name="textadapt-adapt", persist_result=False)
@@ -135,8 +153,14 @@ def adapt(options: RunOptions) -> RunOutcome:
             with stage("dataset and templates"):
                 spec, images = load_dataset(options, settings)
                 templates = load_templates(options, settings, spec)
+                steps = options.steps or spec.train.steps
+                config = harness_config(options, steps)  # a bad --methods fails here, before any LLM call
             with stage("backbone"):  # before any LLM call: a missing backbone costs no generation
                 backbone = load_backbone(backbone_spec, settings)
+                captioner_bb = None
+                if options.captioner and not options.train_only:
+                    captioner_bb = backbone if options.captioner == "same" else load_backbone(options.captioner, settings)
+                    captioner.require_coca(captioner_bb)
             if backbone.untrained:
                 logger.warning("backbone %s is UNTRAINED (random weights): the accuracies of this run mean nothing", backbone.arch)
             store.add_backbone(backbone.id, backbone_spec, backbone.arch, backbone.weights, backbone.untrained)
@@ -176,20 +200,29 @@ def adapt(options: RunOptions) -> RunOutcome:
             store.link_generations(run_id, [(p.key, p.class_index, None) for p in plan if p.class_index < 0] + selection.links)
             sets = selection.sets
 
-            steps = options.steps or spec.train.steps
+            dclip_sets = {t.template_set for t in templates if t.parse == "list"}
             with stage("training"):
-                heads, head_calls = train_heads(backbone, sets, spec, store, steps, options.seed, options.batch_size)
-            scores, best, image_calls = {}, None, 0
+                free, calls = training_free(backbone, spec, store, sets, dclip_sets, config.seeds, options.batch_size)
+                zs_calls += calls
+                teacher = harness.teacher_prototypes(free)
+                trained, head_calls = train_adapters(backbone, spec, store, sets, teacher, config, options.batch_size)
+            classifiers = free + trained
+            results, best, image_calls, image_emb = [], None, 0, None
             if not options.train_only:
-                with stage("zero-shot baselines"):
-                    weights, calls = zero_shot(backbone, spec, store, options.batch_size)
-                    zs_calls += calls
                 with stage("image embeddings"):
                     image_emb, image_calls = encode_images(backbone, images, store, options.batch_size)
-                weights.update({m: h.weight for m, h in heads.items()})
+            content_free = harness.content_free_embedding(backbone, config.prior, store, image_emb) if "ig" in config.scorings else None
+            harness.save_classifiers(store, run_id, spec, classifiers, config.scorings, content_free, config.beta)
+            if not options.train_only:
                 with stage("scoring"):
-                    scores = pipeline.evaluate(weights, image_emb, images.labels, len(spec.classes))
-                    best = pipeline.save_results(store, run_id, spec, scores, heads, sets)
+                    results = harness.evaluate(classifiers, image_emb, images.labels, len(spec.classes), config.scorings,
+                                               content_free, config.beta)
+                if options.captioner:
+                    with stage("captioner"):
+                        results += caption_scores(captioner_bb, images, spec, config)
+                best = harness.save(store, run_id, spec, results)
+            scores = {r.method: r.score for r in results}
+            heads = {c.method: c.heads[0] for c in trained}
 
             examples_from = sets.get("targeted") or next(iter(sets.values()))
             examples = {c: [t for t, y in zip(examples_from.texts, examples_from.labels) if y == i][:2] for i, c in enumerate(spec.classes)}
@@ -199,7 +232,7 @@ def adapt(options: RunOptions) -> RunOutcome:
                 n_images=len(images) if images else 0, generation=gen,
                 sets=sets, scores=scores, heads=heads, best_baseline=best, text_encoder_calls=zs_calls + head_calls,
                 image_encoder_calls=image_calls, steps=steps, seed=options.seed, stage_seconds=seconds, examples=examples,
-                filled=filled,
+                filled=filled, results=results, seeds=config.seeds,
             )
             path = write_report(report, settings.reports_dir)
             store.update_run(run_id, text_encoder_calls=zs_calls + head_calls, report_path=str(path))

@@ -56,14 +56,27 @@ def run(
     max_classes: Optional[int] = typer.Option(None, help="Only the first N classes (smoke runs)."),
     max_images: Optional[int] = typer.Option(None, help="Score on the first N test images only."),
     batch_size: int = typer.Option(256, help="Encoder batch size."),
+    methods: str = typer.Option("tap-head", help="Adapters trained on every description set, comma-separated ADAPTER[+ot]: tap-head, zs-head, residual, prompt; +ot for OTTER soft labels; or all."),
+    scoring: str = typer.Option("plain", help="plain, ig (information gain: minus the log prior of a content-free input) or all."),
+    seeds: int = typer.Option(3, help="Train every adapter with this many seeds (seed, seed+1, ...); the report gives mean and spread."),
+    prior: str = typer.Option("empty-text", help="IG scoring's content-free input: empty-text, blank-image or mean-image."),
+    ig_beta: float = typer.Option(1.0, help="IG scoring: logits - beta * log prior."),
+    ot_alpha: float = typer.Option(0.5, help="OT soft labels: weight of the one-hot target (OTTER: 0.5)."),
+    ot_eps: float = typer.Option(0.15, help="OT soft labels: Sinkhorn's entropic regularisation (OTTER: 0.15)."),
+    ot_iters: int = typer.Option(5, help="OT soft labels: Sinkhorn iterations (OTTER: 5)."),
+    ot_marginal: str = typer.Option("counts", help="OT soft labels: class marginal, counts (the batch's) or uniform."),
+    ot_teacher: str = typer.Option("zero-shot", help="OT soft labels: teacher, zero-shot (frozen prototypes) or ema (of the adapter)."),
+    captioner: Optional[str] = typer.Option(None, help="Also score a CoCa captioner (coca_ViT-B-32:laion2b_s13b_b90k, or 'same' for --backbone): caption likelihood, and its IG form with --scoring all."),
 ) -> None:
-    """Generate descriptions, train text-only heads, and score them against zero-shot CLIP."""
+    """Generate descriptions, train text-only adapters, and score them against zero-shot CLIP."""
     try:
         options = RunOptions(
             dataset=dataset, backbone=backbone, llm=llm, template_sets=_names(templates), sources=_names(sources),
             refresh=refresh, train_only=train_only,
             samples=samples, temperature=temperature, max_tokens=max_tokens, steps=steps, seed=seed,
             max_classes=max_classes, max_images=max_images, batch_size=batch_size,
+            methods=_names(methods), scoring=_names(scoring), seeds=seeds, prior=prior, ig_beta=ig_beta,
+            ot_alpha=ot_alpha, ot_eps=ot_eps, ot_iters=ot_iters, ot_marginal=ot_marginal, ot_teacher=ot_teacher, captioner=captioner,
         )
     except ValidationError as e:
         flag = {"template_sets": "templates"}
@@ -131,6 +144,64 @@ def sql(
         for r in rows:
             table.add_row(*("NULL" if v is None else str(v) for v in r))
         out.print(table)
+
+
+@app.command("export")
+def export_classifier(
+    run_id: str = typer.Argument(..., help="A run id (`textadapt sql \"SELECT run_id, dataset, status FROM runs\"`)."),
+    method: Optional[str] = typer.Option(None, help="Which classifier, e.g. tap-head:targeted or zs-head+ot:targeted/ig [default: the run's best adapted method]."),
+    out_dir: Path = typer.Option(Path("."), "--out", help="Folder to write NAME.safetensors and NAME.json in."),
+) -> None:
+    """Write a run's adapted classifier as safetensors plus JSON metadata, for `textadapt predict`."""
+    from textadapt import classifier
+    from textadapt.store import Store
+
+    try:
+        with Store(Settings().db_path, read_only=True) as store:
+            st, js = classifier.export(store, run_id, method, out_dir)
+    except TextadaptError as e:
+        _fail(e)
+    meta = json.loads(js.read_text(encoding="utf-8"))
+    top1 = meta["top1_in_run"]
+    out.print(f"{meta['method']} ({len(meta['classes'])} classes, {meta['scoring']} scoring, backbone {meta['backbone_spec']}"
+              + (f", top-1 {100 * top1:.1f}% in the run with seed {meta['seed']}" if top1 is not None else ", not scored in its run") + ")")
+    if meta["untrained_backbone"]:
+        err.print("[bold red]UNTRAINED BACKBONE:[/] this classifier sits on random weights; its predictions mean nothing.")
+    out.print(f"wrote {st}\nwrote {js}")
+
+
+@app.command()
+def predict(
+    classifier_path: Path = typer.Argument(..., metavar="CLASSIFIER", help="An exported classifier: NAME.json or NAME.safetensors."),
+    paths: list[Path] = typer.Argument(..., metavar="PATH...", help="Image files or folders (searched recursively)."),
+    top_k: int = typer.Option(5, "--top-k", "-k", help="Classes to print per image."),
+    batch_size: int = typer.Option(64, help="Images per encoder batch."),
+    format: str = typer.Option("table", "--format", help="table, csv or json."),
+) -> None:
+    """Print the top-k classes of images with an exported classifier (the backbone is loaded once)."""
+    from textadapt import classifier, encoders
+
+    try:
+        clf = classifier.load(classifier_path)
+        files = classifier.image_paths(paths)
+        backbone = encoders.load_backbone(clf.meta["backbone_spec"], Settings().device)
+        classifier.check_backbone(clf, backbone)
+        best = classifier.top_k(clf, classifier.embed_files(backbone, files, batch_size), top_k)
+    except TextadaptError as e:
+        _fail(e)
+    if format == "json":
+        print(json.dumps([{"path": str(f), "top": [{"class": c, "p": p} for c, p in b]} for f, b in zip(files, best)], indent=1))
+    elif format == "csv":
+        w = csv.writer(sys.stdout)
+        w.writerow(["path", "rank", "class", "p"])
+        w.writerows([str(f), r + 1, c, f"{p:.6f}"] for f, b in zip(files, best) for r, (c, p) in enumerate(b))
+    else:
+        table = Table("image", *(f"#{r + 1}" for r in range(min(top_k, len(clf.classes)))))
+        for f, b in zip(files, best):
+            table.add_row(str(f), *(f"{c} ({100 * p:.0f}%)" for c, p in b))
+        out.print(table)
+    if clf.meta.get("untrained_backbone"):
+        err.print("[bold red]UNTRAINED BACKBONE:[/] this classifier sits on random weights; its predictions mean nothing.")
 
 
 @app.command("datasets")

@@ -2,8 +2,8 @@
 
     plan_meta -> resolve_rounds -> generate -> questions            (meta-prompting, if asked for)
     confusable_classes -> plan_generations -> resolve_rounds -> generate
-    training_sets (+ imported sources) -> fill_missing -> train_heads
-    zero_shot_weights + encode_images -> evaluate -> save_results -> report
+    training_sets (+ imported sources) -> fill_missing
+    then harness.py: training_free + adapted -> encode_images -> evaluate -> save -> report
 
 ``flows/adapt.py`` runs them in this order as Prefect tasks; tests and notebooks call them directly.
 """
@@ -21,13 +21,12 @@ from typing import Callable
 import numpy as np
 
 from textadapt import TextadaptError
-from textadapt.adapters import TapRecipe, TrainedHead, train_tap_head
 from textadapt.cleaning import clean
 from textadapt.datasets import DatasetSpec
 from textadapt.encoders import Backbone, encode_texts
 from textadapt.llm import Backend, Request, Sampling
 from textadapt.prompts import PromptTemplate, questions_from, render
-from textadapt.scoring import BASELINES, Score, best_baseline, class_prompts, openclip_imagenet_templates, predict, prototypes, score
+from textadapt.scoring import class_prompts
 from textadapt.store import Generation, Store
 
 Progress = Callable[[int, int], None]
@@ -267,21 +266,6 @@ def fill_missing(sets: dict[str, TrainingSet], spec: DatasetSpec) -> dict[str, l
     return filled
 
 
-# --------------------------------------------------------------------------------------------
-# Classifiers
-
-
-def zero_shot_weights(backbone: Backbone, spec: DatasetSpec, store: Store, batch_size: int = 256) -> tuple[dict[str, np.ndarray], int]:
-    """The zero-shot baselines' class weights, and how many prompts had to be encoded."""
-    weights, encoded = {}, 0
-    for method, templates in BASELINES.items():
-        templates = templates or spec.zeroshot.templates or openclip_imagenet_templates()
-        emb, n = encode_texts(backbone, class_prompts(spec.classes, templates), store, batch_size)
-        weights[method] = prototypes(emb, len(spec.classes))
-        encoded += n
-    return weights, encoded
-
-
 def confusable_classes(backbone: Backbone, spec: DatasetSpec, store: Store, k: int = 3) -> tuple[dict[str, list[str]], int]:
     """For each class, the spec's confusable classes, else the k nearest "a photo of a {}." prototypes;
     and how many prompts had to be encoded."""
@@ -290,48 +274,3 @@ def confusable_classes(backbone: Backbone, spec: DatasetSpec, store: Store, k: i
     np.fill_diagonal(sims, -np.inf)
     nearest = {c: [spec.classes[j] for j in np.argsort(-sims[i], kind="stable")[:k]] for i, c in enumerate(spec.classes)}
     return {c: spec.prompting.confusable.get(c) or nearest[c] for c in spec.classes}, encoded
-
-
-def head_method(template_set: str) -> str:
-    return f"tap-head:{template_set}"
-
-
-def train_heads(backbone: Backbone, sets: dict[str, TrainingSet], spec: DatasetSpec, store: Store, steps: int,
-                seed: int, batch_size: int = 256) -> tuple[dict[str, TrainedHead], int]:
-    """One TAP head per template set; returns the heads by method name and the texts encoded."""
-    heads, encoded = {}, 0
-    for name, ts in sets.items():
-        emb, n = encode_texts(backbone, ts.texts, store, batch_size)
-        encoded += n
-        heads[head_method(name)] = train_tap_head(emb, ts.labels, len(spec.classes), TapRecipe(steps=steps, seed=seed), backbone.device)
-    return heads, encoded
-
-
-def evaluate(weights: dict[str, np.ndarray], image_embeddings: np.ndarray, labels: np.ndarray, n_classes: int) -> dict[str, Score]:
-    return {m: score(predict(image_embeddings, w), labels, n_classes) for m, w in weights.items()}
-
-
-def is_zero_shot(method: str) -> bool:
-    return method.startswith("zero-shot:")
-
-
-def save_results(store: Store, run_id: str, spec: DatasetSpec, scores: dict[str, Score], heads: dict[str, TrainedHead],
-                 sets: dict[str, TrainingSet]) -> str:
-    """Store every method's scores and per-class deltas against the best zero-shot baseline; returns its name."""
-    best = best_baseline(scores, is_zero_shot)
-    ref = scores[best].per_class
-    for method, s in scores.items():
-        head = heads.get(method)
-        per_class = [
-            (i, spec.classes[i], int(s.n_per_class[i]), _num(s.per_class[i]), _num(s.per_class[i] - ref[i]))
-            for i in range(len(spec.classes))
-        ]
-        ts = sets.get(method.split(":", 1)[1]) if head else None
-        store.save_result(run_id, method, "zero-shot" if is_zero_shot(method) else "adapted", s.top1, s.mean_per_class,
-                          int(s.n_per_class.sum()), per_class, n_texts=len(ts.texts) if ts else None,
-                          train_seconds=head.seconds if head else None, losses=head.losses if head else None)
-    return best
-
-
-def _num(x: float) -> float | None:
-    return None if np.isnan(x) else float(x)

@@ -10,7 +10,8 @@ import numpy as np
 
 from textadapt.adapters import TrainedHead
 from textadapt.datasets import DatasetSpec
-from textadapt.pipeline import GenerationStats, TrainingSet, head_method, is_zero_shot
+from textadapt.harness import MethodResult
+from textadapt.pipeline import GenerationStats, TrainingSet
 from textadapt.scoring import Score
 
 UNTRAINED_WARNING = (
@@ -43,6 +44,8 @@ class RunReport:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)  # class -> a few descriptions
     filled: dict[str, list[str]] = field(default_factory=dict)  # set -> classes trained on the fallback prompt
+    results: list[MethodResult] = field(default_factory=list)  # every method, in the harness's order
+    seeds: list[int] = field(default_factory=list)
 
 
 def _pct(x: float | None) -> str:
@@ -64,7 +67,7 @@ def render_markdown(r: RunReport) -> str:
         f"- backbone: `{r.backbone_spec}` (cache identity `{r.backbone_id}`){' UNTRAINED' if r.untrained else ''}",
         f"- LLM: `{r.llm}`",
         f"- test images: {r.n_images} from `{r.image_source}`, {len(spec.classes)} classes",
-        f"- TAP head: {r.steps} full-batch steps, seed {r.seed}",
+        f"- adapters: {r.steps} full-batch steps, seeds {', '.join(map(str, r.seeds or [r.seed]))} (mean and spread over seeds)",
         "",
         "## Generation",
         "",
@@ -103,38 +106,48 @@ def render_markdown(r: RunReport) -> str:
     return "\n".join(out)
 
 
+def _pm(x: float, std: float | None) -> str:
+    return _pct(x) + (f" ± {100 * std:.1f}" if std is not None else "")
+
+
 def _results(r: RunReport) -> list[str]:
     spec, out = r.spec, []
     best = r.scores[r.best_baseline]
+    top5 = any(res.score.top5 is not None for res in r.results)
     out += [
         "## Results",
         "",
-        f"Best zero-shot baseline: `{r.best_baseline}`. Deltas are in accuracy points against it.",
+        f"Best training-free baseline: `{r.best_baseline}`. Deltas are in accuracy points against it. "
+        "Trained methods (and WaffleCLIP's random draws): mean ± spread over seeds.",
         "",
-        "| method | kind | training texts | top-1 % | mean per-class % | top-1 delta |",
-        "|---|---|---:|---:|---:|---:|",
+        "| method | kind | scoring | training texts | top-1 % | " + ("top-5 % | " if top5 else "") + "mean per-class % | top-1 delta |",
+        "|---|---|---|---:|---:|" + ("---:|" if top5 else "") + "---:|---:|",
     ]
-    for m, s in r.scores.items():
-        kind = "zero-shot" if is_zero_shot(m) else "adapted"
-        n = next((len(ts.texts) for ts in r.sets.values() if head_method(ts.template_set) == m), None)
-        out.append(f"| `{m}` | {kind} | {n if n is not None else ''} | {_pct(s.top1)} | {_pct(s.mean_per_class)} | {_delta(s.top1 - best.top1)} |")
+    for res in r.results:
+        s, c = res.score, res.classifier
+        out.append(f"| `{res.method}` | {c.kind} | {res.scoring} | {c.n_texts if c.n_texts is not None else ''} | "
+                   f"{_pm(s.top1, res.top1_std)} | " + (f"{_pct(s.top5)} | " if top5 else "")
+                   + f"{_pm(s.mean_per_class, res.mean_per_class_std)} | {_delta(s.top1 - best.top1)} |")
 
-    methods = list(r.scores)
-    out += ["", "## Per class", "", "Accuracy (recall) per class, %; delta columns: adapted head minus the best zero-shot baseline.", ""]
-    heads = [m for m in methods if not is_zero_shot(m)]
-    out.append("| class | images | " + " | ".join(f"`{m}`" for m in methods) + " | " + " | ".join(f"delta `{h}`" for h in heads) + " |")
-    out.append("|---|---:|" + "---:|" * (len(methods) + len(heads)))
+    shown = [res.method for res in r.results if res.classifier.kind != "adapted" and res.scoring == "plain"]
+    adapted = [res.method for res in r.results if res.classifier.kind == "adapted"]
+    out += ["", "## Per class", "", "Accuracy (recall) per class, %, of the training-free methods; delta columns: each adapted "
+            "method minus the best training-free baseline.", ""]
+    out.append("| class | images | " + " | ".join(f"`{m}`" for m in shown) + " | " + " | ".join(f"delta `{h}`" for h in adapted) + " |")
+    out.append("|---|---:|" + "---:|" * (len(shown) + len(adapted)))
     for i, c in enumerate(spec.classes):
-        accs = " | ".join(_pct(r.scores[m].per_class[i]) for m in methods)
-        deltas = " | ".join(_delta(r.scores[h].per_class[i] - best.per_class[i]) for h in heads)
+        accs = " | ".join(_pct(r.scores[m].per_class[i]) for m in shown)
+        deltas = " | ".join(_delta(r.scores[h].per_class[i] - best.per_class[i]) for h in adapted)
         out.append(f"| {c} | {int(best.n_per_class[i])} | {accs} | {deltas} |")
     return out
 
 
 def _training(r: RunReport) -> list[str]:
-    out = ["", "## Training", "", "| head | steps | first loss | last loss | seconds | device |", "|---|---:|---:|---:|---:|---|"]
+    out = ["", "## Training", "", "Loss of the first seed's run, every 10 steps summarised by its first and last value; seconds: all seeds.",
+           "", "| adapter | first loss | last loss | seconds | device |", "|---|---:|---:|---:|---|"]
+    seconds = {res.classifier.method: sum(h.seconds for h in res.classifier.heads) for res in r.results}
     for m, h in r.heads.items():
-        out.append(f"| `{m}` | {r.steps} | {h.losses[0]:.3f} | {h.losses[-1]:.3f} | {h.seconds:.2f} | {h.device} |")
+        out.append(f"| `{m}` | {h.losses[0]:.3f} | {h.losses[-1]:.3f} | {seconds.get(m, h.seconds):.2f} | {h.device} |")
 
     if r.stage_seconds:
         out += ["", "## Time per stage", "", "| stage | seconds |", "|---|---:|"]

@@ -120,6 +120,34 @@ MIGRATIONS: list[str] = [
                unnest(string_split(description, chr(10))) AS description, created_at
         FROM generations WHERE rejected IS NULL;
     """,
+    # 2 -> 3: the harness (adapters x losses x scorings over seeds) and the classifiers it trains
+    """
+    ALTER TABLE results ADD COLUMN top5 DOUBLE;                 -- NULL with 5 classes or fewer
+    ALTER TABLE results ADD COLUMN top1_std DOUBLE;             -- spread over seeds (population std); NULL: one seed
+    ALTER TABLE results ADD COLUMN mean_per_class_std DOUBLE;
+    ALTER TABLE results ADD COLUMN seeds INTEGER[];             -- training seeds (adapted) or draws (waffle)
+    ALTER TABLE results ADD COLUMN top1_per_seed DOUBLE[];
+    ALTER TABLE results ADD COLUMN adapter VARCHAR;             -- tap-head, zs-head, residual, prompt; NULL: training-free
+    ALTER TABLE results ADD COLUMN loss VARCHAR;                -- ce or ot
+    ALTER TABLE results ADD COLUMN scoring VARCHAR;             -- plain or ig
+    ALTER TABLE results ADD COLUMN text_set VARCHAR;            -- the description set it was built from
+    UPDATE results SET scoring = 'plain',
+        adapter = CASE WHEN method LIKE 'tap-head:%' THEN 'tap-head' END,
+        loss = CASE WHEN method LIKE 'tap-head:%' THEN 'ce' END,
+        text_set = CASE WHEN method LIKE 'tap-head:%' THEN split_part(method, ':', 2) END;
+    CREATE TABLE classifiers (                                  -- what `textadapt export` writes out
+        run_id VARCHAR NOT NULL,
+        method VARCHAR NOT NULL,
+        seed INTEGER NOT NULL,                                  -- the first seed's classifier
+        n_classes INTEGER NOT NULL,
+        dim INTEGER NOT NULL,
+        classes VARCHAR[] NOT NULL,                             -- class names, in the order of the weight's rows
+        weight FLOAT[] NOT NULL,                                -- (n_classes, dim) row-major: logits = v @ W.T
+        log_prior FLOAT[],                                      -- IG scoring: logits - beta * log_prior; NULL: plain
+        beta DOUBLE,
+        PRIMARY KEY (run_id, method)
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -352,17 +380,37 @@ class Store:
             self.con.unregister("_links")
 
     def save_result(self, run_id: str, method: str, kind: str, top1: float, mean_per_class: float, n_images: int,
-                    per_class: list[tuple[int, str, int, float | None, float | None]], n_texts: int | None = None,
-                    train_seconds: float | None = None, losses: list[float] | None = None) -> None:
+                    per_class: list[tuple[int, str, int, float | None, float | None]], **extra) -> None:
+        """One method's row of ``results`` (``extra``: any other column, e.g. top5, losses) and its ``class_results``."""
+        row = {"run_id": run_id, "method": method, "kind": kind, "top1": top1, "mean_per_class": mean_per_class,
+               "n_images": n_images, **extra}
         self.con.execute("BEGIN TRANSACTION")
         self.con.execute(
-            "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [run_id, method, kind, top1, mean_per_class, n_images, n_texts, train_seconds, losses],
+            f"INSERT OR REPLACE INTO results ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values())
         )
         self.con.executemany(
             "INSERT OR REPLACE INTO class_results VALUES (?, ?, ?, ?, ?, ?, ?)", [[run_id, method, *row] for row in per_class]
         )
         self.con.execute("COMMIT")
+
+    def save_classifier(self, run_id: str, method: str, seed: int, weight: np.ndarray, classes: list[str],
+                        log_prior: np.ndarray | None, beta: float | None) -> None:
+        self.con.execute(
+            "INSERT OR REPLACE INTO classifiers (run_id, method, seed, n_classes, dim, classes, weight, log_prior, beta) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [run_id, method, seed, weight.shape[0], weight.shape[1], classes, weight.astype(np.float32).ravel().tolist(),
+             None if log_prior is None else log_prior.astype(np.float32).tolist(), beta],
+        )
+
+    def classifier(self, run_id: str, method: str) -> tuple[int, np.ndarray, list[str], np.ndarray | None, float | None]:
+        """(seed, weight, classes, log_prior, beta) of one stored classifier."""
+        row = self.con.execute("SELECT seed, n_classes, dim, weight, classes, log_prior, beta FROM classifiers "
+                               "WHERE run_id = ? AND method = ?", [run_id, method]).fetchone()
+        if row is None:
+            raise KeyError((run_id, method))
+        seed, n, d, weight, classes, log_prior, beta = row
+        log_prior = None if log_prior is None else np.asarray(log_prior, np.float32)
+        return seed, np.asarray(weight, np.float32).reshape(n, d), classes, log_prior, beta
 
     def sql(self, query: str) -> tuple[list[str], list[tuple]]:
         try:

@@ -1,0 +1,153 @@
+"""The science, checked where untrained weights cannot: against reference implementations and on
+synthetic embeddings whose right answer is known."""
+
+import warnings
+
+import numpy as np
+import ot
+import pytest
+import torch
+
+from textadapt import TextadaptError
+from textadapt.adapters import TapRecipe, train_adapter
+from textadapt.harness import parse_methods, parse_scorings
+from textadapt.losses import OTSoftLabels, sinkhorn
+from textadapt.scoring import ig_logits, predict, score, score_logits
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("eps,iters", [(0.15, 5), (0.05, 200), (1.0, 3)])
+def test_sinkhorn_equals_pot(eps, iters):
+    """Same plan as POT's ot.sinkhorn on the same inputs, to 1e-12 (float64; ours runs in the log domain)."""
+    rng = np.random.default_rng(0)
+    cost = rng.random((40, 7))
+    a, b = rng.random(40), rng.random(7)
+    a, b = a / a.sum(), b / b.sum()
+    ours = sinkhorn(torch.tensor(cost), eps, iters, torch.tensor(a), torch.tensor(b)).numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # POT warns that a fixed number of iterations did not "converge"
+        theirs = ot.sinkhorn(a, b, cost, reg=eps, numItermax=iters, stopThr=0)
+    assert np.abs(ours - theirs).max() < 1e-12
+    assert np.allclose(ours.sum(axis=1), a)  # rows are exact after the last u-update
+
+
+def noisy_descriptions(seed, n_classes=8, dim=64, per_class=40, wrong=0.3, generic=0.3):
+    """Descriptions of class c: clean (near u_c), wrong (near u_{c+1}) or generic (near the mean of all
+    classes); a zero-shot teacher that is roughly right; images of every class across a modality gap."""
+    rng = np.random.default_rng(seed)
+    u = unit(rng.normal(size=(n_classes, dim)))
+    texts, labels = [], []
+    for c in range(n_classes):
+        for _ in range(per_class):
+            r = rng.random()
+            base = u[(c + 1) % n_classes] if r < wrong else 3 * u.mean(axis=0) if r < wrong + generic else u[c]
+            texts.append(unit(base + rng.normal(scale=1.2 / np.sqrt(dim), size=dim)))
+            labels.append(c)
+    teacher = unit(u + rng.normal(scale=1 / np.sqrt(dim), size=u.shape))
+    y_img = np.repeat(np.arange(n_classes), 100)
+    gap = rng.normal(scale=0.5 / np.sqrt(dim), size=dim)
+    images = unit(u[y_img] + gap + rng.normal(scale=4.5 / np.sqrt(dim), size=(len(y_img), dim)))
+    return (np.asarray(texts, np.float32), np.asarray(labels), teacher.astype(np.float32), images.astype(np.float32), y_img)
+
+
+def test_ot_soft_labels_beat_hard_labels_on_noisy_descriptions():
+    gains = []
+    for seed in range(4):
+        x, y, teacher, images, y_img = noisy_descriptions(seed)
+        hard = train_adapter("tap-head", x, y, 8, TapRecipe(steps=300, seed=seed))
+        soft = train_adapter("tap-head", x, y, 8, TapRecipe(steps=300, seed=seed), loss=OTSoftLabels(torch.tensor(teacher)))
+        gains.append(score(predict(images, soft.weight), y_img, 8).top1 - score(predict(images, hard.weight), y_img, 8).top1)
+    assert min(gains) > 0, gains  # every world, not on average
+    assert np.mean(gains) > 0.04, gains
+
+
+def test_ot_targets_spread_a_generic_description_and_keep_a_clear_one():
+    u = np.eye(4, dtype=np.float32)
+    loss = OTSoftLabels(torch.tensor(u), alpha=0.5, marginal="uniform")
+    x = torch.tensor(np.stack([u[0], u[1], u[2], u[3], unit(u.sum(axis=0))]))  # last: fits every class equally
+    t = loss.targets(torch.tensor([0, 1, 2, 3, 0]), x).numpy()
+    assert np.allclose(t.sum(axis=1), 1)
+    assert t[1, 1] > 0.9  # a description that is clearly its class keeps its label
+    generic = t[4]
+    assert generic[0] < 0.8 and generic[1:].min() > 0.05  # the generic one spreads its target
+
+
+def test_ig_scoring_removes_a_text_prior():
+    """A classifier biased towards 3 classes along a direction every image shares over-predicts them;
+    subtracting the log prior of a content-free input (sharing that direction as images do) removes it."""
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        n, dim = 10, 64
+        q, _ = np.linalg.qr(rng.normal(size=(dim, n + 2)))
+        u, p, r = q[:, :n].T, q[:, n], q[:, n + 1]
+        bias = np.where(np.arange(n) < 3, 0.6, 0.0)
+        weight = 10 * (unit(u + 0.3 * rng.normal(size=u.shape) / np.sqrt(dim)) + bias[:, None] * p)
+        y = np.repeat(np.arange(n), 50)
+        images = unit(u[y] + p + rng.normal(scale=2 / np.sqrt(dim), size=(len(y), dim)))
+        k = float(np.mean(images @ p))
+        content_free = k * p + np.sqrt(1 - k * k) * r
+        plain = images @ weight.T
+        ig = ig_logits(plain, (weight @ content_free)[None, :])
+        biased_share = lambda logits: np.isin(logits.argmax(axis=1), [0, 1, 2]).mean()  # noqa: E731
+        assert biased_share(plain) > 0.45  # 3 of 10 classes take nearly half the predictions
+        assert abs(biased_share(ig) - 0.3) < 0.05  # their fair share
+        assert score_logits(ig, y, n).top1 > score_logits(plain, y, n).top1 + 0.1
+
+
+def test_noise_augmentation_narrows_a_modality_gap():
+    """Text clusters tight, images shifted by a shared offset: the TAP noise makes the head transfer better."""
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        n, dim = 10, 64
+        u = unit(rng.normal(size=(n, dim)))
+        y = np.repeat(np.arange(n), 20)
+        text = unit(u[y] + rng.normal(scale=0.2 / np.sqrt(dim), size=(len(y), dim))).astype(np.float32)
+        y_img = np.repeat(np.arange(n), 100)
+        gap = 0.8 * unit(rng.normal(size=dim))
+        images = unit(u[y_img] + gap + rng.normal(scale=3.6 / np.sqrt(dim), size=(len(y_img), dim))).astype(np.float32)
+        acc = {s: score(predict(images, train_adapter("tap-head", text, y, n, TapRecipe(steps=300, seed=seed, noise_std=s)).weight),
+                        y_img, n).top1 for s in (0.0, 0.1)}
+        assert acc[0.1] > acc[0.0], acc
+
+
+@pytest.mark.parametrize("adapter", ["zs-head", "residual"])
+def test_zero_shot_started_adapters_equal_zero_shot_at_step_0(adapter):
+    rng = np.random.default_rng(0)
+    protos = unit(rng.normal(size=(6, 32))).astype(np.float32)
+    text = unit(rng.normal(size=(30, 32))).astype(np.float32)
+    images = unit(rng.normal(size=(200, 32))).astype(np.float32)
+    head = train_adapter(adapter, text, np.arange(30) % 6, 6, TapRecipe(steps=0), protos, logit_scale=100.0)
+    assert np.allclose(head.weight, 100 * protos, atol=1e-4)
+    assert np.array_equal(predict(images, head.weight), predict(images, protos))
+    trained = train_adapter(adapter, text, np.arange(30) % 6, 6, TapRecipe(steps=30), protos, logit_scale=100.0)
+    assert not np.allclose(trained.weight, head.weight)
+
+
+def test_residual_trains_only_the_residual():
+    rng = np.random.default_rng(1)
+    protos = unit(rng.normal(size=(4, 16))).astype(np.float32)
+    text = unit(np.repeat(protos, 10, axis=0) + 0.1 * rng.normal(size=(40, 16))).astype(np.float32)
+    head = train_adapter("residual", text, np.repeat(np.arange(4), 10), 4, TapRecipe(steps=50), protos, logit_scale=10.0)
+    assert np.allclose(np.linalg.norm(head.weight, axis=1), 10.0, atol=1e-4)  # scale * normalise(t + alpha x)
+
+
+def test_method_and_scoring_options():
+    assert parse_methods(["tap", "zs-head+ot"]) == [("tap-head", "ce"), ("zs-head", "ot")]
+    assert len(parse_methods(["all"])) == 8
+    assert parse_scorings(["all"]) == ["plain", "ig"]
+    with pytest.raises(TextadaptError, match="unknown adapter 'linear'"):
+        parse_methods(["linear"])
+    with pytest.raises(TextadaptError, match="unknown loss 'mse'"):
+        parse_methods(["tap+mse"])
+    with pytest.raises(TextadaptError, match="unknown scoring 'bayes'"):
+        parse_scorings(["bayes"])
+
+
+def test_top5_and_mean_per_class():
+    logits = np.array([[9, 8, 7, 6, 5, 4, 0], [0, 1, 2, 3, 4, 5, 9]], float)
+    s = score_logits(logits, np.array([4, 0]), 7)
+    assert s.top1 == 0 and s.top5 == 0.5
+    assert score_logits(logits[:, :5], np.array([4, 0]), 5).top5 is None  # 5 classes or fewer: no top-5
