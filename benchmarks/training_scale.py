@@ -68,9 +68,9 @@ def one(adapter: str, n: int, classes: int, steps: int, cap: float, device: str)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
     with amp:
         t0 = time.perf_counter()
-        fn(x, y, classes, 1, device)  # warm-up: allocator, kernels, first-touch of the data
+        first = fn(x, y, classes, 1, device)  # warm-up: allocator, kernels, first-touch of the data
         warm = time.perf_counter() - t0
-        k = max(2, min(steps, math.floor(cap / max(warm, 1e-9))))
+        k = max(2, min(steps, math.floor(cap / max(first.seconds, 1e-9))))  # its loop time estimates one step
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         head = fn(x, y, classes, k, device)
@@ -140,6 +140,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="steps per configuration (fewer where capped)")
     p.add_argument("--cap-seconds", type=float, default=30, help="time budget of one configuration's timed run")
     p.add_argument("--max-gib", type=float, default=8, help="skip configurations estimated to need more memory")
+    p.add_argument("--config-timeout", type=float, default=300, help="stop a configuration's subprocess after this many seconds")
     p.add_argument("--adapters", default=",".join(ADAPTERS), help="comma-separated names from ADAPTERS")
     p.add_argument("--sizes", default=",".join(map(str, SIZES)))
     p.add_argument("--classes", default=",".join(map(str, CLASSES)))
@@ -156,7 +157,13 @@ def main() -> None:
                     print(f"{adapter} {n:>9,} x {c:>5,}: skipped, estimated {est:.1f} GiB > --max-gib {args.max_gib:g}", flush=True)
                     continue
                 cmd = [sys.executable, __file__, "--one", adapter, str(n), str(c), str(args.steps), str(args.cap_seconds), args.device]
-                p_ = subprocess.run(cmd, capture_output=True, text=True)
+                try:
+                    p_ = subprocess.run(cmd, capture_output=True, text=True, timeout=args.config_timeout)
+                except subprocess.TimeoutExpired:
+                    skipped.append({"adapter": adapter, "descriptions": n, "classes": c,
+                                    "why": f"stopped after --config-timeout {args.config_timeout:g} s"})
+                    print(f"{adapter} {n:>9,} x {c:>5,}: stopped after {args.config_timeout:g} s", flush=True)
+                    continue
                 if p_.returncode != 0:
                     skipped.append({"adapter": adapter, "descriptions": n, "classes": c, "why": f"failed: {p_.stderr.strip()[-300:]}"})
                     print(f"{adapter} {n:>9,} x {c:>5,}: FAILED {p_.stderr.strip()[-300:]}", flush=True)
