@@ -41,6 +41,14 @@ EXPLAIN = {
         "re-run costs depends on the run's size: on a small run like this one it is far above 5% of the cold run; on the "
         "README's full run (10 classes, 500 descriptions, 10,000 images), the README reports 19 s against 23 min "
         "(1.4%; not re-measured here)."),
+    "encoders": (
+        "Measured at a reduced size (32 texts, 16 images, 1 torch thread, 3 repetitions) because the machine was at load "
+        "average 12 to 19 on 2 cores; the bare loop's batch sweep under that load says little about the best batch size. "
+        "The goal is missed on CPU time for texts (textadapt spent about 0.3 s more CPU per 32 texts, consistently in all "
+        "three repetitions) and narrowly for images. The cause is not found: the DuckDB cache's lookup and insert of 32 "
+        "rows into a fresh file costs 0.02 s of CPU (0.1 s on the first call of a process), measured apart, which explains "
+        "little of it; the model, tokenizer and batch are the same. Not profiled for lack of time: the next step is "
+        "py-spy on `encode_texts` against the bare loop at a larger size on a quiet machine."),
     "training_scale": (
         "Every step is full-batch: it draws fresh N x 512 Gaussian noise, multiplies N x 512 by 512 x C forward and "
         "backward, and takes the softmax over N x C. So the cost per step grows linearly with the number of "
