@@ -13,3 +13,11 @@ run: setup
 # The test suite (what CI runs).
 test: setup
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The benchmarks (benchmarks/README.md): each script prints a table and writes benchmarks/results/NAME.json;
+# report.py then regenerates benchmarks/RESULTS.md. About 20 minutes on 2 cores.
+BENCHMARKS ?= generation_overhead reference_sequential cache encoders training_scale end_to_end
+.PHONY: bench
+bench: setup
+	@for b in $(BENCHMARKS); do echo "== benchmarks/$$b.py"; $(VENV)/bin/python benchmarks/$$b.py $(BENCH_ARGS) || exit 1; done
+	$(VENV)/bin/python benchmarks/report.py
