@@ -36,7 +36,9 @@ def test_run_caches_everything_and_reports_every_method(home, tmp_path, monkeypa
     report = Path(re.search(r"report: (\S+\.md)", first.stdout).group(1))
     text = report.read_text()
     assert text.startswith("**UNTRAINED BACKBONE")
-    for method in ("zero-shot:class-name", "zero-shot:a-photo-of", "zero-shot:ensemble", "tap-head:generic", "tap-head:targeted"):
+    methods = ("zero-shot:class-name", "zero-shot:a-photo-of", "zero-shot:ensemble", "waffle", "cupl:generic", "cupl:targeted",
+               "tap-head:generic", "tap-head:targeted")
+    for method in methods:
         assert f"| `{method}` |" in text
 
     # 3 classes x 10 questions x 2 samples, each stored once; the report's count agrees with SQL.
@@ -49,8 +51,11 @@ def test_run_caches_everything_and_reports_every_method(home, tmp_path, monkeypa
     assert accepted - duplicates == trained
     assert query(home, "SELECT count(DISTINCT template), count(DISTINCT class_name) FROM generations") == [(10, 3)]
     run_id = report.stem
-    assert query(home, f"SELECT count(*) FROM results WHERE run_id = '{run_id}'") == [(5,)]
-    assert query(home, f"SELECT count(*) FROM class_results WHERE run_id = '{run_id}'") == [(15,)]
+    assert sorted(query(home, f"SELECT method FROM results WHERE run_id = '{run_id}'")) == sorted((m,) for m in methods)
+    assert query(home, f"SELECT count(*) FROM class_results WHERE run_id = '{run_id}'") == [(3 * len(methods),)]
+    # the adapters trained with 3 seeds (the default), and the report gives their spread
+    assert query(home, f"SELECT seeds, len(top1_per_seed) FROM results WHERE run_id = '{run_id}' AND method = 'tap-head:targeted'") \
+        == [([7777, 7778, 7779], 3)]
     assert query(home, f"SELECT count(*) FROM run_generations WHERE run_id = '{run_id}'") == [(60,)]
 
     # Nothing changed: no LLM call, no text encoded.

@@ -85,6 +85,8 @@ def run(
         _fail(TextadaptError("; ".join(f"--{flag.get(str(x['loc'][0]), str(x['loc'][0])).replace('_', '-')}: {x['msg']}" for x in e.errors())))
     # Prefect's usage analytics would only fail without network; textadapt runs offline by design.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's temporary API gets 20 s to start by default; a busy 2-core machine can need more.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.adapt import adapt  # Prefect is imported only for commands that run flows
 
     try:
