@@ -72,6 +72,8 @@ def run(
         _fail(TextadaptError("; ".join(f"--{flag.get(str(x['loc'][0]), str(x['loc'][0])).replace('_', '-')}: {x['msg']}" for x in e.errors())))
     # Prefect's usage analytics would only fail without network; textadapt runs offline by design.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect gives its temporary local API 20 s to start; on a busy machine it needs longer.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.adapt import adapt  # Prefect is imported only for commands that run flows
 
     try:
@@ -110,13 +112,17 @@ def sql(
     """Query the cache (schema: docs/schema.md)."""
     from textadapt.store import Store
 
+    path = Settings().db_path
     try:
-        with Store(Settings().db_path, read_only=not write) as store:
+        with Store(path, read_only=not write) as store:
             try:
                 columns, rows = store.sql(query)
             except TextadaptError as e:
                 if not write and "read-only" in str(e):
-                    raise TextadaptError(f"this statement writes to the cache, which `textadapt sql` opens read-only; add --write if you mean it ({e})") from None
+                    shown = " ".join(query.split())
+                    shown = shown if len(shown) <= 80 else shown[:80] + "..."
+                    raise TextadaptError(f"{path}: {shown!r} writes to the cache, which `textadapt sql` opens read-only; "
+                                         f"add --write if you mean it ({e})") from None
                 raise
     except TextadaptError as e:
         _fail(e)
