@@ -199,6 +199,10 @@ class OpenAIBackend(Backend):
       ``max_tokens``, the rest is shared in proportion to the answers' lengths in characters;
       ``seconds`` is the request's wall time (retries included) divided by its number of choices.
 
+    * The response body is read by ``read_completion``, not the client's parser: bytes that are not
+      UTF-8 become U+FFFD (cleaning drops them) instead of failing the request; a 200 whose body is
+      not JSON fails that request (the client does not retry a 200) with its start quoted.
+
     The API key is handed to the client and nowhere else: not to ``identity``, logs or messages.
     """
 
