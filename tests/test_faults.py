@@ -14,6 +14,7 @@ breaks those about ``trouser`` (class 1) and lets ``T-shirt or top`` (class 0) t
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -111,7 +112,7 @@ def test_a_server_fault_costs_only_the_failed_requests(llama_server, two_classes
         msg = str(err.value)
         # one error: how many failed, where, why, which classes and templates are missing; never the key
         assert f"{q} of {2 * q} LLM requests failed at {proxy.url}" in msg
-        assert reason in msg, msg
+        assert f"{reason}" in msg and f"({q} request{'s' * (q > 1)})" in msg, msg  # one reason for all of them
         assert f"Not generated ({q} of {2 * q} planned; the rest are stored): 'trouser': {', '.join(asked)}." in msg
         assert KEY not in msg and GOOD not in msg
         # every answer that came back is stored, once
@@ -206,38 +207,45 @@ def textadapt(*args: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([CLI, *args], capture_output=True, text=True, env=env, timeout=600, stdin=subprocess.DEVNULL)
 
 
-def test_a_failed_run_is_recorded_and_the_rerun_asks_only_for_the_rest(llama_server, home):
+def test_a_failed_run_is_recorded_and_the_rerun_asks_only_for_the_rest(llama_server, home, tmp_path):
     """Through the CLI and the Prefect flow: a server that answers 500 for one class fails the run
     with a clear message and status ``failed`` in DuckDB, keeping the other class's answers; the
     re-run asks only for the failed ones (which now come back empty: rejected, and the class is
     trained on the fallback prompt). The API key is nowhere in what either run wrote or printed."""
     key = "sk-flow-5e7d1b-never-stored"
+    prompts = tmp_path / "prompts" / "generic"  # two of the generic questions: 2 classes x 2 questions per run
+    prompts.mkdir(parents=True)
+    for name in ("caption", "look"):
+        shutil.copy(Settings().prompts_dir / "generic" / f"{name}.j2", prompts)
     args = ["run", "fashion-mnist", "--llm", "openai:smollm2", "--backbone", TINY, "--templates", "generic", "--max-classes", "2",
             "--samples", "1", "--max-tokens", "12", "--train-only", "--steps", "10"]
     with FaultProxy(llama_server, about(BAD, Fault("status", 500))) as proxy:
         env = {**os.environ, "TEXTADAPT_LLM_BASE_URL": proxy.url, "TEXTADAPT_LLM_API_KEY": key, "TEXTADAPT_LLM_MAX_RETRIES": "1",
-               "PREFECT_LOGGING_LEVEL": "DEBUG", "OPENAI_LOG": "debug"}  # the most a user could log
+               "TEXTADAPT_PROMPTS_DIR": str(prompts.parent), "PREFECT_LOGGING_LEVEL": "DEBUG", "OPENAI_LOG": "debug"}  # the most a user could log
         failed = textadapt(*args, env=env)
         assert failed.returncode == 2, failed.stdout + failed.stderr
         shown = " ".join(failed.stderr.split())  # the console wraps long lines
-        assert "error: 5 of 10 LLM requests failed" in shown and "InternalServerError: Error code: 500" in shown
-        assert "'trouser': generic/caption, generic/features, generic/identify, generic/internet, generic/look" in shown
+        assert "error: 2 of 4 LLM requests failed" in shown and "InternalServerError: Error code: 500" in shown
+        assert "Not generated (2 of 4 planned; the rest are stored): 'trouser': generic/caption, generic/look." in shown
         with Store(home / "textadapt.duckdb", read_only=True) as s:
             [(status, error, llm)] = s.sql("SELECT status, error, llm FROM runs")[1]
             kept = s.sql("SELECT class_name, count(*) FROM generations GROUP BY ALL")[1]
         assert status == "failed" and llm == f"openai:smollm2@{proxy.url}"
-        assert error.startswith("TextadaptError: 5 of 10 LLM requests failed") and "Error code: 500" in error and "'trouser'" in error
-        assert kept == [(GOOD, 5)]
+        assert error.startswith("TextadaptError: 2 of 4 LLM requests failed") and "Error code: 500" in error and "'trouser'" in error
+        assert kept == [(GOOD, 2)]
 
         proxy.fault = about(BAD, Fault("content", content=b""))  # up again, but with nothing to say about trousers
         rerun = textadapt(*args, env=env)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert "5 LLM calls, 5 cached" in rerun.stdout
+    assert "2 LLM calls, 2 cached" in rerun.stdout
     assert "no accepted description for 1 classes (trouser)" in " ".join(rerun.stderr.split())
     with Store(home / "textadapt.duckdb", read_only=True) as s:
         assert s.sql("SELECT status FROM runs ORDER BY started_at")[1] == [("failed",), ("completed",)]
         assert s.sql("SELECT class_name, rejected, count(*) FROM generations GROUP BY ALL ORDER BY ALL")[1] == [
-            (GOOD, None, 5), (BAD, "empty", 5)]
+            (GOOD, None, 2), (BAD, "empty", 2)]
     report = Path(re.search(r"report: (\S+\.md)", rerun.stdout).group(1)).read_text()
-    assert "| generic | 10 | 5 (empty: 5) |" in report and "trained on \"a photo of a {class}.\" for them" in report
-    assert_secret_nowhere(key, [home, Path(os.environ["PREFECT_HOME"])], failed.stdout, failed.stderr, rerun.stdout, rerun.stderr)
+    assert "| generic | 4 | 2 (empty: 2) |" in report and "trained on \"a photo of a {class}.\" for them" in report
+    prefect_home = Path(os.environ["PREFECT_HOME"])
+    assert_secret_nowhere(key, [home, prefect_home], failed.stdout, failed.stderr, rerun.stdout, rerun.stderr)
+    # ... and that search looked where Prefect keeps runs: its database holds the failed run's error
+    assert b"2 of 4 LLM requests failed" in b"".join(f.read_bytes() for f in prefect_home.rglob("prefect.db*"))

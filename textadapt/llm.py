@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -460,14 +461,22 @@ def _count(value) -> int | None:
 
 def describe_error(exc: BaseException) -> str:
     """``Type: message`` of a failed request, with the root reason where the client wraps one (a
-    refused connection, a body cut short) in a bare "Connection error."."""
-    text, root, seen = f"{type(exc).__name__}: {exc}", None, 0
-    cause = exc.__cause__ or exc.__context__
-    while cause is not None and seen < 10:
+    refused connection, a body cut short) in a bare "Connection error.", without its trailing
+    details (addresses, byte counts) so that the same failure of many requests reads as one. An HTTP
+    error status or a timeout says enough by itself."""
+    from openai import APIStatusError, APITimeoutError
+
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, (APIStatusError, APITimeoutError)):
+        return text
+    root, cause, depth = None, exc.__cause__ or exc.__context__, 0
+    while cause is not None and depth < 10:
         if str(cause) and str(cause) not in text:
             root = cause
-        cause, seen = cause.__cause__ or cause.__context__, seen + 1
-    return f"{text} ({type(root).__name__}: {root})" if root is not None else text
+        cause, depth = cause.__cause__ or cause.__context__, depth + 1
+    if root is None:
+        return text
+    return f"{text} ({type(root).__name__}: {re.sub(r' *[(].*[)]$', '', str(root))})"
 
 
 def split_completion_tokens(total: int | None, texts: list[str], finish: list[str | None], max_tokens: int) -> list[int | None]:
