@@ -196,7 +196,9 @@ def test_empty_answers_are_stored_as_rejected(llama_server, two_classes, tmp_pat
     db = tmp_path / "c.duckdb"
     with FaultProxy(llama_server, about(BAD, Fault("content", content=b""))) as proxy:
         stats = run_generation(proxy.url, two_classes, db, questions=2)
+        again = run_generation(proxy.url, two_classes, db, questions=2)
     assert stats.made == 4
+    assert (again.made, again.cached) == (0, 4) and len(proxy.seen) == 4  # a rejected answer is not asked for again
     with Store(db, read_only=True) as s:
         rows = s.sql("SELECT class_name, raw_text, description, rejected FROM generations ORDER BY class_name")[1]
     assert [r[1:] for r in rows if r[0] == BAD] == [("", None, "empty")] * 2
