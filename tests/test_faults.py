@@ -8,8 +8,10 @@ how many requests failed, why, and which classes and templates are missing, with
 it; every answer that came back stored once; a re-run asks only for the rest; and the run's
 status and error in the ``runs`` table.
 
-Two classes of Fashion-MNIST x the five ``generic`` questions x one sample = 10 requests; the proxy
-breaks those about ``trouser`` (class 1) and lets ``T-shirt or top`` (class 0) through.
+Two classes of Fashion-MNIST x the first one or two ``generic`` questions x one sample: 2 or 4
+requests; the proxy breaks those about ``trouser`` (class 1) and lets ``T-shirt or top`` (class 0)
+through. Short timeouts only where a timeout is the fault, with one question, so the healthy request
+is alone at the server (answers queue there, one at a time).
 """
 
 import os
