@@ -1,6 +1,14 @@
+import http.client
+import json
 import os
 import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Callable
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -93,3 +101,161 @@ def llama_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@dataclass(frozen=True)
+class Fault:
+    """What ``FaultProxy`` does with one request instead of forwarding it faithfully.
+
+    kind: ``status`` (answer HTTP ``status`` with an error body and ``headers``, e.g. Retry-After),
+    ``stall`` (say nothing for ``seconds``, then close), ``truncate`` (forward, then close halfway
+    through the body), ``malformed`` (a 200 whose JSON body is cut short), ``content`` (forward, then
+    put ``content``, raw bytes, in place of the answer's text: empty, invalid UTF-8, huge).
+    """
+
+    kind: str
+    status: int = 500
+    headers: tuple[tuple[str, str], ...] = ()
+    seconds: float = 0.0
+    content: bytes = b""
+
+
+@dataclass(frozen=True)
+class Seen:
+    at: float  # time.monotonic() when the request arrived
+    prompt: str
+    fault: str | None  # the Fault's kind, None if forwarded faithfully
+
+
+class FaultProxy:
+    """A real HTTP server on 127.0.0.1 in front of an OpenAI-compatible server, which misbehaves on
+    purpose. ``fault(n, body)`` is asked for the ``n``-th request (0-based, retries count) with its
+    JSON body and returns a ``Fault`` or None (forward faithfully); ``seen`` lists every request.
+    ``stop()`` closes its port (connections are refused), ``start()`` opens the same port again.
+    Every response closes its connection (HTTP/1.0), so a stopped proxy refuses every later attempt."""
+
+    def __init__(self, upstream: str, fault: Callable[[int, dict], Fault | None] | None = None):
+        parts = urlsplit(upstream)
+        self.upstream = (parts.hostname, parts.port)
+        self.path = parts.path
+        self.fault = fault or (lambda n, body: None)
+        self.seen: list[Seen] = []
+        self.port = 0
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.path}"
+
+    def start(self) -> "FaultProxy":
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def outage(self, seconds: float | None) -> None:
+        """Stop now (in the background: a request being answered is finished) and start again on the
+        same port after ``seconds``; None: stay down."""
+
+        def down_and_up():
+            self.stop()
+            if seconds is not None:
+                time.sleep(seconds)
+                self.start()
+
+        threading.Thread(target=down_and_up, daemon=True).start()
+
+    def __enter__(self) -> "FaultProxy":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _forward(self, path: str, body: bytes) -> tuple[int, bytes, str]:
+        con = http.client.HTTPConnection(*self.upstream, timeout=300)
+        try:
+            con.request("POST", path, body, {"Content-Type": "application/json"})
+            resp = con.getresponse()
+            return resp.status, resp.read(), resp.getheader("Content-Type", "application/json")
+        finally:
+            con.close()
+
+    def _handler(self):
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def reply(self, status: int, body: bytes, content_type: str = "application/json",
+                      headers: tuple[tuple[str, str], ...] = (), send: int | None = None) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                for name, value in headers:
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body if send is None else body[:send])
+                self.wfile.flush()
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                request = json.loads(body)
+                prompt = request["messages"][0]["content"] if request.get("messages") else ""
+                with proxy._lock:
+                    fault = proxy.fault(len(proxy.seen), request)
+                    proxy.seen.append(Seen(time.monotonic(), prompt, fault.kind if fault else None))
+                if fault is None:
+                    self.reply(*proxy._forward(self.path, body))
+                elif fault.kind == "status":
+                    error = {"error": {"message": f"injected HTTP {fault.status}", "type": "injected", "code": fault.status}}
+                    self.reply(fault.status, json.dumps(error).encode(), headers=fault.headers)
+                elif fault.kind == "stall":
+                    time.sleep(fault.seconds)  # then close without a word
+                elif fault.kind == "truncate":
+                    status, data, ctype = proxy._forward(self.path, body)
+                    self.reply(status, data, ctype, send=len(data) // 2)  # Content-Length says the whole
+                elif fault.kind == "malformed":
+                    self.reply(200, b'{"id": "chatcmpl-1", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assi')
+                elif fault.kind == "content":
+                    status, data, ctype = proxy._forward(self.path, body)
+                    answer = json.loads(data)
+                    for choice in answer["choices"]:
+                        choice["message"]["content"] = "@@CONTENT@@"
+                    self.reply(status, json.dumps(answer).encode().replace(b"@@CONTENT@@", fault.content), ctype)
+                else:
+                    raise ValueError(f"unknown fault {fault.kind!r}")
+
+        return Handler
+
+
+def assert_secret_nowhere(secret: str, roots: list[Path], *outputs: str) -> None:
+    """``secret`` (and its distinctive middle, in case something cut or partly masked it) is in no
+    output, in no file under ``roots`` as bytes, and in no value of any table of any DuckDB file
+    there (DuckDB may compress strings on disk, so its files are also read through DuckDB)."""
+    import duckdb
+
+    needles = [secret, secret[len(secret) // 4: 3 * len(secret) // 4]]
+    for out in outputs:
+        assert not [n for n in needles if n in out], f"the secret is in the output:\n{out[-2000:]}"
+    files = [f for root in roots for f in Path(root).rglob("*") if f.is_file()]
+    assert files, f"nothing was written under {roots}"
+    hits = [f for f in files for n in needles if n.encode() in f.read_bytes()]
+    assert not hits, f"the secret is in {hits}"
+    for f in files:
+        if f.suffix == ".duckdb":
+            con = duckdb.connect(str(f), read_only=True)
+            try:
+                for (table,) in con.execute("SELECT table_name FROM information_schema.tables").fetchall():
+                    text = str(con.execute(f'SELECT * FROM "{table}"').fetchall())
+                    assert not [n for n in needles if n in text], f"the secret is in table {table} of {f}"
+            finally:
+                con.close()

@@ -7,7 +7,7 @@ import threading
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import free_port
+from conftest import assert_secret_nowhere, free_port
 
 from textadapt import TextadaptError
 from textadapt.config import Settings
@@ -271,6 +271,4 @@ def test_a_flow_run_through_the_http_backend_keeps_requests_in_flight(llama_serv
     with Store(home / "textadapt.duckdb", read_only=True) as s:
         assert s.sql("SELECT count(*), count(DISTINCT model) FROM generations")[1] == [(20, 1)]
         assert s.sql("SELECT model FROM generations LIMIT 1")[1][0][0] == f"openai:smollm2@{proxy.url}"
-    leftovers = [f for f in home.rglob("*") if f.is_file()] + [f for f in Path(os.environ["PREFECT_HOME"]).rglob("*") if f.is_file()]
-    assert leftovers and not [f for f in leftovers if key.encode() in f.read_bytes()]
-    assert key not in p.stdout + p.stderr
+    assert_secret_nowhere(key, [home, Path(os.environ["PREFECT_HOME"])], p.stdout, p.stderr)

@@ -8,6 +8,8 @@
 - ``questions``: question templates with ``{}`` where the class goes (meta-prompting); the class
   is put in with its article ("a shirt", "an ankle boot").
 
+Characters that are not text (U+FFFD where a server sent bytes that are not UTF-8, lone surrogates)
+are dropped; a description longer than ``MAX_DESCRIPTION_CHARS`` is rejected as ``too long``.
 Several items are returned joined by newlines (``generations.description``; the ``descriptions``
 view has one row per item). Rejected answers are stored with their reason and never trained on.
 Duplicates are not decided here: whether a text repeats another depends on what else a run uses,
@@ -29,11 +31,23 @@ LEADING_JUNK = re.compile(r"^\s*(?:[-*\u2022]+|\(?\d+[.)]|[a-z][.)](?=\s))\s*", 
 LABEL = re.compile(r"^(caption|description|answer|question)\s*\d*\s*:\s*", re.I)
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
 QUOTES = "\"'\u201c\u201d\u2018\u2019`"
+NOT_TEXT = re.compile("[\ufffd\ud800-\udfff]")  # undecodable bytes (U+FFFD) and lone surrogates from broken escapes
+MAX_DESCRIPTION_CHARS = 1_000  # a longer "sentence" is a runaway answer, not a description (CLIP reads 77 tokens)
+MAX_RAW_CHARS = 20_000  # the most of an answer the cache keeps (max_tokens keeps real answers far below it)
 CLASS_SLOT = re.compile(r"\{\{?\s*(class_name|class|c|category|x)?\s*\}?\}|\[(class|class name|category)\]", re.I)
 
 
+def stored_raw(raw: str) -> str:
+    """An answer as ``generations.raw_text`` keeps it: lone surrogates (which no database can store) as
+    U+FFFD, and at most ``MAX_RAW_CHARS`` characters, a longer answer cut with a note of its length."""
+    text = re.sub("[\ud800-\udfff]", "\ufffd", raw)
+    if len(text) > MAX_RAW_CHARS:
+        text = f"{text[:MAX_RAW_CHARS]} [... cut: {len(text):,} characters in all]"
+    return text
+
+
 def _tidy(text: str) -> str:
-    text = MARKUP.sub("", " ".join(text.split()))
+    text = MARKUP.sub("", " ".join(NOT_TEXT.sub("", text).split()))
     text = LEADING_JUNK.sub("", text).strip().strip(QUOTES).strip()
     text = LABEL.sub("", text).strip().strip(QUOTES).strip()
     return text
@@ -48,6 +62,8 @@ def _sentence(raw: str) -> tuple[str | None, str | None]:
     text = SENTENCE_END.split(text, maxsplit=1)[0]
     if len(text.split()) < 3:
         return None, "too short"
+    if len(text) > MAX_DESCRIPTION_CHARS:
+        return None, "too long"
     return text, None
 
 
@@ -66,7 +82,8 @@ def _items(raw: str) -> list[str]:
     for line in lines:
         item = _tidy(line).rstrip(",;")
         key = item.lower().rstrip(".")
-        if item and any(ch.isalnum() for ch in item) and not REFUSALS.match(item) and key not in seen and not item.endswith(":"):
+        if (item and any(ch.isalnum() for ch in item) and not REFUSALS.match(item) and key not in seen and not item.endswith(":")
+                and len(item) <= MAX_DESCRIPTION_CHARS):
             seen.add(key)
             items.append(item)
     return items

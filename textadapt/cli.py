@@ -125,13 +125,17 @@ def sql(
     """Query the cache (schema: docs/schema.md)."""
     from textadapt.store import Store
 
+    path = Settings().db_path
     try:
-        with Store(Settings().db_path, read_only=not write) as store:
+        with Store(path, read_only=not write) as store:
             try:
                 columns, rows = store.sql(query)
             except TextadaptError as e:
                 if not write and "read-only" in str(e):
-                    raise TextadaptError(f"this statement writes to the cache, which `textadapt sql` opens read-only; add --write if you mean it ({e})") from None
+                    shown = " ".join(query.split())
+                    shown = shown if len(shown) <= 80 else shown[:80] + "..."
+                    raise TextadaptError(f"{path}: {shown!r} writes to the cache, which `textadapt sql` opens read-only; "
+                                         f"add --write if you mean it ({e})") from None
                 raise
     except TextadaptError as e:
         _fail(e)

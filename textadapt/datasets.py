@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from textadapt import TextadaptError
+from textadapt import TextadaptError, read_text_file
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -141,7 +141,7 @@ def _line_of(text: str, loc: tuple) -> int | None:
 
 def load_spec(path: Path) -> DatasetSpec:
     """Read and check one spec file; errors name the file, line and field."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path)
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

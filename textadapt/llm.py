@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -198,6 +200,10 @@ class OpenAIBackend(Backend):
       ``max_tokens``, the rest is shared in proportion to the answers' lengths in characters;
       ``seconds`` is the request's wall time (retries included) divided by its number of choices.
 
+    * The response body is read by ``read_completion``, not the client's parser: bytes that are not
+      UTF-8 become U+FFFD (cleaning drops them) instead of failing the request; a 200 whose body is
+      not JSON fails that request (the client does not retry a 200) with its start quoted.
+
     The API key is handed to the client and nowhere else: not to ``identity``, logs or messages.
     """
 
@@ -324,7 +330,7 @@ class OpenAIBackend(Backend):
                 out.put(("answer", req, ans))
 
         def fail(reqs: list[Request], exc: Exception) -> None:
-            out.put(("failure", _Failure(len(reqs), self._scrub(f"{type(exc).__name__}: {exc}"))))
+            out.put(("failure", _Failure(len(reqs), self._scrub(describe_error(exc)))))
 
         groups: dict[tuple[str, Sampling], list[Request]] = {}
         for r in requests:
@@ -405,22 +411,72 @@ class OpenAIBackend(Backend):
             self.http_requests += 1
             t0 = time.perf_counter()
             try:
-                resp = await client.chat.completions.create(**kwargs)
+                # The raw body, read by our own lenient parser: bytes that are not UTF-8 must not cost the answer.
+                raw = await client.chat.completions.with_raw_response.create(**kwargs)
             finally:
                 self._in_flight -= 1
             seconds = time.perf_counter() - t0
-        choices = sorted(resp.choices or [], key=lambda c: c.index or 0)[: len(reqs)]
+        resp = read_completion(raw.content)
+        choices = [c for c in resp.get("choices") or [] if isinstance(c, dict)]
+        choices = sorted(choices, key=lambda c: c.get("index") if isinstance(c.get("index"), int) else 0)[: len(reqs)]
         texts = []
         for c in choices:
-            text = (c.message.content if c.message else None) or ""
-            texts.append(with_stop_period(text, c.finish_reason, sampling))
-        usage = resp.usage
+            message = c.get("message") if isinstance(c.get("message"), dict) else {}
+            text = message.get("content") if isinstance(message.get("content"), str) else ""
+            texts.append(with_stop_period(text, c.get("finish_reason"), sampling))
+        usage = resp.get("usage") if isinstance(resp.get("usage"), dict) else {}
         completion = split_completion_tokens(
-            usage.completion_tokens if usage else None, texts, [c.finish_reason for c in choices], sampling.max_tokens
+            _count(usage.get("completion_tokens")), texts, [c.get("finish_reason") for c in choices], sampling.max_tokens
         )
-        prompt_tokens = usage.prompt_tokens if usage else None
+        prompt_tokens = _count(usage.get("prompt_tokens"))
         per = seconds / max(len(choices), 1)
         return [(r, Answer(t, prompt_tokens, ct, per)) for r, t, ct in zip(reqs, texts, completion)]
+
+
+class MalformedResponse(ValueError):
+    """The server answered 200 with a body that is not a chat completion."""
+
+
+def read_completion(body: bytes) -> dict:
+    """A chat-completion response body as a dict.
+
+    Bytes that are not UTF-8 are decoded as U+FFFD rather than failing the request: the answer is
+    stored as received and cleaning leaves them out. A body that is not a JSON object raises
+    ``MalformedResponse`` quoting its start.
+    """
+    text = body.decode("utf-8", errors="replace")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MalformedResponse(f"the response is not valid JSON ({e.msg}: character {e.pos} of {len(text)}): "
+                                f"{text[:60]!r}") from None
+    if not isinstance(data, dict):
+        raise MalformedResponse(f"the response is JSON but not an object: {text[:60]!r}")
+    return data
+
+
+def _count(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: message`` of a failed request, with the root reason where the client wraps one (a
+    refused connection, a body cut short) in a bare "Connection error.", without its trailing
+    details (addresses, byte counts) so that the same failure of many requests reads as one. An HTTP
+    error status or a timeout says enough by itself."""
+    from openai import APIStatusError, APITimeoutError
+
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, (APIStatusError, APITimeoutError)):
+        return text
+    root, cause, depth = None, exc.__cause__ or exc.__context__, 0
+    while cause is not None and depth < 10:
+        if str(cause) and str(cause) not in text:
+            root = cause
+        cause, depth = cause.__cause__ or cause.__context__, depth + 1
+    if root is None:
+        return text
+    return f"{text} ({type(root).__name__}: {re.sub(r' *[(].*[)]$', '', str(root))})"
 
 
 def split_completion_tokens(total: int | None, texts: list[str], finish: list[str | None], max_tokens: int) -> list[int | None]:

@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from textadapt import TextadaptError
-from textadapt.cleaning import clean
+from textadapt.cleaning import clean, stored_raw
 from textadapt.datasets import DatasetSpec
 from textadapt.encoders import Backbone, encode_texts
 from textadapt.llm import Backend, Request, Sampling
@@ -150,22 +150,40 @@ def generate(plan: list[PlannedGeneration], backend: Backend, store: Store, spec
     requests = [Request(k, p.prompt, p.sampling, seed=int(k[:8], 16)) for k, p in todo.items()]
     if progress:
         progress(0, len(requests))
-    for req, ans in backend.generate(requests):
-        p = todo[req.key]
-        description, rejected = clean(ans.text, p.template.parse, category)
-        store.add_generation(Generation(
-            key=p.key, dataset=dataset, class_name=p.class_name, template=p.template.name,
-            template_hash=p.template.source_hash, model=backend.identity, prompt=p.prompt, params=p.sampling.as_dict(),
-            sample_index=p.sample_index, raw_text=ans.text, description=description, rejected=rejected,
-            prompt_tokens=ans.prompt_tokens, completion_tokens=ans.completion_tokens, seconds=ans.seconds,
-            base_key=p.base_key, refresh=p.refresh,
-        ))
-        stats.made += 1
-        stats.completion_tokens += ans.completion_tokens or 0
-        if progress:
-            progress(stats.made, len(requests))
+    stored: set[str] = set()
+    try:
+        for req, ans in backend.generate(requests):
+            p = todo[req.key]
+            description, rejected = clean(ans.text, p.template.parse, category)
+            store.add_generation(Generation(
+                key=p.key, dataset=dataset, class_name=p.class_name, template=p.template.name,
+                template_hash=p.template.source_hash, model=backend.identity, prompt=p.prompt, params=p.sampling.as_dict(),
+                sample_index=p.sample_index, raw_text=stored_raw(ans.text), description=description, rejected=rejected,
+                prompt_tokens=ans.prompt_tokens, completion_tokens=ans.completion_tokens, seconds=ans.seconds,
+                base_key=p.base_key, refresh=p.refresh,
+            ))
+            stored.add(p.key)
+            stats.made += 1
+            stats.completion_tokens += ans.completion_tokens or 0
+            if progress:
+                progress(stats.made, len(requests))
+    except TextadaptError as e:  # the backend's requests failed after their retries: say which generations are missing
+        raise TextadaptError(f"{e}\n{missing_summary([p for k, p in todo.items() if k not in stored], len(plan))}") from e
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def missing_summary(missing: list[PlannedGeneration], planned: int) -> str:
+    """Which generations a failed ``generate`` left out, by class and template (the first 8 classes)."""
+    by_class: dict[str, Counter] = {}
+    for p in missing:
+        by_class.setdefault(p.class_name, Counter())[p.template.name] += 1
+    parts = []
+    for class_name, templates in list(by_class.items())[:8]:
+        names = ", ".join(f"{t} x{n}" if n > 1 else t for t, n in templates.items())
+        parts.append(f"{class_name!r}: {names}" if class_name else f"(dataset-level) {names}")
+    more = f"; and {len(by_class) - 8} more classes" if len(by_class) > 8 else ""
+    return f"Not generated ({len(missing)} of {planned} planned; the rest are stored): {'; '.join(parts)}{more}."
 
 
 @dataclass

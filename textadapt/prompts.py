@@ -33,7 +33,7 @@ from pathlib import Path
 import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 
-from textadapt import TextadaptError
+from textadapt import TextadaptError, read_text_file
 from textadapt.datasets import DatasetSpec
 
 
@@ -122,7 +122,7 @@ def list_templates(root: Path, sets: list[str] | None = None) -> list[PromptTemp
     for path in sorted(root.glob("*/*.j2")):
         name = f"{path.parent.name}/{path.stem}"
         if sets is None or path.parent.name in sets:
-            out.append(PromptTemplate(name, path, path.read_text(encoding="utf-8")))
+            out.append(PromptTemplate(name, path, read_text_file(path)))
     if sets is not None:
         empty = [s for s in sets if not any(t.template_set == s for t in out)]
         if empty:
