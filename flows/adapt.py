@@ -232,7 +232,7 @@ def adapt(options: RunOptions) -> RunOutcome:
                 n_images=len(images) if images else 0, generation=gen,
                 sets=sets, scores=scores, heads=heads, best_baseline=best, text_encoder_calls=zs_calls + head_calls,
                 image_encoder_calls=image_calls, steps=steps, seed=options.seed, stage_seconds=seconds, examples=examples,
-                filled=filled, results=results, seeds=config.seeds,
+                filled=filled, results=results, seeds=config.seeds, llm_usage=store.llm_usage(run_id),
             )
             path = write_report(report, settings.reports_dir)
             store.update_run(run_id, text_encoder_calls=zs_calls + head_calls, report_path=str(path))

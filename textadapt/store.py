@@ -175,6 +175,16 @@ class Generation:
     refresh: int = 0
 
 
+@dataclass
+class LlmUsage:
+    """What the generations a run used cost when they were made (whether by this run or an earlier one)."""
+
+    generations: int
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float  # LLM time, as the backend measured it
+
+
 def _open_error(path: Path, e: Exception) -> TextadaptError:
     msg = str(e)
     if "could not set lock" in msg.lower() or "conflicting lock" in msg.lower():
@@ -378,6 +388,16 @@ class Store:
                              "SELECT run_id, key, class_index, excluded FROM _links ON CONFLICT DO NOTHING")
         finally:
             self.con.unregister("_links")
+
+    def llm_usage(self, run_id: str) -> dict[str, LlmUsage]:
+        """Template set (``meta``, ``targeted``, ``import``...) -> tokens and LLM time of the generations the run used."""
+        rows = self.con.execute(
+            "SELECT split_part(g.template, '/', 1) AS template_set, count(*), coalesce(sum(g.prompt_tokens), 0), "
+            "coalesce(sum(g.completion_tokens), 0), coalesce(sum(g.seconds), 0) "
+            "FROM run_generations r JOIN generations g USING (key) WHERE r.run_id = ? GROUP BY ALL ORDER BY template_set",
+            [run_id],
+        ).fetchall()
+        return {s: LlmUsage(int(n), int(p), int(c), float(t)) for s, n, p, c, t in rows}
 
     def save_result(self, run_id: str, method: str, kind: str, top1: float, mean_per_class: float, n_images: int,
                     per_class: list[tuple[int, str, int, float | None, float | None]], **extra) -> None:
