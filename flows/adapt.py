@@ -20,10 +20,11 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from flows.artifacts import publish_artifacts
 from textadapt import TextadaptError, captioner, datasets, encoders, harness, pipeline, prompts
 from textadapt.config import RunOptions, Settings
 from textadapt.llm import Sampling, make_backend
-from textadapt.report import RunReport, write_report
+from textadapt.report import RunReport, html_path, write_report
 from textadapt.store import Store
 
 TASK = dict(cache_policy=NO_CACHE, persist_result=False)
@@ -241,6 +242,7 @@ def adapt(options: RunOptions) -> RunOutcome:
             store.finish_run(run_id, "failed", f"{type(e).__name__}: {e}")
             raise
     logger.info("report: %s", path)
+    publish_artifacts(report, path, html_path(path))  # the gains, the per-class plot and the report paths, in the Prefect UI
     return RunOutcome(
         run_id=run_id, report_path=str(path), untrained_backbone=backbone.untrained, llm_calls=gen.made,
         cached_generations=gen.cached, text_encoder_calls=zs_calls + head_calls,

@@ -1,0 +1,119 @@
+"""A run against a real Prefect server (``prefect server start`` on 127.0.0.1) publishes its results
+as artifacts, and what the server holds matches DuckDB."""
+
+import base64
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, free_port
+from flows.artifacts import artifact_key
+from textadapt.store import Store
+
+CLI = str(Path(sys.executable).parent / "textadapt")
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """A real Prefect server with its own PREFECT_HOME (SQLite database); yields its API URL."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false")
+    log_path = home / "server.log"
+    with open(log_path, "wb") as log:  # a file, not a pipe: a full pipe would stall the server
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"prefect server exited with code {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"prefect server did not answer {api}/health within 120 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield api
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (start_new_session): it and its workers
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def read_artifacts(api: str, key_prefix: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_=key_prefix)))
+        runs = {a.flow_run_id: client.read_flow_run(a.flow_run_id) for a in artifacts if a.flow_run_id}
+    return artifacts, runs
+
+
+def test_a_run_shows_its_gains_plot_and_report_paths_as_artifacts(prefect_server, home):
+    # 2 classes x 10 questions x 1 sample from the real SmolLM2 (one llama.cpp thread: steady when other
+    # processes share the cores), scored on 20 real images.
+    args = ["run", "fashion-mnist", "--backbone", TINY, "--max-classes", "2", "--max-images", "20", "--samples", "1",
+            "--max-tokens", "24", "--steps", "10"]
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "TEXTADAPT_THREADS": "1"}
+    p = subprocess.run([CLI, *args], capture_output=True, text=True, env=env, timeout=600, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stdout + p.stderr
+    md = Path(re.search(r"report: (\S+\.md)", p.stdout).group(1))
+    run_id = md.stem
+
+    artifacts, runs = read_artifacts(prefect_server, "textadapt-fashion-mnist-%")
+    by_key = {a.key: a for a in artifacts}
+    assert set(by_key) == {artifact_key("fashion-mnist", w) for w in ("gains", "per-class", "report")}
+    assert all(a.type == "markdown" and run_id in a.data for a in artifacts)
+    [flow_run] = runs.values()  # all three belong to this run's flow run, which the server saw complete
+    assert flow_run.state.is_completed() and flow_run.parameters["options"]["dataset"] == "fashion-mnist"
+
+    # The gains table holds exactly DuckDB's results for this run.
+    with Store(home / "textadapt.duckdb", read_only=True) as s:
+        results = s.sql(f"SELECT method, kind, top1, mean_per_class FROM results WHERE run_id = '{run_id}'")[1]
+        [(best,)] = s.sql(f"SELECT method FROM results WHERE run_id = '{run_id}' AND kind = 'zero-shot' ORDER BY top1 DESC LIMIT 1")[1]
+    gains = by_key[artifact_key("fashion-mnist", "gains")].data
+    rows = {m: cells for m, *cells in re.findall(r"^\| `([^`]+)` \| (\S+) \| (\d*) \| (\S+) \| (\S+) \| (\S+) \| (\S+) \|$", gains, re.M)}
+    assert set(rows) == {m for m, *_ in results} and len(results) == 5  # three zero-shot baselines, two TAP heads
+    top = {m: (t, mpc) for m, _, t, mpc in results}
+    for method, kind, top1, mean in results:
+        assert rows[method][0] == kind
+        assert rows[method][2:] == [f"{100 * top1:.1f}", f"{100 * mean:.1f}", f"{100 * (top1 - top[best][0]):+.1f}",
+                                    f"{100 * (mean - top[best][1]):+.1f}"]
+    assert f"Best zero-shot baseline: `{best}`" in gains and "UNTRAINED BACKBONE" in gains
+
+    plot = by_key[artifact_key("fashion-mnist", "per-class")].data
+    png = base64.b64decode(re.search(r"\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", plot).group(1))
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+
+    where = by_key[artifact_key("fashion-mnist", "report")].data
+    html = md.with_suffix(".html")
+    assert f"`{html}`" in where and f"`{md}`" in where
+    assert html.read_text().startswith("<!DOCTYPE html>")
+
+
+def test_artifact_keys_are_valid_for_any_dataset_name():
+    from prefect.client.schemas.actions import ArtifactCreate
+
+    for name in ("fashion-mnist", "ImageNet_1k", "my data.v2", "___"):
+        key = artifact_key(name, "per-class")
+        assert re.fullmatch(r"[a-z0-9-]+", key)
+        ArtifactCreate(key=key, type="markdown", data="x")  # Prefect's own validation accepts it
