@@ -1,0 +1,48 @@
+# syntax=docker/dockerfile:1
+# textadapt's image: the library, its flows, prompts and dataset specs, for the Prefect worker of
+# docker-compose.yml (README: "Run it as a service (docker compose)").
+#
+# torch: the wheels pyproject.toml pins (torch==2.14.1, torchvision==0.29.1) from PyPI. On Linux
+# x86-64 that is a CUDA build: the worker encodes images and trains its heads on the GPU compose
+# gives it (TEXTADAPT_DEVICE=auto), and the same image runs on the CPU where there is none. The
+# price is size (the CUDA libraries are several GB); the GPU is what a service box is for.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# 1. Every runtime dependency as a wheel, from pyproject.toml alone: rebuilt only when it changes.
+FROM ${PYTHON_IMAGE} AS wheels
+# llama-cpp-python (the offline default LLM, a hard dependency) is source-only on PyPI: compile it
+# here, portably (any x86-64 CPU) and without the multimodal tools, as scripts/setup.sh does.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends build-essential cmake \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /build
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > requirements.txt \
+    && CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF" \
+       pip wheel --no-cache-dir --wheel-dir /wheels -r requirements.txt
+
+# 2. The runtime: no compilers; the wheels come in through a bind mount, not a layer.
+FROM ${PYTHON_IMAGE}
+ENV PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    TEXTADAPT_HOME=/data/textadapt \
+    HF_HOME=/data/hf
+# Fashion-MNIST's 70,000 images (Debian's dataset package, what the shipped spec reads first) and
+# the C++ and OpenMP runtimes llama.cpp links against.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends dataset-fashion-mnist libgomp1 libstdc++6 \
+    && rm -rf /var/lib/apt/lists/*
+RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
+    pip install --no-cache-dir --no-index /wheels/*.whl
+# A non-root user owns the data folders, so compose's named volumes start out writable by it.
+RUN useradd --create-home --uid 10001 --user-group textadapt \
+    && mkdir -p /data/textadapt/reports /data/hf /datasets /app \
+    && chown -R textadapt:textadapt /data /app
+# The source last (it changes most): /app is where `prefect deploy` runs and the worker finds
+# the flows' entrypoints (flows/adapt.py:adapt); textadapt itself is installed from it.
+WORKDIR /app
+COPY --chown=textadapt:textadapt . /app
+RUN pip install --no-cache-dir --no-deps /app
+USER textadapt
+CMD ["textadapt", "--help"]
