@@ -2,6 +2,7 @@
 as artifacts, and what the server holds matches DuckDB."""
 
 import base64
+import json
 import os
 import re
 import signal
@@ -68,13 +69,25 @@ def read_artifacts(api: str, key_prefix: str):
     return artifacts, runs
 
 
-def test_a_run_shows_its_gains_plot_and_report_paths_as_artifacts(prefect_server, home):
-    # 2 classes x 10 questions x 1 sample from the real SmolLM2 (one llama.cpp thread: steady when other
-    # processes share the cores), scored on 20 real images.
-    args = ["run", "fashion-mnist", "--backbone", TINY, "--max-classes", "2", "--max-images", "20", "--samples", "1",
-            "--max-tokens", "24", "--steps", "10"]
-    env = {**os.environ, "PREFECT_API_URL": prefect_server, "TEXTADAPT_THREADS": "1"}
-    p = subprocess.run([CLI, *args], capture_output=True, text=True, env=env, timeout=600, stdin=subprocess.DEVNULL)
+def test_a_run_shows_its_gains_plot_and_report_paths_as_artifacts(prefect_server, home, tmp_path, fmnist):
+    # Two imported description files (no LLM: the artifacts do not depend on where descriptions come
+    # from, and the LLM paths have tests of their own), two heads, scored on 20 real images.
+    from textadapt.descriptions import import_descriptions
+
+    described = {
+        "shapes": {"T-shirt or top": ["a short-sleeved top with a round neck", "a plain cotton t-shirt"],
+                   "trouser": ["two long trouser legs side by side", "a pair of long pants with a waistband"]},
+        "photos": {"T-shirt or top": ["a greyscale photo of a t-shirt laid flat"],
+                   "trouser": ["a greyscale photo of trousers seen from the front"]},
+    }
+    with Store(home / "textadapt.duckdb") as store:
+        for source, mapping in described.items():
+            (tmp_path / f"{source}.json").write_text(json.dumps(mapping))
+            import_descriptions(tmp_path / f"{source}.json", fmnist, source, store)
+    args = ["run", "fashion-mnist", "--backbone", TINY, "--templates", "", "--sources", "shapes,photos", "--max-classes", "2",
+            "--max-images", "20", "--steps", "10"]
+    p = subprocess.run([CLI, *args], capture_output=True, text=True, env={**os.environ, "PREFECT_API_URL": prefect_server},
+                       timeout=600, stdin=subprocess.DEVNULL)
     assert p.returncode == 0, p.stdout + p.stderr
     md = Path(re.search(r"report: (\S+\.md)", p.stdout).group(1))
     run_id = md.stem
@@ -93,6 +106,7 @@ def test_a_run_shows_its_gains_plot_and_report_paths_as_artifacts(prefect_server
     gains = by_key[artifact_key("fashion-mnist", "gains")].data
     rows = {m: cells for m, *cells in re.findall(r"^\| `([^`]+)` \| (\S+) \| (\d*) \| (\S+) \| (\S+) \| (\S+) \| (\S+) \|$", gains, re.M)}
     assert set(rows) == {m for m, *_ in results} and len(results) == 5  # three zero-shot baselines, two TAP heads
+    assert rows["tap-head:import:shapes"][1] == "4" and rows["tap-head:import:photos"][1] == "2"  # training texts
     top = {m: (t, mpc) for m, _, t, mpc in results}
     for method, kind, top1, mean in results:
         assert rows[method][0] == kind

@@ -5,6 +5,7 @@ against what textadapt and Prefect read, and the Dockerfile's inputs against the
 import ast
 import copy
 import json
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -140,7 +141,7 @@ def test_every_textadapt_variable_is_one_the_code_reads(compose, monkeypatch):
 
     # And their values parse: the worker's environment gives valid Settings.
     worker = {**_dockerfile_env(), **all_env(compose)["worker"]}
-    for k in [k for k in __import__("os").environ if k.startswith("TEXTADAPT_")]:
+    for k in [k for k in os.environ if k.startswith("TEXTADAPT_")]:
         monkeypatch.delenv(k)
     for k, v in worker.items():
         if k.startswith("TEXTADAPT_"):
@@ -152,8 +153,6 @@ def test_every_textadapt_variable_is_one_the_code_reads(compose, monkeypatch):
 
 def test_every_prefect_variable_is_a_prefect_setting(compose, monkeypatch):
     """Each PREFECT_* variable, set alone, changes the setting it names (a typo would change nothing)."""
-    import os
-
     from prefect.settings import Settings
 
     for k in [k for k in os.environ if k.startswith("PREFECT_")]:

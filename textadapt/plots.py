@@ -39,7 +39,8 @@ def shown_classes(accuracy: dict[str, np.ndarray], reference: str, limit: int = 
     deltas = np.nan_to_num(np.stack([accuracy[m] - accuracy[reference] for m in others]), nan=0.0)
     gain, loss = deltas.max(axis=0), deltas.min(axis=0)
     top = np.argsort(-gain, kind="stable")[: limit // 2]
-    bottom = [i for i in np.argsort(loss, kind="stable") if i not in set(top)][: limit - len(top)]
+    taken = set(top.tolist())
+    bottom = [i for i in np.argsort(loss, kind="stable") if i not in taken][: limit - len(top)]
     return np.sort(np.concatenate([top, np.asarray(bottom, dtype=int)]))
 
 

@@ -363,7 +363,7 @@ def _html_cost(r: RunReport) -> list[str]:
                     f"{_num_td(str(total.completion_tokens))}{_num_td(f'{total.seconds:.1f}')}</tr>")
         out.append(_table(["template set", "generations", "prompt tokens", "completion tokens", "LLM seconds"], rows))
     else:
-        out.append("<p>Nothing: the run used no LLM generation.</p>")
+        out.append("<p>None recorded: the run used no stored generation.</p>")
 
     out += ["<h2>Training</h2>", f"<p>{r.steps} full-batch steps. Loss of the first seed's run; seconds: all seeds.</p>"]
     seconds = {res.classifier.method: sum(h.seconds for h in res.classifier.heads) for res in r.results}
