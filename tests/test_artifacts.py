@@ -85,7 +85,7 @@ def test_a_run_shows_its_gains_plot_and_report_paths_as_artifacts(prefect_server
             (tmp_path / f"{source}.json").write_text(json.dumps(mapping))
             import_descriptions(tmp_path / f"{source}.json", fmnist, source, store)
     args = ["run", "fashion-mnist", "--backbone", TINY, "--templates", "", "--sources", "shapes,photos", "--max-classes", "2",
-            "--max-images", "20", "--steps", "10"]
+            "--max-images", "20", "--steps", "10", "--seeds", "2"]
     p = subprocess.run([CLI, *args], capture_output=True, text=True, env={**os.environ, "PREFECT_API_URL": prefect_server},
                        timeout=600, stdin=subprocess.DEVNULL)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -99,20 +99,29 @@ def test_a_run_shows_its_gains_plot_and_report_paths_as_artifacts(prefect_server
     [flow_run] = runs.values()  # all three belong to this run's flow run, which the server saw complete
     assert flow_run.state.is_completed() and flow_run.parameters["options"]["dataset"] == "fashion-mnist"
 
-    # The gains table holds exactly DuckDB's results for this run.
+    # The gains table holds exactly DuckDB's results for this run, every method the harness scored.
     with Store(home / "textadapt.duckdb", read_only=True) as s:
-        results = s.sql(f"SELECT method, kind, top1, mean_per_class FROM results WHERE run_id = '{run_id}'")[1]
-        [(best,)] = s.sql(f"SELECT method FROM results WHERE run_id = '{run_id}' AND kind = 'zero-shot' ORDER BY top1 DESC LIMIT 1")[1]
+        results = s.sql("SELECT method, kind, scoring, n_texts, top1, top1_std, mean_per_class, mean_per_class_std "
+                        f"FROM results WHERE run_id = '{run_id}'")[1]
     gains = by_key[artifact_key("fashion-mnist", "gains")].data
-    rows = {m: cells for m, *cells in re.findall(r"^\| `([^`]+)` \| (\S+) \| (\d*) \| (\S+) \| (\S+) \| (\S+) \| (\S+) \|$", gains, re.M)}
-    assert set(rows) == {m for m, *_ in results} and len(results) == 5  # three zero-shot baselines, two TAP heads
-    assert rows["tap-head:import:shapes"][1] == "4" and rows["tap-head:import:photos"][1] == "2"  # training texts
-    top = {m: (t, mpc) for m, _, t, mpc in results}
-    for method, kind, top1, mean in results:
-        assert rows[method][0] == kind
-        assert rows[method][2:] == [f"{100 * top1:.1f}", f"{100 * mean:.1f}", f"{100 * (top1 - top[best][0]):+.1f}",
-                                    f"{100 * (mean - top[best][1]):+.1f}"]
-    assert f"Best zero-shot baseline: `{best}`" in gains and "UNTRAINED BACKBONE" in gains
+    pattern = r"^\| `([^`]+)` \| (\S+) \| (\S+) \| (\d*) \| ([^|]+) \| ([^|]+) \| (\S+) \| (\S+) \|$"
+    rows = {m: cells for m, *cells in re.findall(pattern, gains, re.M)}
+    assert set(rows) == {m for m, *_ in results} and len(results) > 5
+    assert {"tap-head:import:shapes", "tap-head:import:photos", "zero-shot:class-name"} <= set(rows)
+    best = re.search(r"Best training-free baseline: `([^`]+)`", gains).group(1)
+    by_method = {m: rest for m, *rest in results}
+    _, _, _, best_top1, _, best_mean, _ = by_method[best]
+    assert best_top1 == max(t for m, k, sc, _, t, *_ in results if k != "adapted" and sc == "plain")
+
+    def pm(x, std):
+        return f"{100 * x:.1f}" + ("" if std is None else f" ± {100 * std:.1f}")
+
+    for method, kind, scoring, n_texts, top1, top1_std, mean, mean_std in results:
+        assert rows[method] == [kind, scoring, "" if n_texts is None else str(n_texts), pm(top1, top1_std), pm(mean, mean_std),
+                                f"{100 * (top1 - best_top1):+.1f}", f"{100 * (mean - best_mean):+.1f}"]
+    assert rows["tap-head:import:shapes"][2] == "4" and rows["tap-head:import:photos"][2] == "2"  # training texts
+    assert " ± " in rows["tap-head:import:shapes"][3]  # two seeds: mean and spread
+    assert "UNTRAINED BACKBONE" in gains
 
     plot = by_key[artifact_key("fashion-mnist", "per-class")].data
     png = base64.b64decode(re.search(r"\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", plot).group(1))
