@@ -13,13 +13,16 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 from datetime import datetime, timezone
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from flows import parallel
+from flows.parallel import Workers
 from textadapt import TextadaptError, datasets, encoders, pipeline, prompts
 from textadapt.config import RunOptions, Settings
 from textadapt.llm import Sampling, make_backend
@@ -92,23 +95,43 @@ def load_backbone(spec: str, settings: Settings):
     return encoders.load_backbone(spec, settings.device)
 
 
-@task(name="generate descriptions", **TASK)
-def generate(plan, backend, store, spec, label):
-    return pipeline.generate(plan, backend, store, spec, _progress(label))
+# The run's workers (threads or a Dask cluster), for the stages below that embed before they compute.
+_workers: ContextVar[Workers] = ContextVar("textadapt_workers")
+
+
+def encode_images(backbone, images, store, batch_size):
+    """Embed the test images over the run's workers (the flow writes them); then read them in order."""
+    n = parallel.embed_images(_workers.get(), backbone, images, store, batch_size, _progress("encoding test images"))
+    emb, _ = _encode_images(backbone, images, store, batch_size)
+    return emb, n
 
 
 @task(name="encode images", **TASK)
-def encode_images(backbone, images, store, batch_size):
-    return encoders.encode_images(backbone, images, store, batch_size, _progress("encoding test images"))
+def _encode_images(backbone, images, store, batch_size):
+    return encoders.encode_images(backbone, images, store, batch_size)
+
+
+def zero_shot(backbone, spec, store, batch_size):
+    """Embed the baselines' prompts over the run's workers, then build the zero-shot classifiers."""
+    n = parallel.embed_texts(_workers.get(), backbone, [t for ps in pipeline.zero_shot_prompts(spec).values() for t in ps], store, batch_size)
+    weights, _ = _zero_shot(backbone, spec, store, batch_size)
+    return weights, n
 
 
 @task(name="zero-shot baselines", **TASK)
-def zero_shot(backbone, spec, store, batch_size):
+def _zero_shot(backbone, spec, store, batch_size):
     return pipeline.zero_shot_weights(backbone, spec, store, batch_size)
 
 
-@task(name="train heads", **TASK)
 def train_heads(backbone, sets, spec, store, steps, seed, batch_size):
+    """Embed the descriptions over the run's workers, then train the heads in the flow's process."""
+    n = parallel.embed_texts(_workers.get(), backbone, [t for ts in sets.values() for t in ts.texts], store, batch_size)
+    heads, _ = _train_heads(backbone, sets, spec, store, steps, seed, batch_size)
+    return heads, n
+
+
+@task(name="train heads", **TASK)
+def _train_heads(backbone, sets, spec, store, steps, seed, batch_size):
     return pipeline.train_heads(backbone, sets, spec, store, steps, seed, batch_size)
 
 
@@ -128,10 +151,12 @@ def adapt(options: RunOptions) -> RunOutcome:
         yield
         seconds[name] = time.perf_counter() - t0
 
-    with Store(settings.db_path) as store:
+    with Store(settings.db_path) as store, ExitStack() as running:
         store.start_run(run_id, options.dataset, options.model_dump())
         logger.info("run %s, cache %s", run_id, settings.db_path)
         try:
+            workers = running.enter_context(Workers.open(options, settings))
+            running.callback(_workers.reset, _workers.set(workers))
             with stage("dataset and templates"):
                 spec, images = load_dataset(options, settings)
                 templates = load_templates(options, settings, spec)
@@ -152,17 +177,15 @@ def adapt(options: RunOptions) -> RunOutcome:
                         # Meta-prompting first: the questions the LLM writes are then asked for every class.
                         meta = pipeline.resolve_rounds(pipeline.plan_meta(spec, templates, backend.identity, sampling), store, options.refresh)
                         if meta:
-                            gen = generate(meta, backend, store, spec, "writing questions")
+                            gen = parallel.generate(workers, meta, backend, llm_spec, spec, store, settings, _progress("writing questions"))
                         asked = templates + pipeline.questions(meta, store)
                         confusable, zs_calls = pipeline.confusable_classes(backbone, spec, store)
                         plan = pipeline.plan_generations(spec, asked, backend.identity, sampling, options.samples, confusable)
                         plan = pipeline.resolve_rounds(plan, store, options.refresh)
-                        gen = gen + generate(plan, backend, store, spec, "generating")
+                        gen = gen + parallel.generate(workers, plan, backend, llm_spec, spec, store, settings, _progress("generating"))
                         plan = meta + plan
                     finally:
                         backend.close()
-                if getattr(backend, "max_in_flight", 0):
-                    logger.info("at most %d LLM requests were in flight at once", backend.max_in_flight)
                 if gen.made == 0:
                     logger.info("all %d generations served from the cache: 0 LLM calls", gen.planned)
                 else:

@@ -16,7 +16,7 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -140,31 +140,51 @@ class GenerationStats:
                                  ("planned", "cached", "made", "completion_tokens", "seconds")))
 
 
-def generate(plan: list[PlannedGeneration], backend: Backend, store: Store, spec: DatasetSpec,
-             progress: Progress | None = None) -> GenerationStats:
-    """Ask the LLM for every planned generation not in the cache; store each answer as it arrives."""
-    dataset, category = spec.name, spec.prompting.category
-    t0 = time.perf_counter()
+def uncached(plan: list[PlannedGeneration], store: Store) -> list[PlannedGeneration]:
+    """The planned generations the cache does not hold yet: what an LLM must be asked for."""
     existing = store.existing_generations([p.key for p in plan])
-    todo = {p.key: p for p in plan if p.key not in existing}
-    stats = GenerationStats(planned=len(plan), cached=len(plan) - len(todo), made=0)
+    return [p for p in plan if p.key not in existing]
+
+
+def batches(plan: list[PlannedGeneration]) -> list[list[PlannedGeneration]]:
+    """Group a plan by (class, template): the samples of one question, the unit that is retried and spread out."""
+    groups: dict[tuple[int, str], list[PlannedGeneration]] = {}
+    for p in plan:
+        groups.setdefault((p.class_index, p.template.name), []).append(p)
+    return list(groups.values())
+
+
+def answer(plan: list[PlannedGeneration], backend: Backend, spec: DatasetSpec) -> Iterator[Generation]:
+    """Ask the LLM for every planned generation (cached or not: see ``uncached``); yield each cleaned
+    row as its answer arrives. Writes nothing: the caller stores the rows."""
+    todo = {p.key: p for p in plan}
     requests = [Request(k, p.prompt, p.sampling, seed=int(k[:8], 16)) for k, p in todo.items()]
-    if progress:
-        progress(0, len(requests))
     for req, ans in backend.generate(requests):
         p = todo[req.key]
-        description, rejected = clean(ans.text, p.template.parse, category)
-        store.add_generation(Generation(
-            key=p.key, dataset=dataset, class_name=p.class_name, template=p.template.name,
+        description, rejected = clean(ans.text, p.template.parse, spec.prompting.category)
+        yield Generation(
+            key=p.key, dataset=spec.name, class_name=p.class_name, template=p.template.name,
             template_hash=p.template.source_hash, model=backend.identity, prompt=p.prompt, params=p.sampling.as_dict(),
             sample_index=p.sample_index, raw_text=ans.text, description=description, rejected=rejected,
             prompt_tokens=ans.prompt_tokens, completion_tokens=ans.completion_tokens, seconds=ans.seconds,
             base_key=p.base_key, refresh=p.refresh,
-        ))
+        )
+
+
+def generate(plan: list[PlannedGeneration], backend: Backend, store: Store, spec: DatasetSpec,
+             progress: Progress | None = None) -> GenerationStats:
+    """Ask the LLM for every planned generation not in the cache; store each answer as it arrives."""
+    t0 = time.perf_counter()
+    todo = uncached(plan, store)
+    stats = GenerationStats(planned=len(plan), cached=len(plan) - len(todo), made=0)
+    if progress:
+        progress(0, len(todo))
+    for row in answer(todo, backend, spec):
+        store.add_generation(row)
         stats.made += 1
-        stats.completion_tokens += ans.completion_tokens or 0
+        stats.completion_tokens += row.completion_tokens or 0
         if progress:
-            progress(stats.made, len(requests))
+            progress(stats.made, len(todo))
     stats.seconds = time.perf_counter() - t0
     return stats
 
@@ -271,12 +291,17 @@ def fill_missing(sets: dict[str, TrainingSet], spec: DatasetSpec) -> dict[str, l
 # Classifiers
 
 
+def zero_shot_prompts(spec: DatasetSpec) -> dict[str, list[str]]:
+    """Each zero-shot baseline's prompts, class by class (what its class prototypes average)."""
+    return {method: class_prompts(spec.classes, templates or spec.zeroshot.templates or openclip_imagenet_templates())
+            for method, templates in BASELINES.items()}
+
+
 def zero_shot_weights(backbone: Backbone, spec: DatasetSpec, store: Store, batch_size: int = 256) -> tuple[dict[str, np.ndarray], int]:
     """The zero-shot baselines' class weights, and how many prompts had to be encoded."""
     weights, encoded = {}, 0
-    for method, templates in BASELINES.items():
-        templates = templates or spec.zeroshot.templates or openclip_imagenet_templates()
-        emb, n = encode_texts(backbone, class_prompts(spec.classes, templates), store, batch_size)
+    for method, prompts in zero_shot_prompts(spec).items():
+        emb, n = encode_texts(backbone, prompts, store, batch_size)
         weights[method] = prototypes(emb, len(spec.classes))
         encoded += n
     return weights, encoded
