@@ -16,6 +16,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from datetime import datetime, timezone
+from typing import Callable
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -96,7 +97,14 @@ def load_backbone(spec: str, settings: Settings):
 
 
 # The run's workers (threads or a Dask cluster), for the stages below that embed before they compute.
+# Only functions touch it: a task sent to Dask carries the flow's function, and a ContextVar cannot be pickled.
 _workers: ContextVar[Workers] = ContextVar("textadapt_workers")
+
+
+def _use_workers(workers: Workers) -> Callable[[], None]:
+    """Make ``workers`` the current run's; returns the function that undoes it."""
+    token = _workers.set(workers)
+    return lambda: _workers.reset(token)
 
 
 def encode_images(backbone, images, store, batch_size):
@@ -156,7 +164,7 @@ def adapt(options: RunOptions) -> RunOutcome:
         logger.info("run %s, cache %s", run_id, settings.db_path)
         try:
             workers = running.enter_context(Workers.open(options, settings))
-            running.callback(_workers.reset, _workers.set(workers))
+            running.callback(_use_workers(workers))
             with stage("dataset and templates"):
                 spec, images = load_dataset(options, settings)
                 templates = load_templates(options, settings, spec)

@@ -341,13 +341,17 @@ def runs(
             rows = run_summaries(store, dataset, limit)
     except TextadaptError as e:
         _fail(e)
-    table = Table("run", "status", "minutes", "best adapted", "top-1 %", "best zero-shot", "top-1 %", "gain (points)")
-    pct = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
+    if not rows:
+        out.print(f"no runs{f' of {dataset}' if dataset else ''} in {Settings().db_path}", markup=False)
+        return
+    table = Table("run", "status", "best adapted, top-1 %", "best zero-shot, top-1 %", "gain (points)")
+    best = lambda method, top1: "-" if top1 is None else f"{method} {100 * top1:.1f}"  # noqa: E731
     for r in rows:
-        gain = "-" if r.gain is None else f"{100 * r.gain:+.1f}" + (" (untrained backbone)" if r.untrained else "")
-        table.add_row(r.run_id, r.status, "-" if r.seconds is None else f"{r.seconds / 60:.1f}", r.best_adapted or "-",
-                      pct(r.adapted_top1), r.best_zero_shot or "-", pct(r.zero_shot_top1), gain)
+        gain = "-" if r.gain is None else f"{100 * r.gain:+.1f}" + ("*" if r.untrained else "")
+        table.add_row(r.run_id, r.status, best(r.best_adapted, r.adapted_top1), best(r.best_zero_shot, r.zero_shot_top1), gain)
     out.print(table)
+    if any(r.untrained for r in rows):
+        out.print("* untrained backbone (random weights): its accuracies and gain mean nothing", markup=False)
 
 
 if __name__ == "__main__":

@@ -390,7 +390,6 @@ class RunSummary:
     dataset: str
     status: str
     started_at: object
-    seconds: float | None
     untrained: bool | None
     best_adapted: str | None
     adapted_top1: float | None
@@ -408,7 +407,7 @@ def run_summaries(store: Store, dataset: str | None = None, limit: int = 20) -> 
     """The latest runs, newest first, from the ``runs``, ``results`` and ``backbones`` tables."""
     rows = store.con.execute(
         """
-        SELECT r.run_id, r.dataset, r.status, r.started_at, epoch(r.finished_at - r.started_at), b.untrained,
+        SELECT r.run_id, r.dataset, r.status, r.started_at, b.untrained,
                arg_max(x.method, x.top1) FILTER (x.kind = 'adapted'), max(x.top1) FILTER (x.kind = 'adapted'),
                arg_max(x.method, x.top1) FILTER (x.kind = 'zero-shot'), max(x.top1) FILTER (x.kind = 'zero-shot')
         FROM runs r LEFT JOIN results x USING (run_id) LEFT JOIN backbones b ON b.backbone = r.backbone
