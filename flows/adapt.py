@@ -4,8 +4,11 @@
 temporary local API for the run, with one it shows in that server's UI. The flow's one parameter
 is ``RunOptions``, the same model the CLI's flags fill in.
 
-Caching is textadapt's own (DuckDB, content-addressed), so Prefect's task caching is off: a
-retried or re-run task asks the cache and does only what is missing.
+Caching is textadapt's own (DuckDB, content-addressed), so Prefect's task caching is off: the
+flow resolves each stage against the cache before submitting its batches, so a retried or re-run
+task does only what is missing. Generation and embedding batches run as tasks on the run's
+workers (``flows/parallel.py``: threads, or a Dask cluster with ``task_runner="dask"``); they
+return rows, and this process, the only one that opens the DuckDB file, writes them.
 """
 
 from __future__ import annotations

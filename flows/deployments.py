@@ -67,7 +67,7 @@ def scheduled() -> list[RunnerDeployment]:
     return out
 
 
-def serve(limit: int | None = None) -> None:
+def serve(limit: int | None = 1) -> None:
     """Serve every scheduled textadapt deployment from this process until interrupted.
 
     Stopping leaves the schedules as they are (they are paused only with ``prefect deployment pause``).

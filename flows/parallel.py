@@ -80,18 +80,19 @@ def _backbone(ref: Backbone | BackboneRef) -> Backbone:
 
 @task(name="generate batch", retries=LLM_RETRIES, retry_delay_seconds=LLM_BACKOFF, retry_jitter_factor=0.5, **TASK)
 def generate_batch(batch: list[pipeline.PlannedGeneration], spec: DatasetSpec, llm: Backend | str, settings: Settings,
-                   slots: int, identity: str) -> BatchResult:
+                   slots: int, identity: str, limit: str | None) -> BatchResult:
     """Ask the LLM for one batch and return the cleaned rows (written by the flow, not here).
 
-    ``llm`` is the flow's backend (threads) or its spec, built here (another process). ``slots``
-    requests of the global limit are held while the batch is asked (0: an in-process model, no server).
+    ``llm`` is the flow's backend (threads) or its spec, built here (another process). At most
+    ``slots`` requests are in flight (0: an in-process model, no server), holding as many slots of
+    the global concurrency limit ``limit`` (None: switched off).
     """
     backend = llm if isinstance(llm, Backend) else make_backend(llm, settings.model_copy(update={"llm_concurrency": max(slots, 1)}))
     if backend.identity != identity:
         raise TextadaptError(f"LLM {llm!r} is {backend.identity} on {here()} but {identity} in the flow: "
                              "give the workers the same model file or TEXTADAPT_LLM_BASE_URL")
     try:
-        with concurrency(LLM_LIMIT, occupy=slots) if slots else nullcontext():
+        with concurrency(limit, occupy=slots) if slots and limit else nullcontext():
             rows = list(pipeline.answer(batch, backend, spec))
     finally:
         if backend is not llm:
@@ -220,8 +221,8 @@ def generate(workers: Workers, plan: list[pipeline.PlannedGeneration], backend: 
     if not todo:
         return stats
     remote_server = isinstance(backend, OpenAIBackend)
+    limit = llm_limit(settings) if remote_server else None
     if remote_server:  # requests to a server: bounded per run and, through Prefect, over all runs
-        limit = llm_limit(settings)
         capacity = min(settings.llm_concurrency, limit or settings.llm_concurrency)
     else:  # a model in the process that runs the batch: one batch at a time per process
         capacity = workers.slots if workers.remote else 1
@@ -229,7 +230,8 @@ def generate(workers: Workers, plan: list[pipeline.PlannedGeneration], backend: 
     jobs = []
     for batch in pipeline.batches(todo):
         slots = min(len(batch), capacity) if remote_server else 0
-        jobs.append(dict(batch=batch, spec=spec, llm=llm, settings=settings, slots=slots, identity=backend.identity))
+        jobs.append(dict(batch=batch, spec=spec, llm=llm, settings=settings, slots=slots, identity=backend.identity,
+                         limit=LLM_LIMIT if limit else None))
     where: dict[str, int] = {}
 
     def write(job: dict, result: BatchResult) -> None:

@@ -317,8 +317,11 @@ def schedule(
 
 
 @app.command()
-def serve(limit: Optional[int] = typer.Option(None, help="Most flow runs at once [default: no limit].")) -> None:
-    """Run the scheduled textadapt deployments from this machine until Ctrl-C (Prefect `serve`)."""
+def serve(limit: int = typer.Option(1, min=1, help="Most flow runs at once. Runs that share a cache file must take turns (DuckDB: one writing process).")) -> None:
+    """Run the scheduled textadapt deployments from this machine until Ctrl-C (Prefect `serve`).
+
+    A run due while another runs waits for it; schedules stay as they are when this stops.
+    """
     _prefect_env()
     from flows.deployments import serve as serve_deployments
 

@@ -207,6 +207,13 @@ class Store:
     def close(self) -> None:
         self.con.close()
 
+    def __reduce__(self):
+        # A Store sent to another process (a Dask worker, a subprocess) would be a second writer.
+        raise TextadaptError(
+            f"the cache {self.path} is written by one process only (DuckDB allows one writing process per file): "
+            "a task that runs elsewhere must return its rows to the flow, which writes them"
+        )
+
     def __enter__(self) -> "Store":
         return self
 
