@@ -23,6 +23,17 @@ from textadapt.config import RunOptions
 TAG = "textadapt"  # on every deployment `textadapt schedule` makes: what `textadapt serve` serves
 
 
+def require_server() -> str:
+    """The Prefect API deployments live in; a temporary local API would forget them."""
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if not url:
+        raise TextadaptError("scheduled runs need a Prefect server: start one (`prefect server start`) and set "
+                             "PREFECT_API_URL, e.g. export PREFECT_API_URL=http://127.0.0.1:4200/api")
+    return url
+
+
 def cron_schedule(cron: str, timezone: str | None = None) -> CronSchedule:
     try:
         return CronSchedule(cron=cron, timezone=timezone)
@@ -44,6 +55,7 @@ def runner_deployment(options: RunOptions, schedule: CronSchedule | None, name: 
 
 def schedule(options: RunOptions, cron: str, timezone: str | None = None, name: str | None = None) -> UUID:
     """Create or update the deployment of ``options.dataset`` with this cron schedule; returns its id."""
+    require_server()
     return runner_deployment(options, cron_schedule(cron, timezone), name).apply()
 
 
@@ -74,6 +86,7 @@ def serve(limit: int | None = 1) -> None:
     """
     from prefect import serve as prefect_serve
 
+    require_server()
     deployments = scheduled()
     if not deployments:
         raise TextadaptError("no textadapt deployment to serve: create one with `textadapt schedule DATASET --cron \"0 3 * * *\"`")

@@ -292,8 +292,8 @@ def schedule(
     ctx: typer.Context,
     dataset: str = typer.Argument(..., help="Dataset name (see `textadapt datasets`)."),
     cron: str = typer.Option(..., "--cron", help="When to run, e.g. \"0 3 * * *\" (03:00 every day)."),
-    timezone: Optional[str] = typer.Option(None, "--timezone", help="Time zone of the cron schedule, e.g. Europe/Paris [default: UTC]."),
-    name: Optional[str] = typer.Option(None, "--name", help="Deployment name [default: DATASET]."),
+    timezone: Optional[str] = typer.Option(None, "--timezone", help="Time zone of the cron schedule, e.g. Europe/Paris (default: UTC)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Deployment name (default: the dataset's name)."),
 ) -> None:
     """Create or update the Prefect deployment that runs DATASET on a cron schedule.
 
