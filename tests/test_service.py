@@ -153,7 +153,7 @@ def test_schedule_registers_a_cron_deployment_that_serve_runs(prefect_api, llama
     assert "untrained backbone" in listed
 
 
-def test_dask_runner_gives_the_same_generations_and_metrics(llama_server, tmp_path):
+def test_dask_runner_gives_the_same_generations_and_metrics(llama_server, prefect_server, tmp_path):
     """The same run on threads and on a local Dask cluster (2 worker processes, 1 thread each):
     the same rows in DuckDB, the same metrics; generation and embedding ran in the workers, and only
     the flow's process wrote the cache."""
@@ -165,7 +165,7 @@ def test_dask_runner_gives_the_same_generations_and_metrics(llama_server, tmp_pa
     base.update(TEXTADAPT_LLM_BASE_URL=llama_server, PREFECT_LOGGING_LEVEL="INFO",
                 PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")  # 2 busy cores: the default 20 s is short
     homes = {"threads": tmp_path / "threads", "dask": tmp_path / "dask"}
-    textadapt(*args, env={**base, "TEXTADAPT_HOME": str(homes["threads"])})
+    textadapt(*args, env={**base, "TEXTADAPT_HOME": str(homes["threads"]), "PREFECT_API_URL": prefect_server})
     dask = textadapt(*args, "--task-runner", "dask", env={**base, "TEXTADAPT_HOME": str(homes["dask"]),
                                                           "TEXTADAPT_DASK_WORKERS": "2", "TEXTADAPT_DASK_THREADS_PER_WORKER": "1"})
     logs = dask.stdout + dask.stderr
@@ -276,7 +276,7 @@ class FailingFirst:
         self.server.server_close()
 
 
-def test_a_failed_batch_is_retried_and_cached_answers_are_not_asked_again(llama_server, fmnist, home):
+def test_a_failed_batch_is_retried_and_cached_answers_are_not_asked_again(llama_server, prefect_api, fmnist, home):
     from prefect import flow
 
     from flows import parallel
@@ -310,8 +310,12 @@ def test_a_failed_batch_is_retried_and_cached_answers_are_not_asked_again(llama_
     assert seen[-1] == (4, 4)  # progress counts what each run asked for
 
 
-def test_schedule_without_a_prefect_server_says_how_to_get_one():
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+def test_schedule_without_a_prefect_server_says_how_to_get_one(monkeypatch):
+    from typer.testing import CliRunner
+
+    from textadapt.cli import app
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
     for args in (["schedule", "fashion-mnist", "--cron", "0 3 * * *"], ["serve"]):
-        p = textadapt(*args, env=env, check=False)
-        assert p.returncode == 2 and "PREFECT_API_URL" in p.stderr and "prefect server start" in p.stderr, p.stderr
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and "PREFECT_API_URL" in result.output and "prefect server start" in result.output, result.output
