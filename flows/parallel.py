@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import queue
 import socket
+import time
 from collections import deque
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -144,6 +145,8 @@ class Workers:
             try:
                 threads = sum(runner.client.nthreads().values())
             except OSError as e:
+                if not settings.dask_address:
+                    raise
                 raise TextadaptError(f"cannot reach the Dask scheduler at {settings.dask_address} (TEXTADAPT_DASK_ADDRESS): {e}") from None
             logger.info("Dask: %s, %d workers, %d threads; the cache is written by this process (%s)",
                         where, len(runner.client.nthreads()), threads, here())
@@ -212,8 +215,6 @@ def generate(workers: Workers, plan: list[pipeline.PlannedGeneration], backend: 
              store: Store, settings: Settings, progress: Callable[[int, int], None]) -> pipeline.GenerationStats:
     """Every planned generation the cache lacks, asked in (class x template) batches; each batch's rows
     are written here (in the flow's process) as it completes."""
-    import time
-
     t0 = time.perf_counter()
     todo = pipeline.uncached(plan, store)
     stats = pipeline.GenerationStats(planned=len(plan), cached=len(plan) - len(todo), made=0)
