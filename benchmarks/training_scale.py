@@ -24,11 +24,35 @@ import time
 
 import _common
 
-from textadapt.adapters import TapRecipe, train_tap_head
+from textadapt.adapters import TapRecipe, train_adapter, train_tap_head
+
+
+def _prototypes(n_classes: int, dim: int = 512):
+    import numpy as np
+
+    p = np.random.default_rng(1).standard_normal((n_classes, dim), dtype=np.float32)
+    return p / np.linalg.norm(p, axis=1, keepdims=True)
+
+
+def _ot(n_classes: int, device: str):
+    import torch
+
+    from textadapt.losses import OTSoftLabels
+
+    return OTSoftLabels(torch.as_tensor(_prototypes(n_classes), device=device))
+
 
 ADAPTERS = {
     "tap-head": lambda emb, labels, n_classes, steps, device: train_tap_head(emb, labels, n_classes, TapRecipe(steps=steps), device),
+    "zs-head": lambda emb, labels, n_classes, steps, device: train_adapter(
+        "zs-head", emb, labels, n_classes, TapRecipe(steps=steps), _prototypes(n_classes), 100.0, None, device),
+    "residual": lambda emb, labels, n_classes, steps, device: train_adapter(
+        "residual", emb, labels, n_classes, TapRecipe(steps=steps), _prototypes(n_classes), 100.0, None, device),
+    "tap-head+ot": lambda emb, labels, n_classes, steps, device: train_tap_head(
+        emb, labels, n_classes, TapRecipe(steps=steps), device, loss=_ot(n_classes, device)),
 }
+# Not here: prompt (CoOp/ProText), whose step runs every class through the backbone's text tower, so
+# its cost is set by the backbone and the class count, not by these synthetic embeddings.
 
 NAME = "training_scale"
 DIM = 512

@@ -4,8 +4,11 @@
 temporary local API for the run, with one it shows in that server's UI. The flow's one parameter
 is ``RunOptions``, the same model the CLI's flags fill in.
 
-Caching is textadapt's own (DuckDB, content-addressed), so Prefect's task caching is off: a
-retried or re-run task asks the cache and does only what is missing.
+Caching is textadapt's own (DuckDB, content-addressed), so Prefect's task caching is off: the
+flow resolves each stage against the cache before submitting its batches, so a retried or re-run
+task does only what is missing. Generation and embedding batches run as tasks on the run's
+workers (``flows/parallel.py``: threads, or a Dask cluster with ``task_runner="dask"``); they
+return rows, and this process, the only one that opens the DuckDB file, writes them.
 """
 
 from __future__ import annotations
@@ -13,14 +16,18 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 from datetime import datetime, timezone
+from typing import Callable
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from flows import parallel
 from flows.artifacts import publish_artifacts
+from flows.parallel import Workers
 from textadapt import TextadaptError, captioner, datasets, encoders, harness, pipeline, prompts
 from textadapt.config import RunOptions, Settings
 from textadapt.llm import Sampling, make_backend
@@ -93,18 +100,39 @@ def load_backbone(spec: str, settings: Settings):
     return encoders.load_backbone(spec, settings.device)
 
 
-@task(name="generate descriptions", **TASK)
-def generate(plan, backend, store, spec, label):
-    return pipeline.generate(plan, backend, store, spec, _progress(label))
+# The run's workers (threads or a Dask cluster), for the stages below that embed before they compute.
+# Only functions touch it: a task sent to Dask carries the flow's function, and a ContextVar cannot be pickled.
+_workers: ContextVar[Workers] = ContextVar("textadapt_workers")
+
+
+def _use_workers(workers: Workers) -> Callable[[], None]:
+    """Make ``workers`` the current run's; returns the function that undoes it."""
+    token = _workers.set(workers)
+    return lambda: _workers.reset(token)
+
+
+def encode_images(backbone, images, store, batch_size):
+    """Embed the test images over the run's workers (the flow writes them); then read them in order."""
+    n = parallel.embed_images(_workers.get(), backbone, images, store, batch_size, _progress("encoding test images"))
+    emb, _ = _encode_images(backbone, images, store, batch_size)
+    return emb, n
 
 
 @task(name="encode images", **TASK)
-def encode_images(backbone, images, store, batch_size):
-    return encoders.encode_images(backbone, images, store, batch_size, _progress("encoding test images"))
+def _encode_images(backbone, images, store, batch_size):
+    return encoders.encode_images(backbone, images, store, batch_size)
+
+
+def training_free(backbone, spec, store, sets, dclip_sets, seeds, batch_size):
+    """Embed the descriptions and zero-shot prompts over the run's workers, then build the training-free classifiers."""
+    texts = [t for ts in sets.values() for t in ts.texts] + [t for ps in harness.zero_shot_prompts(spec).values() for t in ps]
+    n = parallel.embed_texts(_workers.get(), backbone, texts, store, batch_size)
+    free, k = _training_free(backbone, spec, store, sets, dclip_sets, seeds, batch_size)
+    return free, n + k
 
 
 @task(name="training-free classifiers", **TASK)
-def training_free(backbone, spec, store, sets, dclip_sets, seeds, batch_size):
+def _training_free(backbone, spec, store, sets, dclip_sets, seeds, batch_size):
     return harness.training_free(backbone, spec, store, sets, dclip_sets, seeds, batch_size)
 
 
@@ -147,10 +175,12 @@ def adapt(options: RunOptions) -> RunOutcome:
         yield
         seconds[name] = time.perf_counter() - t0
 
-    with Store(settings.db_path) as store:
+    with Store(settings.db_path) as store, ExitStack() as running:
         store.start_run(run_id, options.dataset, options.model_dump())
         logger.info("run %s, cache %s", run_id, settings.db_path)
         try:
+            workers = running.enter_context(Workers.open(options, settings))
+            running.callback(_use_workers(workers))
             with stage("dataset and templates"):
                 spec, images = load_dataset(options, settings)
                 templates = load_templates(options, settings, spec)
@@ -177,17 +207,15 @@ def adapt(options: RunOptions) -> RunOutcome:
                         # Meta-prompting first: the questions the LLM writes are then asked for every class.
                         meta = pipeline.resolve_rounds(pipeline.plan_meta(spec, templates, backend.identity, sampling), store, options.refresh)
                         if meta:
-                            gen = generate(meta, backend, store, spec, "writing questions")
+                            gen = parallel.generate(workers, meta, backend, llm_spec, spec, store, settings, _progress("writing questions"))
                         asked = templates + pipeline.questions(meta, store)
                         confusable, zs_calls = pipeline.confusable_classes(backbone, spec, store)
                         plan = pipeline.plan_generations(spec, asked, backend.identity, sampling, options.samples, confusable)
                         plan = pipeline.resolve_rounds(plan, store, options.refresh)
-                        gen = gen + generate(plan, backend, store, spec, "generating")
+                        gen = gen + parallel.generate(workers, plan, backend, llm_spec, spec, store, settings, _progress("generating"))
                         plan = meta + plan
                     finally:
                         backend.close()
-                if getattr(backend, "max_in_flight", 0):
-                    logger.info("at most %d LLM requests were in flight at once", backend.max_in_flight)
                 if gen.made == 0:
                     logger.info("all %d generations served from the cache: 0 LLM calls", gen.planned)
                 else:

@@ -67,22 +67,10 @@ def run(
     ot_marginal: str = typer.Option("counts", help="OT soft labels: class marginal, counts (the batch's) or uniform."),
     ot_teacher: str = typer.Option("zero-shot", help="OT soft labels: teacher, zero-shot (frozen prototypes) or ema (of the adapter)."),
     captioner: Optional[str] = typer.Option(None, help="Also score a CoCa captioner (coca_ViT-B-32:laion2b_s13b_b90k, or 'same' for --backbone): caption likelihood, and its IG form with --scoring all."),
+    task_runner: str = typer.Option("threads", help="Where generation and embedding batches run: threads, or dask (TEXTADAPT_DASK_ADDRESS, else a local cluster)."),
 ) -> None:
     """Generate descriptions, train text-only adapters, and score them against zero-shot CLIP."""
-    try:
-        options = RunOptions(
-            dataset=dataset, backbone=backbone, llm=llm, template_sets=_names(templates), sources=_names(sources),
-            refresh=refresh, train_only=train_only,
-            samples=samples, temperature=temperature, max_tokens=max_tokens, steps=steps, seed=seed,
-            max_classes=max_classes, max_images=max_images, batch_size=batch_size,
-            methods=_names(methods), scoring=_names(scoring), seeds=seeds, prior=prior, ig_beta=ig_beta,
-            ot_alpha=ot_alpha, ot_eps=ot_eps, ot_iters=ot_iters, ot_marginal=ot_marginal, ot_teacher=ot_teacher, captioner=captioner,
-        )
-    except ValidationError as e:
-        flag = {"template_sets": "templates"}
-        if not e.errors()[0]["loc"]:  # a check of the options together
-            _fail(TextadaptError(e.errors()[0]["msg"].removeprefix("Value error, ")))
-        _fail(TextadaptError("; ".join(f"--{flag.get(str(x['loc'][0]), str(x['loc'][0])).replace('_', '-')}: {x['msg']}" for x in e.errors())))
+    options = _options_from_flags(locals())
     # Prefect's usage analytics would only fail without network; textadapt runs offline by design.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Prefect's temporary API gets 20 s to start by default; a busy 2-core machine can need more.
@@ -110,6 +98,25 @@ def run(
             table.add_row(m, f"{100 * top1:.1f}")
         out.print(table)
     out.print(f"report: {outcome.report_path}")
+
+
+def _options_from_flags(flags: dict) -> RunOptions:
+    """RunOptions from `run`'s flags (comma-separated lists split), or a clear error naming the flag."""
+    fields = dict(flags)
+    for flag, field in (("templates", "template_sets"), ("sources", "sources"), ("methods", "methods"), ("scoring", "scoring")):
+        fields[field] = _names(fields.pop(flag))
+    return _run_options(fields)
+
+
+def _run_options(fields: dict) -> RunOptions:
+    """RunOptions from the flags, or a clear error naming the flag."""
+    try:
+        return RunOptions(**fields)
+    except ValidationError as e:
+        flag = {"template_sets": "templates"}
+        if not e.errors()[0]["loc"]:  # a check of the options together
+            _fail(TextadaptError(e.errors()[0]["msg"].removeprefix("Value error, ")))
+        _fail(TextadaptError("; ".join(f"--{flag.get(str(x['loc'][0]), str(x['loc'][0])).replace('_', '-')}: {x['msg']}" for x in e.errors())))
 
 
 def _names(csv_list: str) -> list[str]:
@@ -348,6 +355,84 @@ def descriptions_export(
         err.print(f"wrote {sum(map(len, data.values()))} descriptions of {len(data)} classes to {output}", markup=False)
     else:
         print(text)
+
+
+# --- running as a service: scheduled deployments, serving them, past runs ---------------------------
+
+
+def _prefect_env() -> None:
+    # Prefect's usage analytics would only fail without network; textadapt runs offline by design.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def schedule(
+    ctx: typer.Context,
+    dataset: str = typer.Argument(..., help="Dataset name (see `textadapt datasets`)."),
+    cron: str = typer.Option(..., "--cron", help="When to run, e.g. \"0 3 * * *\" (03:00 every day)."),
+    timezone: Optional[str] = typer.Option(None, "--timezone", help="Time zone of the cron schedule, e.g. Europe/Paris (default: UTC)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Deployment name (default: the dataset's name)."),
+) -> None:
+    """Create or update the Prefect deployment that runs DATASET on a cron schedule.
+
+    Every other option is a run option, exactly as for `textadapt run` (see `textadapt run --help`),
+    e.g. `textadapt schedule fashion-mnist --cron "0 3 * * *" --max-classes 4 --task-runner dask`.
+    Needs a Prefect server (PREFECT_API_URL); `textadapt serve` then runs the scheduled runs.
+    """
+    run_command = typer.main.get_command(app).commands["run"]
+    with run_command.make_context("run", [dataset, *ctx.args], parent=ctx) as run_ctx:
+        flags = dict(run_ctx.params)
+    options = _options_from_flags(flags)
+    _prefect_env()
+    from flows.deployments import schedule as make_schedule
+
+    try:
+        deployment_id = make_schedule(options, cron, timezone, name)
+    except TextadaptError as e:
+        _fail(e)
+    out.print(f"deployment textadapt-adapt/{name or dataset} ({deployment_id}): cron {cron!r}"
+              f"{f' ({timezone})' if timezone else ' (UTC)'}; run it with `textadapt serve`", markup=False)
+
+
+@app.command()
+def serve(limit: int = typer.Option(1, min=1, help="Most flow runs at once. Runs that share a cache file must take turns (DuckDB: one writing process).")) -> None:
+    """Run the scheduled textadapt deployments from this machine until Ctrl-C (Prefect `serve`).
+
+    A run due while another runs waits for it; schedules stay as they are when this stops.
+    """
+    _prefect_env()
+    from flows.deployments import serve as serve_deployments
+
+    try:
+        serve_deployments(limit)
+    except TextadaptError as e:
+        _fail(e)
+
+
+@app.command()
+def runs(
+    dataset: Optional[str] = typer.Argument(None, help="Only this dataset's runs."),
+    limit: int = typer.Option(20, help="Newest N runs."),
+) -> None:
+    """Past runs from the cache, newest first, with their gain: best adapted top-1 minus best zero-shot top-1."""
+    from textadapt.store import Store, run_summaries
+
+    try:
+        with Store(Settings().db_path, read_only=True) as store:
+            rows = run_summaries(store, dataset, limit)
+    except TextadaptError as e:
+        _fail(e)
+    if not rows:
+        out.print(f"no runs{f' of {dataset}' if dataset else ''} in {Settings().db_path}", markup=False)
+        return
+    table = Table("run", "status", "best adapted, top-1 %", "best zero-shot, top-1 %", "gain (points)")
+    best = lambda method, top1: "-" if top1 is None else f"{method} {100 * top1:.1f}"  # noqa: E731
+    for r in rows:
+        gain = "-" if r.gain is None else f"{100 * r.gain:+.1f}" + ("*" if r.untrained else "")
+        table.add_row(r.run_id, r.status, best(r.best_adapted, r.adapted_top1), best(r.best_zero_shot, r.zero_shot_top1), gain)
+    out.print(table)
+    if any(r.untrained for r in rows):
+        out.print("* untrained backbone (random weights): its accuracies and gain mean nothing", markup=False)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,18 @@ class Settings(BaseSettings):
         description="Whether the HTTP LLM server honours `n` (several samples per request); None: probe it once.",
     )
 
+    # Running as a service: Prefect's global concurrency limit on LLM requests, and the Dask cluster.
+    llm_global_limit: int = Field(
+        8, ge=1,
+        description="Slots of Prefect's global concurrency limit `textadapt-llm` when a run has to create it: LLM requests "
+        "in flight at once over every flow run of one Prefect server. A limit that exists is left as it is.",
+    )
+    dask_address: str | None = Field(
+        None, description="Dask scheduler for --task-runner dask, e.g. tcp://10.0.0.5:8786; unset: a local cluster per run."
+    )
+    dask_workers: int | None = Field(None, ge=1, description="Worker processes of the local Dask cluster; default: Dask's.")
+    dask_threads_per_worker: int | None = Field(None, ge=1, description="Threads per local Dask worker; default: Dask's.")
+
     @property
     def db_path(self) -> Path:
         return self.db or self.home / "textadapt.duckdb"
@@ -126,6 +138,11 @@ class RunOptions(BaseModel):
     ot_marginal: Literal["counts", "uniform"] = Field("counts", description="OT soft labels: class marginal, the batch's class counts or uniform.")
     captioner: str | None = Field(None, description="A CoCa backbone spec (or 'same' for --backbone) to score as a captioner too.")
     ot_teacher: Literal["zero-shot", "ema"] = Field("zero-shot", description="OT soft labels: frozen zero-shot prototypes or an EMA (0.999) of the adapter.")
+    task_runner: Literal["threads", "dask"] = Field(
+        "threads",
+        description="Where generation and embedding batches run: threads of the flow's process, or a Dask cluster "
+        "(Settings.dask_address, else a local one). The cache is written by the flow's process either way.",
+    )
 
     @model_validator(mode="after")
     def _something_to_train_on(self) -> "RunOptions":

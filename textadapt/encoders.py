@@ -227,25 +227,64 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def text_key(text: str) -> str:
+    """A text's embedding cache key (with the backbone's identity)."""
+    return _sha(text)
+
+
 @torch.inference_mode()
+def embed_texts(backbone: Backbone, texts: list[str], batch_size: int = 256) -> np.ndarray:
+    """L2-normalised embeddings of ``texts``, computed now (no cache): safe to run in any process."""
+    out = [np.zeros((0, backbone.embed_dim), np.float32)]
+    for start in range(0, len(texts), batch_size):
+        tokens = backbone.tokenizer(texts[start : start + batch_size]).to(backbone.device)
+        out.append(backbone.model.encode_text(tokens, normalize=True).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+@torch.inference_mode()
+def embed_images(backbone: Backbone, images: ImageSet, batch_size: int = 256) -> np.ndarray:
+    """L2-normalised embeddings of every image, computed now (no cache): safe to run in any process."""
+    out = [np.zeros((0, backbone.embed_dim), np.float32)]
+    for batch in iter_batches(images, batch_size):
+        pixels = torch.stack([backbone.preprocess(im) for im in batch]).to(backbone.device)
+        out.append(backbone.model.encode_image(pixels, normalize=True).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def uncached_texts(backbone: Backbone, texts: list[str], store: Store) -> list[str]:
+    """The distinct texts whose embeddings under this backbone the cache does not hold, in first-seen order."""
+    unique = list(dict.fromkeys(texts))
+    cached = store.get_embeddings("text", backbone.id, [_sha(t) for t in unique])
+    return [t for t in unique if _sha(t) not in cached]
+
+
+def uncached_images(backbone: Backbone, images: ImageSet, store: Store, hashes: list[str] | None = None) -> tuple[ImageSet, list[str]]:
+    """The distinct images whose embeddings under this backbone the cache does not hold, and their keys
+    (``hashes``: ``images.keys()`` if the caller has them already)."""
+    hashes = hashes if hashes is not None else images.keys()
+    cached = store.get_embeddings("image", backbone.id, list(set(hashes)))
+    first_of: dict[str, int] = {}  # identical images are encoded once
+    for i, h in enumerate(hashes):
+        if h not in cached:
+            first_of.setdefault(h, i)
+    idx = list(first_of.values())
+    return ImageSet([images.images[i] for i in idx], images.labels[idx], images.source), list(first_of)
+
+
 def encode_texts(backbone: Backbone, texts: list[str], store: Store, batch_size: int = 256) -> tuple[np.ndarray, int]:
     """L2-normalised embeddings of ``texts`` in order, and how many had to be encoded (not cached)."""
-    hashes = [_sha(t) for t in texts]
-    cached = store.get_embeddings("text", backbone.id, list(set(hashes)))
-    todo = list(dict.fromkeys(h for h in hashes if h not in cached))
-    by_hash = {h: t for h, t in zip(hashes, texts)}
+    todo = uncached_texts(backbone, texts, store)
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
-        tokens = backbone.tokenizer([by_hash[h] for h in chunk]).to(backbone.device)
-        emb = backbone.model.encode_text(tokens, normalize=True).float().cpu().numpy()
-        store.put_embeddings("text", backbone.id, chunk, emb, [by_hash[h] for h in chunk])
-        cached.update(zip(chunk, emb))
+        store.put_embeddings("text", backbone.id, [_sha(t) for t in chunk], embed_texts(backbone, chunk, batch_size), chunk)
     if not texts:
         return np.zeros((0, backbone.embed_dim), np.float32), 0
+    hashes = [_sha(t) for t in texts]
+    cached = store.get_embeddings("text", backbone.id, list(set(hashes)))
     return np.stack([cached[h] for h in hashes]), len(todo)
 
 
-@torch.inference_mode()
 def encode_images(backbone: Backbone, images: ImageSet, store: Store, batch_size: int = 256,
                   progress: Progress | None = None) -> tuple[np.ndarray, int]:
     """L2-normalised embeddings of every image in order, and how many had to be encoded.
@@ -253,21 +292,13 @@ def encode_images(backbone: Backbone, images: ImageSet, store: Store, batch_size
     Each batch is stored as soon as it is encoded, so an interrupted run resumes where it stopped.
     """
     hashes = images.keys()
-    cached = store.get_embeddings("image", backbone.id, list(set(hashes)))
-    first_of = {}  # identical images are encoded once
-    for i, h in enumerate(hashes):
-        if h not in cached:
-            first_of.setdefault(h, i)
-    todo_idx = list(first_of.values())
-    todo = ImageSet([images.images[i] for i in todo_idx], images.labels[todo_idx], images.source)
+    todo, keys = uncached_images(backbone, images, store, hashes)
     if progress:
         progress(0, len(todo))
-    for start, batch in zip(range(0, len(todo), batch_size), iter_batches(todo, batch_size)):
-        pixels = torch.stack([backbone.preprocess(im) for im in batch]).to(backbone.device)
-        emb = backbone.model.encode_image(pixels, normalize=True).float().cpu().numpy()
-        chunk = [hashes[i] for i in todo_idx[start : start + len(batch)]]
-        store.put_embeddings("image", backbone.id, chunk, emb)
-        cached.update(zip(chunk, emb))
+    for start in range(0, len(todo), batch_size):
+        chunk = todo.subset((np.arange(len(todo)) >= start) & (np.arange(len(todo)) < start + batch_size))
+        store.put_embeddings("image", backbone.id, keys[start : start + batch_size], embed_images(backbone, chunk, batch_size))
         if progress:
-            progress(start + len(batch), len(todo))
-    return np.stack([cached[h] for h in hashes]), len(todo_idx)
+            progress(start + len(chunk), len(todo))
+    cached = store.get_embeddings("image", backbone.id, list(set(hashes)))
+    return np.stack([cached[h] for h in hashes]), len(todo)

@@ -161,13 +161,18 @@ def _vocabulary(backbone: Backbone) -> list[str]:
     return "red blue round square soft hard small large bright dark striped plain metal wood glass paper".split()
 
 
+def zero_shot_prompts(spec: DatasetSpec) -> dict[str, list[str]]:
+    """Each zero-shot baseline's prompts, class-major (what its class prototypes average)."""
+    return {method: class_prompts(spec.classes, templates or spec.zeroshot.templates or openclip_imagenet_templates())
+            for method, templates in BASELINES.items()}
+
+
 def training_free(backbone: Backbone, spec: DatasetSpec, store: Store, sets: dict, dclip_sets: set[str], seeds: list[int],
                   batch_size: int = 256) -> tuple[list[Classifier], int]:
     """The zero-shot, WaffleCLIP, CuPL and DCLIP classifiers, and how many texts had to be encoded."""
     n, scale, encoded, out = len(spec.classes), logit_scale(backbone), 0, []
-    for method, templates in BASELINES.items():
-        templates = templates or spec.zeroshot.templates or openclip_imagenet_templates()
-        emb, k = encode_texts(backbone, class_prompts(spec.classes, templates), store, batch_size)
+    for method, prompts in zero_shot_prompts(spec).items():
+        emb, k = encode_texts(backbone, prompts, store, batch_size)
         encoded += k
         out.append(Classifier(method, "zero-shot", [scale * prototypes(emb, n)], [0]))
     vocabulary, weights = _vocabulary(backbone), []

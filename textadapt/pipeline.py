@@ -16,7 +16,7 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -139,36 +139,56 @@ class GenerationStats:
                                  ("planned", "cached", "made", "completion_tokens", "seconds")))
 
 
+def uncached(plan: list[PlannedGeneration], store: Store) -> list[PlannedGeneration]:
+    """The planned generations the cache does not hold yet: what an LLM must be asked for."""
+    existing = store.existing_generations([p.key for p in plan])
+    return [p for p in plan if p.key not in existing]
+
+
+def batches(plan: list[PlannedGeneration]) -> list[list[PlannedGeneration]]:
+    """Group a plan by (class, template): the samples of one question, the unit that is retried and spread out."""
+    groups: dict[tuple[int, str], list[PlannedGeneration]] = {}
+    for p in plan:
+        groups.setdefault((p.class_index, p.template.name), []).append(p)
+    return list(groups.values())
+
+
+def answer(plan: list[PlannedGeneration], backend: Backend, spec: DatasetSpec) -> Iterator[Generation]:
+    """Ask the LLM for every planned generation (cached or not: see ``uncached``); yield each cleaned
+    row as its answer arrives. Writes nothing: the caller stores the rows."""
+    todo = {p.key: p for p in plan}
+    requests = [Request(k, p.prompt, p.sampling, seed=int(k[:8], 16)) for k, p in todo.items()]
+    for req, ans in backend.generate(requests):
+        p = todo[req.key]
+        description, rejected = clean(ans.text, p.template.parse, spec.prompting.category)
+        yield Generation(
+            key=p.key, dataset=spec.name, class_name=p.class_name, template=p.template.name,
+            template_hash=p.template.source_hash, model=backend.identity, prompt=p.prompt, params=p.sampling.as_dict(),
+            sample_index=p.sample_index, raw_text=stored_raw(ans.text), description=description, rejected=rejected,
+            prompt_tokens=ans.prompt_tokens, completion_tokens=ans.completion_tokens, seconds=ans.seconds,
+            base_key=p.base_key, refresh=p.refresh,
+        )
+
+
 def generate(plan: list[PlannedGeneration], backend: Backend, store: Store, spec: DatasetSpec,
              progress: Progress | None = None) -> GenerationStats:
     """Ask the LLM for every planned generation not in the cache; store each answer as it arrives."""
-    dataset, category = spec.name, spec.prompting.category
     t0 = time.perf_counter()
-    existing = store.existing_generations([p.key for p in plan])
-    todo = {p.key: p for p in plan if p.key not in existing}
+    todo = uncached(plan, store)
     stats = GenerationStats(planned=len(plan), cached=len(plan) - len(todo), made=0)
-    requests = [Request(k, p.prompt, p.sampling, seed=int(k[:8], 16)) for k, p in todo.items()]
     if progress:
-        progress(0, len(requests))
+        progress(0, len(todo))
     stored: set[str] = set()
     try:
-        for req, ans in backend.generate(requests):
-            p = todo[req.key]
-            description, rejected = clean(ans.text, p.template.parse, category)
-            store.add_generation(Generation(
-                key=p.key, dataset=dataset, class_name=p.class_name, template=p.template.name,
-                template_hash=p.template.source_hash, model=backend.identity, prompt=p.prompt, params=p.sampling.as_dict(),
-                sample_index=p.sample_index, raw_text=stored_raw(ans.text), description=description, rejected=rejected,
-                prompt_tokens=ans.prompt_tokens, completion_tokens=ans.completion_tokens, seconds=ans.seconds,
-                base_key=p.base_key, refresh=p.refresh,
-            ))
-            stored.add(p.key)
+        for row in answer(todo, backend, spec):
+            store.add_generation(row)
+            stored.add(row.key)
             stats.made += 1
-            stats.completion_tokens += ans.completion_tokens or 0
+            stats.completion_tokens += row.completion_tokens or 0
             if progress:
-                progress(stats.made, len(requests))
+                progress(stats.made, len(todo))
     except TextadaptError as e:  # the backend's requests failed after their retries: say which generations are missing
-        raise TextadaptError(f"{e}\n{missing_summary([p for k, p in todo.items() if k not in stored], len(plan))}") from e
+        raise TextadaptError(f"{e}\n{missing_summary([p for p in todo if p.key not in stored], len(plan))}") from e
     stats.seconds = time.perf_counter() - t0
     return stats
 

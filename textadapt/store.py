@@ -245,6 +245,13 @@ class Store:
     def close(self) -> None:
         self.con.close()
 
+    def __reduce__(self):
+        # A Store sent to another process (a Dask worker, a subprocess) would be a second writer.
+        raise TextadaptError(
+            f"the cache {self.path} is written by one process only (DuckDB allows one writing process per file): "
+            "a task that runs elsewhere must return its rows to the flow, which writes them"
+        )
+
     def __enter__(self) -> "Store":
         return self
 
@@ -448,3 +455,40 @@ def _embedding_table(kind: str) -> tuple[str, str]:
     if kind == "image":
         return "image_embeddings", "image_hash"
     raise ValueError(kind)
+
+
+@dataclass
+class RunSummary:
+    """One past run and its gain: best adapted top-1 minus best zero-shot top-1 (None if not scored)."""
+
+    run_id: str
+    dataset: str
+    status: str
+    started_at: object
+    untrained: bool | None
+    best_adapted: str | None
+    adapted_top1: float | None
+    best_zero_shot: str | None
+    zero_shot_top1: float | None
+
+    @property
+    def gain(self) -> float | None:
+        if self.adapted_top1 is None or self.zero_shot_top1 is None:
+            return None
+        return self.adapted_top1 - self.zero_shot_top1
+
+
+def run_summaries(store: Store, dataset: str | None = None, limit: int = 20) -> list[RunSummary]:
+    """The latest runs, newest first, from the ``runs``, ``results`` and ``backbones`` tables."""
+    rows = store.con.execute(
+        """
+        SELECT r.run_id, r.dataset, r.status, r.started_at, b.untrained,
+               arg_max(x.method, x.top1) FILTER (x.kind = 'adapted'), max(x.top1) FILTER (x.kind = 'adapted'),
+               arg_max(x.method, x.top1) FILTER (x.kind = 'zero-shot'), max(x.top1) FILTER (x.kind = 'zero-shot')
+        FROM runs r LEFT JOIN results x USING (run_id) LEFT JOIN backbones b ON b.backbone = r.backbone
+        WHERE ?::VARCHAR IS NULL OR r.dataset = ?
+        GROUP BY ALL ORDER BY r.started_at DESC LIMIT ?
+        """,
+        [dataset, dataset, limit],
+    ).fetchall()
+    return [RunSummary(*row) for row in rows]
