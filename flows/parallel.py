@@ -234,9 +234,11 @@ def generate(workers: Workers, plan: list[pipeline.PlannedGeneration], backend: 
         jobs.append(dict(batch=batch, spec=spec, llm=llm, settings=settings, slots=slots, identity=backend.identity,
                          limit=LLM_LIMIT if limit else None))
     where: dict[str, int] = {}
+    stored: set[str] = set()
 
     def write(job: dict, result: BatchResult) -> None:
         store.add_generations(result.rows)
+        stored.update(r.key for r in result.rows)
         stats.made += len(result.rows)
         stats.completion_tokens += sum(r.completion_tokens or 0 for r in result.rows)
         where[result.where] = where.get(result.where, 0) + 1
@@ -245,9 +247,11 @@ def generate(workers: Workers, plan: list[pipeline.PlannedGeneration], backend: 
     try:
         workers.map(generate_batch, jobs, weight=lambda job: max(job["slots"], 1), capacity=capacity, done=write)
     except BatchFailures as e:
+        missing = [p for p in todo if p.key not in stored]
         raise TextadaptError(
-            f"{len(e.failures)} of {e.total} generation batches failed after {LLM_RETRIES} retries each: {e.failures[0]}. "
-            f"The {stats.made} answers that came back are stored; running again asks only for the rest."
+            f"{len(missing)} of {len(todo)} LLM requests failed: {len(e.failures)} of {e.total} (class, question) batches, "
+            f"each tried {1 + LLM_RETRIES} times; the first error: {e.failures[0]}\n"
+            f"{pipeline.missing_summary(missing, len(plan))} Running again asks only for the rest."
         ) from None
     finally:
         stats.seconds = time.perf_counter() - t0

@@ -107,7 +107,9 @@ def test_published_descriptions_train_without_an_llm(home):
     [(llm, calls, status)] = query(home, "SELECT llm, llm_calls, status FROM runs")
     assert (calls, status) == (0, "completed") and llm.startswith("none")
     report = Path(re.search(r"report: (\S+\.md)", p.stdout).group(1)).read_text()
-    assert "| `tap-head:import:cupl` | 10 |" in report and "--train-only" in report
+    assert "| `tap-head:import:cupl` |" in report and "10 full-batch steps" in report and "--train-only" in report
+    # a train-only run keeps its classifiers too: it can be exported with no image ever seen
+    assert query(home, "SELECT n_classes FROM classifiers WHERE method = 'tap-head:import:cupl'") == [(20,)]
     trained = int(re.search(r"Trained on (\d+) descriptions", report).group(1))
     assert trained == query(home, "SELECT count(*) FROM run_generations r JOIN descriptions USING (key) WHERE r.excluded IS NULL")[0][0]
     assert 20 * 30 < trained < 20 * 200

@@ -71,10 +71,7 @@ def run(
 ) -> None:
     """Generate descriptions, train text-only adapters, and score them against zero-shot CLIP."""
     options = _options_from_flags(locals())
-    # Prefect's usage analytics would only fail without network; textadapt runs offline by design.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # Prefect's temporary API gets 20 s to start by default; a busy 2-core machine can need more.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    _prefect_env()
     from flows.adapt import adapt  # Prefect is imported only for commands that run flows
 
     try:
@@ -361,8 +358,15 @@ def descriptions_export(
 
 
 def _prefect_env() -> None:
+    """Environment for commands that run or talk to Prefect; call before importing it."""
     # Prefect's usage analytics would only fail without network; textadapt runs offline by design.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's temporary API gets 20 s to start by default; a busy 2-core machine can need more.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # Prefect creates PREFECT_HOME without its parents, and its temporary API then cannot open its
+    # database and retries until the timeout ("Timed out while attempting to connect ...").
+    if os.environ.get("PREFECT_HOME"):
+        Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
