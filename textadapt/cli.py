@@ -418,7 +418,7 @@ def runs(
     dataset: Optional[str] = typer.Argument(None, help="Only this dataset's runs."),
     limit: int = typer.Option(20, help="Newest N runs."),
 ) -> None:
-    """Past runs from the cache, newest first, with their gain: best adapted top-1 minus best zero-shot top-1."""
+    """Past runs from the cache, newest first, with their gain: best adapted top-1 minus best training-free baseline top-1 (zero-shot or descriptions, plain scoring)."""
     from textadapt.store import Store, run_summaries
 
     try:
@@ -429,7 +429,7 @@ def runs(
     if not rows:
         out.print(f"no runs{f' of {dataset}' if dataset else ''} in {Settings().db_path}", markup=False)
         return
-    table = Table("run", "status", "best adapted, top-1 %", "best zero-shot, top-1 %", "gain (points)")
+    table = Table("run", "status", "best adapted, top-1 %", "best training-free baseline, top-1 %", "gain (points)")
     best = lambda method, top1: "-" if top1 is None else f"{method} {100 * top1:.1f}"  # noqa: E731
     for r in rows:
         gain = "-" if r.gain is None else f"{100 * r.gain:+.1f}" + ("*" if r.untrained else "")

@@ -459,7 +459,7 @@ def _embedding_table(kind: str) -> tuple[str, str]:
 
 @dataclass
 class RunSummary:
-    """One past run and its gain: best adapted top-1 minus best zero-shot top-1 (None if not scored)."""
+    """One past run and its gain: best adapted top-1 minus best training-free top-1 (None if not scored)."""
 
     run_id: str
     dataset: str
@@ -484,7 +484,9 @@ def run_summaries(store: Store, dataset: str | None = None, limit: int = 20) -> 
         """
         SELECT r.run_id, r.dataset, r.status, r.started_at, b.untrained,
                arg_max(x.method, x.top1) FILTER (x.kind = 'adapted'), max(x.top1) FILTER (x.kind = 'adapted'),
-               arg_max(x.method, x.top1) FILTER (x.kind = 'zero-shot'), max(x.top1) FILTER (x.kind = 'zero-shot')
+               -- the baseline, as the harness picks it: training-free (zero-shot or descriptions), plain scoring
+               arg_max(x.method, x.top1) FILTER (x.kind <> 'adapted' AND coalesce(x.scoring, 'plain') = 'plain'),
+               max(x.top1) FILTER (x.kind <> 'adapted' AND coalesce(x.scoring, 'plain') = 'plain')
         FROM runs r LEFT JOIN results x USING (run_id) LEFT JOIN backbones b ON b.backbone = r.backbone
         WHERE ?::VARCHAR IS NULL OR r.dataset = ?
         GROUP BY ALL ORDER BY r.started_at DESC LIMIT ?
