@@ -204,7 +204,8 @@ def test_empty_answers_are_stored_as_rejected(llama_server, two_classes, tmp_pat
     with Store(db, read_only=True) as s:
         rows = s.sql("SELECT class_name, raw_text, description, rejected FROM generations ORDER BY class_name")[1]
     assert [r[1:] for r in rows if r[0] == BAD] == [("", None, "empty")] * 2
-    assert all(r[3] is None and r[2] for r in rows if r[0] == GOOD)
+    # the good class got real answers (sampled: SmolLM2 may still say something cleaning rejects, never "empty")
+    assert all(r[1] and r[3] != "empty" for r in rows if r[0] == GOOD) and len(rows) == 4
 
 
 def textadapt(*args: str, env: dict) -> subprocess.CompletedProcess:
