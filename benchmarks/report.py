@@ -42,13 +42,13 @@ EXPLAIN = {
         "README's full run (10 classes, 500 descriptions, 10,000 images), the README reports 19 s against 23 min "
         "(1.4%; not re-measured here)."),
     "encoders": (
-        "Measured at a reduced size (32 texts, 16 images, 1 torch thread, 3 repetitions) because the machine was at load "
-        "average 12 to 19 on 2 cores; the bare loop's batch sweep under that load says little about the best batch size. "
-        "The goal is missed on CPU time for texts (textadapt spent about 0.3 s more CPU per 32 texts, consistently in all "
-        "three repetitions) and narrowly for images. The cause is not found: the DuckDB cache's lookup and insert of 32 "
-        "rows into a fresh file costs 0.02 s of CPU (0.1 s on the first call of a process), measured apart, which explains "
-        "little of it; the model, tokenizer and batch are the same. Not profiled for lack of time: the next step is "
-        "py-spy on `encode_texts` against the bare loop at a larger size on a quiet machine."),
+        "An earlier run (32 texts, at load average 12 to 19) missed the goal for texts (CPU ratio 1.12). Profiled: "
+        "encode_texts with the same model instance as the bare loop cost the same CPU (10.7 s against 11.2 s for 128 "
+        "texts, DuckDB lookup and insert included), so the gap was the model, not the cache. textadapt's backbone "
+        "loader called requires_grad_(False) on every parameter, and with that flag open_clip's text tower ran about 6% "
+        "slower on this CPU under no_grad and inference_mode alike (same weights; turning the flag back on closed the "
+        "gap). The loader no longer sets it (the backbone is frozen by use: every encoder runs under inference_mode, and "
+        "the prompt learner turns the flags off while it trains); these figures are from after that change."),
     "training_scale": (
         "Every step is full-batch: it draws fresh N x 512 Gaussian noise, multiplies N x 512 by 512 x C forward and "
         "backward, and takes the softmax over N x C. So the cost per step grows linearly with the number of "
