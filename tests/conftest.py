@@ -1,9 +1,13 @@
 import http.client
 import json
 import os
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -259,3 +263,40 @@ def assert_secret_nowhere(secret: str, roots: list[Path], *outputs: str) -> None
                     assert not [n for n in needles if n in text], f"the secret is in table {table} of {f}"
             finally:
                 con.close()
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """A real `prefect server start` on 127.0.0.1 with its own PREFECT_HOME (SQLite), one per test module; yields its API URL."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false")
+    log_path = home / "server.log"
+    with open(log_path, "wb") as log:  # a file, not a pipe: a full pipe would stall the server
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"prefect server exited with code {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"prefect server did not answer {api}/health within 180 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield api
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (start_new_session): it and its workers
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

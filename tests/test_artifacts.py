@@ -5,57 +5,15 @@ import base64
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
-import pytest
-
-from conftest import TINY, free_port
+from conftest import TINY
 from flows.artifacts import artifact_key
 from textadapt.store import Store
 
 CLI = str(Path(sys.executable).parent / "textadapt")
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    """A real Prefect server with its own PREFECT_HOME (SQLite database); yields its API URL."""
-    home = tmp_path_factory.mktemp("prefect-server")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false")
-    log_path = home / "server.log"
-    with open(log_path, "wb") as log:  # a file, not a pipe: a full pipe would stall the server
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    api = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"prefect server exited with code {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"prefect server did not answer {api}/health within 120 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield api
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (start_new_session): it and its workers
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def read_artifacts(api: str, key_prefix: str):

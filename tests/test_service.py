@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO, TINY, free_port
+from conftest import REPO, TINY
 
 from textadapt import TextadaptError
 from textadapt.config import RunOptions
@@ -36,43 +36,6 @@ def textadapt(*args: str, env: dict | None = None, check: bool = True) -> subpro
 def query(db: Path, sql: str) -> list[tuple]:
     with Store(db, read_only=True) as s:
         return s.sql(sql)[1]
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    """A real Prefect server on 127.0.0.1 with its own PREFECT_HOME; yields its API URL."""
-    home = tmp_path_factory.mktemp("prefect-server")
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    log_path = home / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
-    api = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"prefect server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"prefect server did not answer {api}/health within 180 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield api
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture
