@@ -58,15 +58,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_up(name: str, proc: subprocess.Popen, url: str, log_path: Path, seconds: float) -> None:
+    """Poll ``url`` until it answers 200; fail with the server's log if it exits or stays silent."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"{name} exited with code {proc.returncode}:\n{log_path.read_text(errors='replace')[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{name} did not answer GET {url} within {seconds:.0f} s:\n{log_path.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.3)
+
+
 @pytest.fixture(scope="session")
 def llama_server(tmp_path_factory):
     """A real OpenAI-compatible server: ``python -m llama_cpp.server`` serving SmolLM2 as ``smollm2``.
     Yields its base URL (``http://127.0.0.1:PORT/v1``)."""
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
     from textadapt.llm import smollm2_path
 
     port = free_port()
@@ -80,23 +92,8 @@ def llama_server(tmp_path_factory):
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}/v1"
 
-    def server_output() -> str:
-        return log_path.read_text(errors="replace")[-3000:]
-
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"llama_cpp.server exited with code {proc.returncode}:\n{server_output()}")
-            try:
-                with urllib.request.urlopen(f"{base_url}/models", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"llama_cpp.server did not answer GET {base_url}/models within 60 s:\n{server_output()}")
-            time.sleep(0.2)
+        wait_until_up("llama_cpp.server", proc, f"{base_url}/models", log_path, 60)
         yield base_url
     finally:
         proc.terminate()
@@ -279,19 +276,7 @@ def prefect_server(tmp_path_factory):
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     api = f"http://127.0.0.1:{port}/api"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"prefect server exited with code {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"prefect server did not answer {api}/health within 180 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_until_up("prefect server", proc, f"{api}/health", log_path, 180)
         yield api
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (start_new_session): it and its workers
