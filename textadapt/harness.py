@@ -37,36 +37,47 @@ from PIL import Image
 
 from textadapt import TextadaptError
 from textadapt.adapters import ADAPTERS, TapRecipe, TrainedHead, train_adapter
+from textadapt.config import RunOptions
 from textadapt.datasets import DatasetSpec
 from textadapt.encoders import Backbone, encode_texts
 from textadapt.losses import CrossEntropy, OTSoftLabels
-from textadapt.scoring import (BASELINES, PRIORS, Score, class_prompts, ig_logits, log_softmax, mean_score,
+from textadapt.scoring import (BASELINES, PRIORS, SCORINGS, Score, class_prompts, ig_logits, log_softmax, mean_score,
                                openclip_imagenet_templates, prototypes, score_logits)
 from textadapt.store import Store
 
 ALL_ADAPTERS = (*ADAPTERS, "prompt")
 LOSSES = ("ce", "ot")
-SCORINGS = ("plain", "ig")
-DEFAULT_METHODS = ["tap-head"]
 WAFFLE_PAIRS = 15
 
 
 @dataclass
 class HarnessConfig:
-    """What to train and how to score it; ``RunOptions`` fills it in."""
+    """What to train and how to score it: a run's options as the harness needs them (``from_options``)."""
 
-    methods: list[tuple[str, str]] = field(default_factory=lambda: [("tap-head", "ce")])  # (adapter, loss)
-    scorings: list[str] = field(default_factory=lambda: ["plain"])
-    seeds: list[int] = field(default_factory=lambda: [7777])
-    steps: int = 400
-    prior: str = "empty-text"
-    beta: float = 1.0
-    ot_alpha: float = 0.5
-    ot_eps: float = 0.15
-    ot_iters: int = 5
-    ot_marginal: str = "counts"
-    ot_teacher: str = "zero-shot"
+    methods: list[tuple[str, str]]  # (adapter, loss)
+    scorings: list[str]
+    seeds: list[int]
+    steps: int
+    prior: str
+    beta: float
+    ot_alpha: float
+    ot_eps: float
+    ot_iters: int
+    ot_marginal: str
+    ot_teacher: str
     prompt_steps: int | None = None  # None: the prompt learner's own default
+
+    @classmethod
+    def from_options(cls, options: RunOptions, steps: int) -> "HarnessConfig":
+        """The harness's view of a run's options; ``steps``: the option's, else the dataset spec's."""
+        if options.train_only and options.prior == "mean-image" and set(options.scoring) & {"ig", "all"}:
+            raise TextadaptError("--prior mean-image needs the test images, which --train-only skips; use empty-text or blank-image")
+        return cls(
+            methods=parse_methods(options.methods), scorings=parse_scorings(options.scoring),
+            seeds=[options.seed + i for i in range(options.seeds)], steps=steps, prior=options.prior, beta=options.ig_beta,
+            ot_alpha=options.ot_alpha, ot_eps=options.ot_eps, ot_iters=options.ot_iters, ot_marginal=options.ot_marginal,
+            ot_teacher=options.ot_teacher,
+        )
 
 
 def parse_methods(items: list[str]) -> list[tuple[str, str]]:
@@ -167,6 +178,30 @@ def zero_shot_prompts(spec: DatasetSpec) -> dict[str, list[str]]:
             for method, templates in BASELINES.items()}
 
 
+def waffle_texts(spec: DatasetSpec, vocabulary: list[str], seed: int) -> list[str]:
+    """WaffleCLIP's texts for one seed's draw, class-major."""
+    rng = random.Random(seed)
+    return [f"a photo of a {c}, which has {d}." for c in spec.classes for d in _waffle_descriptors(rng, vocabulary, WAFFLE_PAIRS)]
+
+
+def dclip_texts(spec: DatasetSpec, ts) -> list[str]:
+    """DCLIP's texts for a description set: "{class}, which has {descriptor}", one per description."""
+    return [f"{spec.classes[y]}, which has {_descriptor(t)}" for t, y in zip(ts.texts, ts.labels)]
+
+
+def texts_to_encode(backbone: Backbone, spec: DatasetSpec, sets: dict, dclip_sets: set[str], seeds: list[int]) -> list[str]:
+    """Every text ``training_free`` and ``adapted`` encode, so that a caller can embed them all up front in
+    parallel batches (then both find them in the cache): zero-shot prompts, WaffleCLIP's texts, the
+    description sets and DCLIP's texts."""
+    out = [t for prompts in zero_shot_prompts(spec).values() for t in prompts]
+    vocabulary = _vocabulary(backbone)
+    for seed in seeds:
+        out += waffle_texts(spec, vocabulary, seed)
+    for name, ts in sets.items():
+        out += ts.texts + (dclip_texts(spec, ts) if name in dclip_sets else [])
+    return list(dict.fromkeys(out))
+
+
 def training_free(backbone: Backbone, spec: DatasetSpec, store: Store, sets: dict, dclip_sets: set[str], seeds: list[int],
                   batch_size: int = 256) -> tuple[list[Classifier], int]:
     """The zero-shot, WaffleCLIP, CuPL and DCLIP classifiers, and how many texts had to be encoded."""
@@ -177,9 +212,7 @@ def training_free(backbone: Backbone, spec: DatasetSpec, store: Store, sets: dic
         out.append(Classifier(method, "zero-shot", [scale * prototypes(emb, n)], [0]))
     vocabulary, weights = _vocabulary(backbone), []
     for seed in seeds:
-        rng = random.Random(seed)
-        texts = [f"a photo of a {c}, which has {d}." for c in spec.classes for d in _waffle_descriptors(rng, vocabulary, WAFFLE_PAIRS)]
-        emb, k = encode_texts(backbone, texts, store, batch_size)
+        emb, k = encode_texts(backbone, waffle_texts(spec, vocabulary, seed), store, batch_size)
         encoded += k
         weights.append(scale * prototypes(emb, n))
     out.append(Classifier("waffle", "zero-shot", weights, list(seeds)))
@@ -189,8 +222,7 @@ def training_free(backbone: Backbone, spec: DatasetSpec, store: Store, sets: dic
         out.append(Classifier(f"cupl:{name}", "descriptions", [scale * _class_means(emb, ts.labels, n)], [0], text_set=name,
                               n_texts=len(ts.texts)))
         if name in dclip_sets:
-            texts = [f"{spec.classes[y]}, which has {_descriptor(t)}" for t, y in zip(ts.texts, ts.labels)]
-            emb, k = encode_texts(backbone, texts, store, batch_size)
+            emb, k = encode_texts(backbone, dclip_texts(spec, ts), store, batch_size)
             encoded += k
             out.append(Classifier(f"dclip:{name}", "descriptions", [_dclip(emb, ts.labels, n, scale)], [0], text_set=name,
                                   n_texts=len(ts.texts)))
@@ -227,13 +259,16 @@ def teacher_prototypes(training_free: list[Classifier]) -> np.ndarray:
 
 
 def adapted(backbone: Backbone, spec: DatasetSpec, store: Store, sets: dict, teacher: np.ndarray, config: HarnessConfig,
-            batch_size: int = 256, log=print) -> tuple[list[Classifier], int]:
+            batch_size: int = 256, log=print, progress=None) -> tuple[list[Classifier], int]:
     """Every (adapter, loss) of ``config.methods`` on every description set, once per seed.
 
     ``teacher``: the normalised zero-shot prototypes (classes, dim) the zs-head and residual start
-    from and the OT loss's frozen teacher.
+    from and the OT loss's frozen teacher. ``progress(done, total)``: heads trained so far.
     """
     n, scale, encoded, out = len(spec.classes), logit_scale(backbone), 0, []
+    total = len(sets) * len(config.methods) * len(config.seeds)
+    if progress:
+        progress(0, total)
     for name, ts in sets.items():
         emb, k = encode_texts(backbone, ts.texts, store, batch_size)
         encoded += k
@@ -246,6 +281,8 @@ def adapted(backbone: Backbone, spec: DatasetSpec, store: Store, sets: dict, tea
                 else:
                     recipe = TapRecipe(steps=config.steps, seed=seed)
                     heads.append(train_adapter(adapter, emb, ts.labels, n, recipe, teacher, scale, loss, backbone.device))
+                if progress:
+                    progress(len(out) * len(config.seeds) + len(heads), total)
             method = method_name(adapter, loss_name, name)
             log(f"{method}: trained {len(heads)} seed(s) in {sum(h.seconds for h in heads):.1f} s, "
                 f"last loss {np.mean([h.losses[-1] for h in heads]):.3f}")

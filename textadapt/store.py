@@ -148,6 +148,10 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (run_id, method)
     );
     """,
+    # 3 -> 4: the Prefect flow run behind each run (the flow run is named after run_id)
+    """
+    ALTER TABLE runs ADD COLUMN flow_run_id VARCHAR;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
