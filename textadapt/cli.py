@@ -88,11 +88,23 @@ def run_option_flags() -> list[inspect.Parameter]:
             default, annotation, is_list = option_default(name), field.annotation, get_origin(field.annotation) is list
             if is_list:  # a comma-separated list on the command line
                 default, annotation = ",".join(default), str
-            show_default = _settings_default(meta.settings) if meta.settings else bool(default) or default in (0, 0.0)
+            show_default = f"Settings.{meta.settings}" if meta.settings else bool(default) or default in (0, 0.0)  # see _RunOptionsCommand
             info = typer.Option(default, flag_name(name), help=help, show_default=show_default, callback=_check(name, is_list),
                                 metavar="A,B,..." if is_list else None)
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation))
     return params
+
+
+class _RunOptionsCommand(typer.core.TyperCommand):
+    """A command with the run options' flags: its help shows the Settings-backed defaults (backbone, llm) as they
+    are when help is asked for (environment, config file, --home)."""
+
+    def format_help(self, ctx, formatter) -> None:
+        for p in self.params:
+            meta = cli_meta().get(p.name)
+            if meta is not None and meta.settings:
+                p.show_default = _settings_default(meta.settings)
+        super().format_help(ctx, formatter)
 
 
 def _takes_run_options(fn):
@@ -101,7 +113,7 @@ def _takes_run_options(fn):
     return fn
 
 
-@app.command()
+@app.command(cls=_RunOptionsCommand)
 @_takes_run_options
 def run(**flags) -> None:
     """Generate descriptions, train text-only adapters, and score them against zero-shot CLIP.
@@ -175,10 +187,19 @@ def sql(
     elif format == "json":
         print(json.dumps([dict(zip(columns, r)) for r in rows], default=str, indent=1))
     else:
-        table = Table(*(Column(c, overflow="fold") for c in columns))  # a long value wraps: never cut
+        table = Table(*(_column(c, [r[i] for r in rows]) for i, c in enumerate(columns)))
         for r in rows:
             table.add_row(*("NULL" if v is None else str(v) for v in r))
         out.print(table)
+
+
+def _column(name: str, values: list) -> Column:
+    """A table column that never cuts a value: identifiers (run ids, keys: no spaces) stay whole on one line, the
+    rest wrap."""
+    shown = [str(v) for v in values if v is not None]
+    if shown and max(map(len, shown)) <= 80 and not any(c.isspace() for v in shown for c in v):
+        return Column(name, no_wrap=True, min_width=max(len(name), *map(len, shown)))
+    return Column(name, overflow="fold")
 
 
 @app.command("export")
@@ -412,7 +433,7 @@ def _schedule_flags(fn):
     return fn
 
 
-@app.command()
+@app.command(cls=_RunOptionsCommand)
 @_schedule_flags
 def schedule(**flags) -> None:
     """Create or update the Prefect deployment that runs DATASET on a cron schedule.

@@ -97,37 +97,38 @@ def adapt(**params) -> RunOutcome:
         with t("backbone"):
             backbone, captioner_bb = load_backbones(options, settings)
         backend = make_backend(inputs.llm_spec, settings) if inputs.templates else None
+        llm = backend.identity if backend else "none (no template set)"
         store.add_backbone(backbone.id, backbone.spec, backbone.arch, backbone.weights, backbone.untrained)
-        store.update_run(run_id, backbone=backbone.id, llm=backend.identity if backend else "none (no template set)")
+        store.update_run(run_id, backbone=backbone.id, llm=llm)  # known now, also if the run fails later
         with t("generation"):
             gen, plan, confusable_calls = generate_descriptions(inputs, backbone, backend, store, workers)
         store.update_run(run_id, llm_calls=gen.made, cached_generations=gen.cached)
         sets, filled = select_descriptions(run_id, inputs, plan, store)
         with t("text embeddings"):
-            text_calls = embed_all_texts(inputs, backbone, sets, store, workers)
+            text_calls = confusable_calls + embed_all_texts(inputs, backbone, sets, store, workers)
         with t("training"):
-            classifiers, trained = train(inputs, backbone, sets, store)
+            classifiers, trained, encoded = train(inputs, backbone, sets, store)
+            text_calls += encoded  # 0 when texts_to_encode named every text the classifiers need
         with t("image embeddings"):
             image_emb, image_calls = embed_test_images(inputs, backbone, store, workers)
         results, best = score(run_id, inputs, backbone, captioner_bb, classifiers, image_emb, store, t)
         workers.log_where(logger)
         report = RunReport(
             run_id=run_id, spec=inputs.spec, backbone_spec=backbone.spec, backbone_id=backbone.id, untrained=backbone.untrained,
-            arch=backbone.arch, llm=backend.identity if backend else "none (no template set)",
-            image_source=inputs.images.source if inputs.images else "none (--train-only)",
-            n_images=len(inputs.images) if inputs.images else 0, generation=gen, sets=sets,
-            scores={r.method: r.score for r in results}, heads={c.method: c.heads[0] for c in trained}, best_baseline=best,
-            text_encoder_calls=confusable_calls + text_calls, image_encoder_calls=image_calls, steps=inputs.config.steps,
-            seed=options.seed, stage_seconds=t.seconds, examples=_examples(inputs.spec, sets), filled=filled, results=results,
-            seeds=inputs.config.seeds, llm_usage=store.llm_usage(run_id),
+            arch=backbone.arch, llm=llm, image_source=inputs.images.source if inputs.images else "none (--train-only)",
+            n_images=len(inputs.images) if inputs.images else 0, generation=gen, sets=sets, scores={r.method: r.score for r in results},
+            heads={c.method: c.heads[0] for c in trained}, best_baseline=best, text_encoder_calls=text_calls,
+            image_encoder_calls=image_calls, steps=inputs.config.steps, seed=options.seed, stage_seconds=t.seconds,
+            examples=_examples(inputs.spec, sets), filled=filled, results=results, seeds=inputs.config.seeds,
+            llm_usage=store.llm_usage(run_id),
         )
         path = write_report(report, settings.reports_dir)
-        store.update_run(run_id, text_encoder_calls=confusable_calls + text_calls, report_path=str(path))
+        store.update_run(run_id, text_encoder_calls=text_calls, report_path=str(path))
     logger.info("report: %s", path)
     publish_artifacts(report, path, html_path(path))  # the gains, the per-class plot and the report paths, in the Prefect UI
     return RunOutcome(
         run_id=run_id, report_path=str(path), untrained_backbone=backbone.untrained, llm_calls=gen.made,
-        cached_generations=gen.cached, text_encoder_calls=confusable_calls + text_calls,
+        cached_generations=gen.cached, text_encoder_calls=text_calls,
         trained_descriptions=sum(len(ts.texts) for ts in sets.values()), results={r.method: r.score.top1 for r in results},
     )
 
@@ -263,28 +264,25 @@ def embed_all_texts(inputs: Inputs, backbone: Backbone, sets: dict, store: Store
     return n
 
 
-def train(inputs: Inputs, backbone: Backbone, sets: dict, store: Store) -> tuple[list[harness.Classifier], list[harness.Classifier]]:
-    """The training-free classifiers, then every adapter on every description set; returns (all, the adapted)."""
-    free = training_free(backbone, inputs.spec, store, sets, _dclip_sets(inputs), inputs.config.seeds, inputs.options.batch_size)
-    trained = train_adapters(backbone, inputs.spec, store, sets, harness.teacher_prototypes(free), inputs.config,
-                             inputs.options.batch_size)
-    return free + trained, trained
+def train(inputs: Inputs, backbone: Backbone, sets: dict, store: Store):
+    """The training-free classifiers, then every adapter on every description set; returns (all, the adapted, texts
+    they had to encode themselves)."""
+    free, k = training_free(backbone, inputs.spec, store, sets, _dclip_sets(inputs), inputs.config.seeds, inputs.options.batch_size)
+    trained, n = train_adapters(backbone, inputs.spec, store, sets, harness.teacher_prototypes(free), inputs.config,
+                                inputs.options.batch_size)
+    return free + trained, trained, k + n
 
 
 @task(name="training-free classifiers", **TASK)
-def training_free(backbone, spec, store, sets, dclip_sets, seeds, batch_size) -> list[harness.Classifier]:
-    free, encoded = harness.training_free(backbone, spec, store, sets, dclip_sets, seeds, batch_size)
-    assert encoded == 0, "every text is embedded up front (embed_all_texts)"
-    return free
+def training_free(backbone, spec, store, sets, dclip_sets, seeds, batch_size) -> tuple[list[harness.Classifier], int]:
+    return harness.training_free(backbone, spec, store, sets, dclip_sets, seeds, batch_size)
 
 
 @task(name="train adapters", **TASK)
-def train_adapters(backbone, spec, store, sets, teacher, config, batch_size) -> list[harness.Classifier]:
+def train_adapters(backbone, spec, store, sets, teacher, config, batch_size) -> tuple[list[harness.Classifier], int]:
     logger = get_run_logger()
     with stage_progress("training", logger, _console()) as progress:
-        trained, encoded = harness.adapted(backbone, spec, store, sets, teacher, config, batch_size, log=logger.info, progress=progress)
-    assert encoded == 0, "every text is embedded up front (embed_all_texts)"
-    return trained
+        return harness.adapted(backbone, spec, store, sets, teacher, config, batch_size, log=logger.info, progress=progress)
 
 
 def embed_test_images(inputs: Inputs, backbone: Backbone, store: Store, workers: Workers):
