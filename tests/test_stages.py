@@ -1,0 +1,98 @@
+"""How the stages run: the runner every stage hands its batches to, the texts the harness says it will
+encode (all embedded up front, in batches), and a stage's progress on the console."""
+
+import io
+import logging
+import threading
+import time
+
+import pytest
+from rich.console import Console
+
+from textadapt import harness, pipeline
+from textadapt.batches import BatchFailures, BatchResult, Runner, here
+from textadapt.config import RunOptions
+from textadapt.datasets import restrict
+from textadapt.progress import stage_progress
+from textadapt.store import Store
+
+
+def test_the_runner_keeps_its_capacity_full_and_gathers_failures():
+    """Batches run at once up to the capacity (by weight), ``done`` runs in the caller's thread as each
+    completes, and a failed batch stops nothing: the failures come together at the end."""
+    lock, now, most, done_in = threading.Lock(), [0], [0], set()
+
+    def batch(i: int, weight: int) -> BatchResult:
+        with lock:
+            now[0] += weight
+            most[0] = max(most[0], now[0])
+        time.sleep(0.05)
+        with lock:
+            now[0] -= weight
+        if i % 4 == 3:
+            raise RuntimeError(f"batch {i} broke")
+        return BatchResult([i], here())
+
+    jobs = [dict(i=i, weight=1 + i % 2) for i in range(12)]
+    finished = []
+
+    def done(job, result):
+        done_in.add(threading.get_ident())
+        finished.append(result.rows[0])
+
+    runner = Runner()
+    with pytest.raises(BatchFailures) as e:
+        runner.map(batch, jobs, done, capacity=4, weight=lambda job: job["weight"], label="test")
+    assert [job["i"] for job, _ in e.value.failures] == [3, 7, 11] and e.value.total == 12
+    assert "batch 3 broke" in str(e.value.failures[0][1])
+    assert sorted(finished) == [i for i in range(12) if i % 4 != 3]
+    assert 2 < most[0] <= 4  # several at once, never over the capacity
+    assert done_in == {threading.get_ident()}  # the rows are written by the caller's thread only
+    assert runner.where["test"] == {here(): 9}
+
+
+def test_the_harness_names_every_text_it_encodes(tiny_backbone, fmnist, tmp_path):
+    """Once ``texts_to_encode`` is embedded (in batches, up front), the training-free classifiers and the
+    adapters find every text they need in the cache: they encode nothing themselves."""
+    spec, _ = restrict(fmnist, None, 3, None)
+    selection = pipeline.select([("targeted", f"k{c}{i}", c, f"a {spec.classes[c]} with {i} buttons.", None)
+                                 for c in range(3) for i in range(3)])
+    options = RunOptions(dataset=spec.name, methods=["tap-head", "zs-head+ot"], seeds=2, steps=5)
+    config = harness.HarnessConfig.from_options(options, steps=5)
+    with Store(tmp_path / "c.duckdb") as store:
+        texts = harness.texts_to_encode(tiny_backbone, spec, selection.sets, {"targeted"}, config.seeds)
+        seen = []
+        encoded = pipeline.embed_texts(tiny_backbone, texts, store, batch_size=64, progress=lambda d, t: seen.append((d, t)))
+        assert encoded == len(set(texts)) and seen[-1] == (encoded, encoded) and len(seen) > 2  # several batches
+        free, k = harness.training_free(tiny_backbone, spec, store, selection.sets, {"targeted"}, config.seeds)
+        trained, n = harness.adapted(tiny_backbone, spec, store, selection.sets, harness.teacher_prototypes(free), config,
+                                     log=lambda *_: None)
+    assert (k, n) == (0, 0)
+    assert {c.method for c in free} >= {"waffle", "cupl:targeted", "dclip:targeted"} and len(trained) == 2
+
+
+def test_a_stage_draws_a_bar_on_a_terminal_and_logs_elsewhere():
+    records = []
+    logger = logging.getLogger("textadapt.test.progress")
+    logger.setLevel(logging.DEBUG)
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        terminal = Console(file=io.StringIO(), force_terminal=True, width=100)
+        with stage_progress("generating", logger, terminal) as progress:
+            for done in range(0, 41):
+                progress(done, 40)
+        assert "generating" in terminal.file.getvalue() and "40/40" in terminal.file.getvalue()
+        assert records == []  # on a terminal the bar says it all
+
+        log_file = Console(file=io.StringIO(), force_terminal=False)
+        with stage_progress("generating", logger, log_file) as progress:
+            for done in range(0, 41):
+                progress(done, 40)
+        assert log_file.file.getvalue() == ""
+        lines = [r.getMessage() for r in records]
+        assert lines == [f"generating: {4 * k}/40" for k in range(11)]  # every tenth of the way
+        assert {r.levelno for r in records} == {logging.DEBUG}  # the stage's summary is its caller's one INFO line
+    finally:
+        logger.removeHandler(handler)
