@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -342,7 +343,7 @@ class _Quiet(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
-        user_error = bool(record.exc_info and isinstance(record.exc_info[1], TextadaptError)) or "TextadaptError" in msg
+        user_error = bool(record.exc_info and isinstance(record.exc_info[1], TextadaptError)) or _names_user_error(msg)
         if record.name == "prefect.task_runs":
             if msg.startswith(("Created task run", "Finished in state Completed")) or " - Retry " in msg:
                 record.levelno, record.levelname = logging.DEBUG, "DEBUG"
@@ -356,6 +357,15 @@ class _Quiet(logging.Filter):
         if user_error and record.exc_info:  # its message says what is wrong and what to do; a traceback only hides that
             record.exc_info, record.exc_text = None, None
         return True
+
+
+def _names_user_error(message: str) -> bool:
+    """Whether a Prefect state message ("... encountered an exception NAME: ...") is about a TextadaptError."""
+    def names(cls) -> set[str]:
+        return {cls.__name__}.union(*(names(c) for c in cls.__subclasses__()))
+
+    m = re.search(r"encountered an exception:? (\w+):", message)
+    return bool(m) and m.group(1) in names(TextadaptError)
 
 
 def quiet_console(caller_shows_errors: bool = False) -> None:
