@@ -173,3 +173,11 @@ def test_the_wheel_ships_textadapt_only():
     build = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"]
     assert build["packages"] == ["textadapt"]
     assert not (REPO / "flows").exists()  # one flow package: textadapt.flows
+
+
+def test_options_are_checked_together_once_all_are_read(home):
+    result = invoke("run", "fashion-mnist", "--templates", "")  # nothing to train on: no template set, no source
+    assert result.exit_code == 2 and "nothing to train on" in result.output, result.output
+    # each flag alone is fine (an empty --templates with --sources trains on the sources): only all together decide
+    assert RunOptions.check("template_sets", []) == []
+    assert RunOptions.parse({"dataset": "fashion-mnist", "template_sets": [], "sources": ["cupl"]}).sources == ["cupl"]

@@ -96,3 +96,24 @@ def test_a_stage_draws_a_bar_on_a_terminal_and_logs_elsewhere():
         assert {r.levelno for r in records} == {logging.DEBUG}  # the stage's summary is its caller's one INFO line
     finally:
         logger.removeHandler(handler)
+
+
+def test_generate_keeps_requests_in_flight_on_the_library_runner(llama_server, fmnist, tmp_path):
+    """``pipeline.generate`` without the flow (what the generation benchmark and the fault tests run): the
+    batches share the backend's concurrency, every answer is stored once, and a re-run asks for nothing."""
+    from test_llm_http import CountingProxy
+
+    from textadapt.config import Settings
+    from textadapt.llm import Sampling, make_backend
+    from textadapt.prompts import list_templates
+
+    spec, _ = restrict(fmnist, None, 2, None)
+    templates = list_templates(Settings().prompts_dir, ["targeted"])[:3]
+    with CountingProxy(llama_server) as proxy, Store(tmp_path / "c.duckdb") as store:
+        backend = make_backend("openai:smollm2", Settings(llm_base_url=proxy.url, llm_concurrency=4, llm_n_per_request=False))
+        plan = pipeline.plan_generations(spec, templates, backend.identity, Sampling(temperature=0, max_tokens=8), 2)
+        first = pipeline.generate(plan, backend, store, spec)
+        again = pipeline.generate(plan, backend, store, spec)
+        rows = store.sql("SELECT count(*), count(DISTINCT key) FROM generations")[1]
+    assert (first.made, first.cached, again.made, again.cached) == (12, 0, 0, 12)  # 2 classes x 3 questions x 2 samples
+    assert proxy.requests == 12 and 1 < proxy.max_in_flight <= 4 and rows == [(12, 12)]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from textadapt import TextadaptError
@@ -226,9 +226,15 @@ class RunOptions(BaseModel):
 
     @classmethod
     def check(cls, name: str, value):
-        """``value`` for the field ``name``, validated as a run would (raises pydantic's ValidationError)."""
+        """``value`` for the field ``name`` alone, validated as a run would (raises pydantic's ValidationError); the
+        checks of the options together are made when all are known."""
         holder = cls.model_construct()
-        cls.__pydantic_validator__.validate_assignment(holder, name, value)
+        try:
+            cls.__pydantic_validator__.validate_assignment(holder, name, value)
+        except ValidationError as e:
+            if any(err["loc"] for err in e.errors()):
+                raise
+            return TypeAdapter(cls.model_fields[name].rebuild_annotation()).validate_python(value)  # the field itself is fine
         return getattr(holder, name)
 
     def effective(self, settings: "Settings") -> "RunOptions":
