@@ -31,6 +31,7 @@ def query(home: Path, sql: str) -> list[tuple]:
 
 
 def test_run_caches_everything_and_reports_every_method(home, tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_LOGGING_LEVEL", "INFO")  # a user's console (the tests' default is WARNING)
     first = textadapt("run", "fashion-mnist", *SMALL)
     assert "UNTRAINED BACKBONE" in first.stderr
     # the console: one line per stage, no per-task chatter (Prefect's task states are at DEBUG)
