@@ -8,6 +8,7 @@ import time
 
 import pytest
 from rich.console import Console
+from rich.theme import Theme
 
 from textadapt import harness, pipeline
 from textadapt.batches import BatchFailures, BatchResult, Runner, here
@@ -79,7 +80,8 @@ def test_a_stage_draws_a_bar_on_a_terminal_and_logs_elsewhere():
     handler.emit = records.append
     logger.addHandler(handler)
     try:
-        terminal = Console(file=io.StringIO(), force_terminal=True, width=100)
+        # a console like Prefect's log handler's: a theme of its own, without Rich's default styles
+        terminal = Console(file=io.StringIO(), force_terminal=True, width=100, theme=Theme({"log.info_level": "cyan"}, inherit=False))
         with stage_progress("generating", logger, terminal) as progress:
             for done in range(0, 41):
                 progress(done, 40)

@@ -408,6 +408,7 @@ def _prefect_env() -> None:
     """Environment for commands that run or talk to Prefect; call before importing it."""
     # Prefect's usage analytics would only fail without network; textadapt runs offline by design.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")  # the client's telemetry too (and its notice on a terminal)
     # Prefect's temporary API gets 20 s to start by default; a busy 2-core machine can need more.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # Prefect creates PREFECT_HOME without its parents, and its temporary API then cannot open its

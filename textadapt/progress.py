@@ -16,6 +16,7 @@ from typing import Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.theme import Theme
 
 
 class StageProgress:
@@ -50,5 +51,9 @@ def stage_progress(label: str, logger: logging.Logger | logging.LoggerAdapter,
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("elapsed"), TimeElapsedColumn(),
                TextColumn("left"), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
-        yield StageProgress(label, logger, bar)
+    console.push_theme(Theme())  # Rich's own styles, the bar's: a log handler's console may have a theme without them
+    try:
+        with Progress(*columns, console=console, transient=True) as bar:
+            yield StageProgress(label, logger, bar)
+    finally:
+        console.pop_theme()
