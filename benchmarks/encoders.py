@@ -148,7 +148,8 @@ def main() -> None:
         lengths = (tokens.argmax(-1) + 1).numpy()  # start and end of text included
         needed = causal_tower(backbone.model).lengths(tokens).sort(descending=True).values.numpy()
         run = sum(int(needed[i : i + batch].max()) * len(needed[i : i + batch]) for i in range(0, len(needed), batch))
-        return {"tokens_mean": float(lengths.mean()), "tokens_median": float(np.median(lengths)), "tokens_max": int(lengths.max()),
+        return {"tokens_mean": float(lengths.mean()), "tokens_median": float(np.median(lengths)),
+                "tokens_max": int(lengths.max()),
                 "context_length": int(tokens.shape[1]), "positions_run_per_text": run / len(needed),
                 "max_abs_difference": float(np.abs(last["textadapt"] - last["bare"]).max())}
 
@@ -179,7 +180,8 @@ def main() -> None:
             goal = f"ratio <= {IMAGE_GOAL}"
         figures[kind] = r
         rows.append([kind, n, best, f"{r['textadapt_items_per_s']:.1f}", f"{r['bare_items_per_s']:.1f}", f"{r['ratio_median']:.3f}",
-                     f"{r['cpu_ratio_median']:.3f}", f"{r['speedup_cpu_median']:.2f}", goal, "met" if r["goal_met_cpu"] else "MISSED"])
+                     f"{r['cpu_ratio_median']:.3f}", f"{r['speedup_cpu_median']:.2f}", goal,
+                     "met" if r["goal_met_cpu"] else "MISSED"])
     print()
     print(_common.table(["encoder", "items", "batch", "textadapt items/s", "bare items/s", "wall ratio textadapt/bare (median)",
                          "CPU ratio (median)", "speed-up (CPU)", "goal (CPU time)", ""], rows))
@@ -193,8 +195,10 @@ def main() -> None:
                                  "mixed_precision": "fp16 autocast" if cuda else "none (fp32)",
                                  "torch_threads": torch.get_num_threads()},
                           figures,
-                          ["textadapt's time includes hashing every item, the cache lookup (all misses) and writing each batch to DuckDB",
-                           "texts: distinct CuPL ImageNet descriptions (clip-benchmark's cupl_prompts.json), random sample, seed 0"],
+                          ["textadapt's time includes hashing every item, the cache lookup (all misses) and writing each batch "
+                           "to DuckDB",
+                           "texts: distinct CuPL ImageNet descriptions (clip-benchmark's cupl_prompts.json), random sample, "
+                           "seed 0"],
                           args.out)
 
 

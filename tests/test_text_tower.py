@@ -78,7 +78,8 @@ CAUSAL = {
     "textadapt-tiny-coca": ("textadapt-tiny-coca", {}, "textadapt-tiny-coca"),
     "EVA/MobileCLIP-B kind (TextTransformer)": ("textadapt-tiny", {"force_custom_text": True}, "textadapt-tiny"),
     "PE-Core kind (32-token context, linear projection with bias)":
-        ("textadapt-tiny", {"force_custom_text": True, "text_cfg": _tiny_text(context_length=32, proj_bias=True)}, "PE-Core-B-16"),
+        ("textadapt-tiny", {"force_custom_text": True, "text_cfg": _tiny_text(context_length=32, proj_bias=True)},
+         "PE-Core-B-16"),
 }
 
 
@@ -126,7 +127,8 @@ NOT_CAUSAL = {
         context_length=64, no_causal_mask=True, pool_type="last", proj_bias=True, norm_kwargs={"eps": 1e-6})}),
     "CLIPA kind (inline, bidirectional, pooled last)":
         ("textadapt-tiny", {"text_cfg": _tiny_text(context_length=32, no_causal_mask=True, pool_type="last")}),
-    "MobileCLIP-S kind (bidirectional, argmax)": ("textadapt-tiny", {"force_custom_text": True, "text_cfg": _tiny_text(no_causal_mask=True)}),
+    "MobileCLIP-S kind (bidirectional, argmax)":
+        ("textadapt-tiny", {"force_custom_text": True, "text_cfg": _tiny_text(no_causal_mask=True)}),
 }
 
 
