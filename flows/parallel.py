@@ -261,7 +261,9 @@ def generate(workers: Workers, plan: list[pipeline.PlannedGeneration], backend: 
 
 def embed_texts(workers: Workers, backbone: Backbone, texts: list[str], store: Store, batch_size: int) -> int:
     """Embed the texts the cache lacks, a batch per task; returns how many were encoded."""
-    todo = encoders.uncached_texts(backbone, texts, store)
+    # Texts of similar length share a task: each batch is encoded only up to its longest end-of-text token
+    # (encoders.embed_texts is length-aware), so unsorted batches would each pay for their longest text.
+    todo = sorted(encoders.uncached_texts(backbone, texts, store), key=len)
     chunks = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     ref = BackboneRef(backbone.spec, str(backbone.device), backbone.id) if workers.remote else backbone
     where: dict[str, int] = {}

@@ -20,7 +20,7 @@ import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 from urllib.parse import urlparse
 
 import numpy as np
@@ -30,6 +30,7 @@ import torch
 from textadapt import TextadaptError
 from textadapt.datasets import ImageSet, iter_batches
 from textadapt.store import Store
+from textadapt.text_tower import iter_text_features
 
 log = logging.getLogger(__name__)
 MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
@@ -237,13 +238,22 @@ def text_key(text: str) -> str:
 
 
 @torch.inference_mode()
+def iter_text_embeddings(backbone: Backbone, texts: list[str], batch_size: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """L2-normalised embeddings of ``texts`` one batch at a time, as (indices into ``texts``, embeddings).
+
+    Length-aware where the text tower is causal (``textadapt.text_tower``): batches of texts of similar
+    token length, each encoded only up to its longest end-of-text token, so not in the order given.
+    """
+    for idx, features in iter_text_features(backbone.model, backbone.tokenizer, texts, batch_size, backbone.device):
+        yield idx, features.float().cpu().numpy()
+
+
 def embed_texts(backbone: Backbone, texts: list[str], batch_size: int = 256) -> np.ndarray:
-    """L2-normalised embeddings of ``texts``, computed now (no cache): safe to run in any process."""
-    out = [np.zeros((0, backbone.embed_dim), np.float32)]
-    for start in range(0, len(texts), batch_size):
-        tokens = backbone.tokenizer(texts[start : start + batch_size]).to(backbone.device)
-        out.append(backbone.model.encode_text(tokens, normalize=True).float().cpu().numpy())
-    return np.concatenate(out)
+    """L2-normalised embeddings of ``texts`` in order, computed now (no cache): safe to run in any process."""
+    out = np.zeros((len(texts), backbone.embed_dim), np.float32)
+    for idx, emb in iter_text_embeddings(backbone, texts, batch_size):
+        out[idx] = emb
+    return out
 
 
 @torch.inference_mode()
@@ -279,9 +289,9 @@ def uncached_images(backbone: Backbone, images: ImageSet, store: Store, hashes: 
 def encode_texts(backbone: Backbone, texts: list[str], store: Store, batch_size: int = 256) -> tuple[np.ndarray, int]:
     """L2-normalised embeddings of ``texts`` in order, and how many had to be encoded (not cached)."""
     todo = uncached_texts(backbone, texts, store)
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
-        store.put_embeddings("text", backbone.id, [_sha(t) for t in chunk], embed_texts(backbone, chunk, batch_size), chunk)
+    for idx, emb in iter_text_embeddings(backbone, todo, batch_size):  # each batch stored as soon as it is encoded
+        chunk = [todo[i] for i in idx]
+        store.put_embeddings("text", backbone.id, [_sha(t) for t in chunk], emb, chunk)
     if not texts:
         return np.zeros((0, backbone.embed_dim), np.float32), 0
     hashes = [_sha(t) for t in texts]
