@@ -41,7 +41,8 @@ FILLED = {"domain": "a cut-out photo on a plain background", "category": "kind o
 
 
 def textadapt(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([CLI, *args], capture_output=True, text=True, env=os.environ.copy(), timeout=900, stdin=subprocess.DEVNULL)
+    return subprocess.run([CLI, *args], capture_output=True, text=True, env=os.environ.copy(), timeout=900,
+                          stdin=subprocess.DEVNULL)
 
 
 @pytest.fixture
@@ -96,7 +97,8 @@ def test_an_image_folder_becomes_a_dataset_with_two_commands_and_runs(cutouts, h
     assert "10 templates rendered for every class (110 prompts)" in checked.stdout and "ok: no problem found" in checked.stdout
 
     # A run on it, training on an imported description file (no LLM), scored on 22 images: 2 per class.
-    (home / "d.json").write_text(json.dumps({c: [f"A cut-out photo of {c}.", f"Some {c} on a white background."] for c in spec.classes}))
+    descriptions = {c: [f"A cut-out photo of {c}.", f"Some {c} on a white background."] for c in spec.classes}
+    (home / "d.json").write_text(json.dumps(descriptions))
     assert textadapt("descriptions", "import", str(home / "d.json"), "--dataset", "cutouts", "--source", "mine").returncode == 0
     run = textadapt("run", "cutouts", "--backbone", TINY, "--templates", "", "--sources", "mine", "--max-images", "22",
                     "--steps", "5", "--seeds", "1")
@@ -158,7 +160,8 @@ def test_check_names_every_bad_input_without_prefect_or_the_cache(cutouts, home)
     (lambda d, h: (d / "planets").rename(d / "planet"),
      r"no folder for class 8 'planets'.*\n?.*1 folder\(s\) of images are no class of \S+: planet"),
     (lambda d, h: [f.unlink() for f in (d / "fish").iterdir()], r"no test image for classes \['fish'\]"),
-    (lambda d, h: fill_in(h / "datasets" / "cutouts.toml", task="FILL IN: later"), r"field 'prompting.task' is still a placeholder"),
+    (lambda d, h: fill_in(h / "datasets" / "cutouts.toml", task="FILL IN: later"),
+     r"field 'prompting.task' is still a placeholder"),
 ])
 def test_layout_problems_are_listed_with_what_to_do(cutouts, home, breaks, message):
     new_dataset(cutouts, home)

@@ -109,7 +109,8 @@ def test_generic_is_taps_five_questions_and_targeted_the_same_five_with_the_doma
     domain = fmnist.prompting.domain
     for name, text in targeted.items():
         assert domain in text and text.endswith("Answer in one sentence."), text
-        assert not {"apart", "other", "list", "features"} & set(text.lower().replace("?", " ").split()), text  # no contrast, no feature list
+        words = set(text.lower().replace("?", " ").split())
+        assert not {"apart", "other", "list", "features"} & words, text  # no contrast, no feature list
     assert all(t.parse == "sentence" for t in templates)
     # the moved questions live in their own sets
     names = {t.name for t in list_templates(Settings().prompts_dir)}

@@ -59,10 +59,12 @@ def _decode_problem(item, background: Colour) -> str | None:
 
 def decode_problems(images: ImageSet, workers: int | None = None) -> list[str]:
     """Decode every image completely; one line per image that fails, naming its file."""
+    files = [x for x in images.images if isinstance(x, (str, Path))]
+    arrays = [_decode_problem(x, images.background) for x in images.images if not isinstance(x, (str, Path))]  # no decoding
     workers = workers or min(32, (os.cpu_count() or 1) + 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        found = pool.map(lambda x: _decode_problem(x, images.background), images.images, chunksize=16)
-        return [p for p in found if p]
+        found = list(pool.map(lambda x: _decode_problem(x, images.background), files, chunksize=16))
+    return [p for p in arrays + found if p]
 
 
 def template_problems(templates: list[PromptTemplate], spec: DatasetSpec) -> list[str]:

@@ -264,7 +264,8 @@ def datasets_new(
     out.print(f"next: replace the {PLACEHOLDER} values of [prompting] (domain, category, task) in {path}, "
               f"then `textadapt datasets check {name}`", markup=False)
     if out_path is not None and path.parent.resolve() not in [d.expanduser().resolve() for d in settings.dataset_search_path]:
-        err.print(f"note: {path.parent} is not searched for specs; add it to TEXTADAPT_DATASETS_DIRS to use {name!r}", markup=False)
+        err.print(f"note: {path.parent} is not searched for specs; add it to TEXTADAPT_DATASETS_DIRS to use {name!r}",
+                  markup=False)
 
 
 @datasets_app.command("check")
@@ -289,7 +290,8 @@ def datasets_check(
     if counts:
         out.print(f"images per class: {min(counts)} to {max(counts)}" + (f"; none for {len(empty)} classes" if empty else ""),
                   markup=False)
-    out.print(f"{result.templates} templates rendered for every class ({result.prompts} prompts) in {sec['render']:.1f} s", markup=False)
+    out.print(f"{result.templates} templates rendered for every class ({result.prompts} prompts) in {sec['render']:.1f} s",
+              markup=False)
     if result.problems:
         _fail(TextadaptError(f"{len(result.problems)} problem(s) in dataset {spec.name!r}, each to fix before a run:\n  - "
                              + "\n  - ".join(result.problems)))
@@ -304,7 +306,8 @@ def _templates(settings: Settings, spec=None):
     """Every template by name; with a dataset spec, its own targeted questions in place of prompts/targeted/."""
     from textadapt.prompts import list_templates, templates_for
 
-    return {t.name: t for t in (list_templates(settings.prompts_dir) if spec is None else templates_for(settings.prompts_dir, None, spec))}
+    templates = list_templates(settings.prompts_dir) if spec is None else templates_for(settings.prompts_dir, None, spec)
+    return {t.name: t for t in templates}
 
 
 @prompts_app.command("list")

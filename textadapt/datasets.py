@@ -103,12 +103,15 @@ class TorchvisionSource(_Strict):
 
 
 class FolderSource(_Strict):
-    """One sub-folder of images per class: DIR/SPLIT/<class folder>/*.png (an ImageFolder). Folder names default to the class names."""
+    """An ImageFolder: one sub-folder of images per class, DIR/SPLIT/<class folder>/*.png.
+
+    Folder names default to the class names."""
 
     kind: Literal["folder"]
     dir: str
     split: str = Field(
-        "test", description='Folder of the test split inside DIR, or "" when DIR itself holds the class folders (a plain ImageFolder).'
+        "test",
+        description='Folder of the test split inside DIR, or "" when DIR itself holds the class folders (a plain ImageFolder).',
     )
     folders: list[str] | None = Field(None, description="Folder name of each class, in class order.")
     ignore: list[str] = Field(
@@ -448,7 +451,8 @@ def load_test_images(spec: DatasetSpec, home: Path, strict: bool = True) -> Imag
             found.background = spec.background_rgb
             found.problems += label_problems(spec, found)
             if strict and found.problems:
-                raise TextadaptError(f"the images of dataset {spec.name!r} do not fit its spec:\n  " + "\n  ".join(found.problems))
+                raise TextadaptError(f"the images of dataset {spec.name!r} do not fit its spec:\n  "
+                                     + "\n  ".join(found.problems))
             return found
     ways = "\n  ".join(f"- {s.kind}{_where(s)}" + (f": {s.how}" if s.how else "") for s in spec.images) \
         or "- (the spec lists no [[images]] source)"
