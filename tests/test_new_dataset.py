@@ -170,13 +170,18 @@ def test_layout_problems_are_listed_with_what_to_do(cutouts, home, breaks, messa
     assert re.search(message, "\n".join(result.problems)), result.problems
 
 
-def test_a_spec_that_lists_a_folder_as_ignored_accepts_it(cutouts, home):
+def test_ignored_folders_and_hidden_files_are_left_out(cutouts, home):
     path = new_dataset(cutouts, home)
     (cutouts / "misc").mkdir()
     shutil.copy(BLACK_PAWN, cutouts / "misc")
     assert "misc" in "\n".join(check_dataset("cutouts", Settings()).problems)
     path.write_text(path.read_text().replace("ignore = []", 'ignore = ["misc"]'))
-    assert check_dataset("cutouts", Settings()).problems == []
+    # hidden files and folders are no images and no classes (macOS leaves "._NAME.png" beside every file)
+    (cutouts / "birds" / "._crow.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (cutouts / ".thumbnails").mkdir()
+    shutil.copy(BLACK_PAWN, cutouts / ".thumbnails")
+    result = check_dataset("cutouts", Settings())
+    assert result.problems == [] and len(result.images) == 198
 
 
 def test_split_folders_are_found_or_the_error_says_where_to_look(tmp_path, cutouts, home):

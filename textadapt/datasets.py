@@ -385,14 +385,17 @@ def _check_torchvision_classes(spec: DatasetSpec, ds, class_name: str) -> None:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    """Image files of a folder, sorted; hidden ones (".DS_Store", macOS's "._x.png") left out."""
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
 
 
 def class_folders(root: Path) -> dict[str, int]:
-    """The sub-folders of ``root`` that hold image files, with how many each holds."""
+    """The (not hidden) sub-folders of ``root`` that hold image files, with how many each holds."""
     if not root.is_dir():
         return {}
-    return {d.name: n for d in sorted(root.iterdir()) if d.is_dir() and (n := len(_image_files(d)))}
+    folders = [d for d in sorted(root.iterdir()) if not d.name.startswith(".") and d.is_dir()]
+    return {d.name: n for d in folders if (n := len(_image_files(d)))}
 
 
 def _from_folder(src: FolderSource, spec: DatasetSpec) -> ImageSet | None:
