@@ -28,7 +28,7 @@ from pydantic import BaseModel
 from flows import parallel
 from flows.artifacts import publish_artifacts
 from flows.parallel import Workers
-from textadapt import TextadaptError, captioner, datasets, encoders, harness, pipeline, prompts
+from textadapt import TextadaptError, captioner, checks, encoders, harness, pipeline
 from textadapt.config import RunOptions, Settings
 from textadapt.llm import Sampling, make_backend
 from textadapt.report import RunReport, html_path, write_report
@@ -77,22 +77,12 @@ def _progress(label: str):
     return report
 
 
-@task(name="load dataset", **TASK)
-def load_dataset(options: RunOptions, settings: Settings):
-    spec = datasets.find_spec(options.dataset, settings.dataset_search_path)
-    if options.train_only:
-        return datasets.restrict(spec, None, options.max_classes, None)
-    images = datasets.load_test_images(spec, settings.home)
-    return datasets.restrict(spec, images, options.max_classes, options.max_images)
-
-
-@task(name="check templates", **TASK)
-def load_templates(options: RunOptions, settings: Settings, spec):
-    if not options.template_sets:
-        return []
-    templates = prompts.list_templates(settings.prompts_dir, options.template_sets)
-    prompts.check_templates(templates, spec)
-    return templates
+@task(name="check inputs", **TASK)
+def check_inputs(options: RunOptions, settings: Settings):
+    """The dataset (restricted for smoke runs), its test images and the templates, after every check of
+    ``checks.preflight``: one error listing every problem, before any LLM call."""
+    inputs = checks.run_inputs(options, settings)
+    return inputs.spec, inputs.images, inputs.templates
 
 
 @task(name="load backbone", **TASK)
@@ -182,8 +172,7 @@ def adapt(options: RunOptions) -> RunOutcome:
             workers = running.enter_context(Workers.open(options, settings))
             running.callback(_use_workers(workers))
             with stage("dataset and templates"):
-                spec, images = load_dataset(options, settings)
-                templates = load_templates(options, settings, spec)
+                spec, images, templates = check_inputs(options, settings)
                 steps = options.steps or spec.train.steps
                 config = harness_config(options, steps)  # a bad --methods fails here, before any LLM call
             with stage("backbone"):  # before any LLM call: a missing backbone costs no generation

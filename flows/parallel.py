@@ -283,7 +283,7 @@ def embed_images(workers: Workers, backbone: Backbone, images: ImageSet, store: 
     todo, keys = encoders.uncached_images(backbone, images, store)
     index = list(range(len(todo)))
     ref = BackboneRef(backbone.spec, str(backbone.device), backbone.id) if workers.remote else backbone
-    jobs = [dict(items=ImageSet(todo.images[i : i + batch_size], todo.labels[i : i + batch_size], todo.source),
+    jobs = [dict(items=todo.take(range(i, min(i + batch_size, len(todo)))),
                  backbone=ref, batch_size=batch_size) for i in index[::batch_size]]
     job_keys = {id(job): keys[i : i + batch_size] for job, i in zip(jobs, index[::batch_size])}
     done, where = [0], {}

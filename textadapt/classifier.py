@@ -19,13 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from textadapt import TextadaptError
 from textadapt.encoders import Backbone
+from textadapt.images import IMAGE_SUFFIXES, WHITE, Colour, open_rgb
 from textadapt.store import Store
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 FORMAT = "textadapt-classifier/1"
 
 
@@ -143,16 +142,12 @@ def image_paths(paths: list[Path]) -> list[Path]:
 
 
 @torch.inference_mode()
-def embed_files(backbone: Backbone, paths: list[Path], batch_size: int = 64, progress=None) -> np.ndarray:
+def embed_files(backbone: Backbone, paths: list[Path], batch_size: int = 64, progress=None,
+                background: Colour = WHITE) -> np.ndarray:
+    """Embeddings of image files, decoded as the test images of a run are (``images.open_rgb``)."""
     out = []
     for start in range(0, len(paths), batch_size):
-        batch = []
-        for p in paths[start:start + batch_size]:
-            try:
-                with Image.open(p) as im:
-                    batch.append(backbone.preprocess(im))
-            except (UnidentifiedImageError, OSError) as e:
-                raise TextadaptError(f"{p}: not a readable image ({e})") from None
+        batch = [backbone.preprocess(open_rgb(p, background)) for p in paths[start:start + batch_size]]
         pixels = torch.stack(batch).to(backbone.device)
         out.append(backbone.model.encode_image(pixels, normalize=True).float().cpu().numpy())
         if progress:

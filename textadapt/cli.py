@@ -214,8 +214,19 @@ def predict(
         err.print("[bold red]UNTRAINED BACKBONE:[/] this classifier sits on random weights; its predictions mean nothing.")
 
 
-@app.command("datasets")
-def list_datasets() -> None:
+datasets_app = typer.Typer(help="Dataset specs: list them, write one from an image folder, check one before a run.")
+app.add_typer(datasets_app, name="datasets")
+
+
+@datasets_app.callback(invoke_without_command=True)
+def datasets_main(ctx: typer.Context) -> None:
+    """Dataset specs: list them (the default), write one from an image folder (new), check one (check)."""
+    if ctx.invoked_subcommand is None:
+        datasets_list()
+
+
+@datasets_app.command("list")
+def datasets_list() -> None:
     """List the dataset specs textadapt can find."""
     from textadapt.datasets import known_datasets, load_spec
 
@@ -223,21 +234,80 @@ def list_datasets() -> None:
     table = Table("name", "classes", "spec file")
     for name, path in sorted(known_datasets(settings.dataset_search_path).items()):
         try:
-            n = str(len(load_spec(path).classes))
+            spec = load_spec(path)
+            todo = spec.placeholders()
+            n = str(len(spec.classes)) + (f" (to fill in: {', '.join(todo)})" if todo else "")
         except TextadaptError as e:
             n = f"invalid: {str(e).splitlines()[-1].strip()}"
         table.add_row(name, n, str(path))
     out.print(table)
 
 
+@datasets_app.command("new")
+def datasets_new(
+    name: str = typer.Argument(..., help="Name of the new dataset (the spec is NAME.toml)."),
+    from_folder: Path = typer.Option(..., "--from-folder", help="An ImageFolder: DIR/<class>/*.png, or DIR/test/<class>/*.png."),
+    split: Optional[str] = typer.Option(None, "--split", help="Folder of the test split inside DIR; \"\" for none [default: test if DIR/test holds class folders, else none].", show_default=False),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Folder (or NAME.toml file) to write the spec to [default: $TEXTADAPT_HOME/datasets].", show_default=False),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing spec file."),
+) -> None:
+    """Write a dataset spec from an image folder: classes from the folder names, the wording to fill in."""
+    from textadapt.datasets import PLACEHOLDER, write_new_spec
+
+    settings = Settings()
+    try:
+        path, new = write_new_spec(name, from_folder, out_path or settings.home / "datasets", split, force)
+    except TextadaptError as e:
+        _fail(e)
+    layout = f"{new.root}/<class>/" + (f" (split folder {new.split!r})" if new.split else " (no split folder)")
+    out.print(f"wrote {path}: {len(new.classes)} classes, {new.images} images from {layout}", markup=False)
+    out.print(f"next: replace the {PLACEHOLDER} values of [prompting] (domain, category, task) in {path}, "
+              f"then `textadapt datasets check {name}`", markup=False)
+    if out_path is not None and path.parent.resolve() not in [d.expanduser().resolve() for d in settings.dataset_search_path]:
+        err.print(f"note: {path.parent} is not searched for specs; add it to TEXTADAPT_DATASETS_DIRS to use {name!r}",
+                  markup=False)
+
+
+@datasets_app.command("check")
+def datasets_check(
+    name: str = typer.Argument(..., help="Dataset name (see `textadapt datasets`)."),
+    templates: str = typer.Option(",".join(RunOptions.model_fields["template_sets"].default_factory()), help="Template sets to render for every class (comma-separated)."),
+    workers: Optional[int] = typer.Option(None, help="Threads decoding images [default: CPU cores + 2].", show_default=False),
+) -> None:
+    """Check a dataset before any run: every image decoded, the class folders, every template rendered (no LLM, no Prefect)."""
+    from textadapt.checks import check_dataset
+
+    settings = Settings()
+    try:
+        result = check_dataset(name, settings, _names(templates), workers)
+    except TextadaptError as e:
+        _fail(e)
+    spec, sec = result.spec, result.seconds
+    out.print(f"{spec.name} ({spec.path}): {len(spec.classes)} classes, {len(result.images)} images from {result.images.source}; "
+              f"decoded in {sec['decode']:.1f} s", markup=False)
+    empty = [c for c, n in zip(spec.classes, result.per_class) if n == 0]
+    counts = [n for n in result.per_class if n]
+    if counts:
+        out.print(f"images per class: {min(counts)} to {max(counts)}" + (f"; none for {len(empty)} classes" if empty else ""),
+                  markup=False)
+    out.print(f"{result.templates} templates rendered for every class ({result.prompts} prompts) in {sec['render']:.1f} s",
+              markup=False)
+    if result.problems:
+        _fail(TextadaptError(f"{len(result.problems)} problem(s) in dataset {spec.name!r}, each to fix before a run:\n  - "
+                             + "\n  - ".join(result.problems)))
+    out.print(f"ok: no problem found in {sec['total']:.1f} s", markup=False)
+
+
 prompts_app = typer.Typer(help="The prompt templates: list, show, and render exactly what would be sent.", no_args_is_help=True)
 app.add_typer(prompts_app, name="prompts")
 
 
-def _templates(settings: Settings):
-    from textadapt.prompts import list_templates
+def _templates(settings: Settings, spec=None):
+    """Every template by name; with a dataset spec, its own targeted questions in place of prompts/targeted/."""
+    from textadapt.prompts import list_templates, templates_for
 
-    return {t.name: t for t in list_templates(settings.prompts_dir)}
+    templates = list_templates(settings.prompts_dir) if spec is None else templates_for(settings.prompts_dir, None, spec)
+    return {t.name: t for t in templates}
 
 
 @prompts_app.command("list")
@@ -281,10 +351,11 @@ def prompts_render(
 
     settings = Settings()
     try:
-        templates = _templates(settings)
+        spec = find_spec(dataset, settings.dataset_search_path)
+        templates = _templates(settings, spec)
         if name not in templates:
-            raise TextadaptError(f"no template {name!r}; templates: {', '.join(templates)}")
-        t, spec = templates[name], find_spec(dataset, settings.dataset_search_path)
+            raise TextadaptError(f"no template {name!r} for {spec.name}; templates: {', '.join(templates)}")
+        t = templates[name]
         if class_name is not None and class_name not in spec.classes:
             raise TextadaptError(f"{spec.name} has no class {class_name!r}; classes: {spec.classes}")
         sampling = Sampling(**t.sampling_overrides())

@@ -117,7 +117,9 @@ class RunOptions(BaseModel):
     steps: int | None = Field(None, ge=1, description="Training steps (default: the dataset spec's).")
     seed: int = Field(7777, description="Seed for training and sampling (TAP: 7777).")
     max_classes: int | None = Field(None, ge=2, description="Use only the first N classes (smoke runs).")
-    max_images: int | None = Field(None, ge=1, description="Score on the first N test images only.")
+    max_images: int | None = Field(
+        None, ge=1, description="Score on N test images only, spread evenly over the classes (the same N in every run)."
+    )
     batch_size: int = Field(256, ge=1, description="Encoder batch size.")
     sources: list[str] = Field(
         default_factory=list, description="Imported description sources to train on too (one head each)."

@@ -283,7 +283,7 @@ def uncached_images(backbone: Backbone, images: ImageSet, store: Store, hashes: 
         if h not in cached:
             first_of.setdefault(h, i)
     idx = list(first_of.values())
-    return ImageSet([images.images[i] for i in idx], images.labels[idx], images.source), list(first_of)
+    return images.take(idx), list(first_of)
 
 
 def encode_texts(backbone: Backbone, texts: list[str], store: Store, batch_size: int = 256) -> tuple[np.ndarray, int]:
