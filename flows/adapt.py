@@ -124,7 +124,8 @@ def _encode_images(backbone, images, store, batch_size):
 
 
 def training_free(backbone, spec, store, sets, dclip_sets, batch_size):
-    """Embed the descriptions, zero-shot and WaffleCLIP prompts over the run's workers, then build the training-free classifiers."""
+    """Embed the descriptions, zero-shot and WaffleCLIP prompts over the run's workers, then build the training-free
+    classifiers."""
     texts = [t for ts in sets.values() for t in ts.texts] + harness.training_free_texts(spec)
     n = parallel.embed_texts(_workers.get(), backbone, texts, store, batch_size)
     free, k = _training_free(backbone, spec, store, sets, dclip_sets, batch_size)

@@ -40,7 +40,8 @@ def waffle_reference(class_names: list[str], rep: int, word_list: list[str], cha
     def make_descriptor_sentence(d):
         if d.startswith("a") or d.startswith("an"):
             return f"which is {d}"
-        elif d.startswith("has") or d.startswith("often") or d.startswith("typically") or d.startswith("may") or d.startswith("can"):
+        elif (d.startswith("has") or d.startswith("often") or d.startswith("typically") or d.startswith("may")
+              or d.startswith("can")):
             return f"which {d}"
         elif d.startswith("used"):
             return f"which is {d}"
@@ -101,7 +102,8 @@ def test_waffle_word_list_is_the_references():
     computed from the pickle at 9ae608a (4330 words, np.unique's sorted order, the empty string first)."""
     words, characters = harness._waffle_vocabulary()
     assert len(words) == 4330 and words[0] == "" and list(words) == sorted(words)
-    assert hashlib.sha256("\n".join(words).encode()).hexdigest() == "931f6c15ba3c9eee10990c0715b76817d7216c838f42bdb3f7958fd720c361a3"
+    digest = hashlib.sha256("\n".join(words).encode()).hexdigest()
+    assert digest == "931f6c15ba3c9eee10990c0715b76817d7216c838f42bdb3f7958fd720c361a3"
     assert characters == "".join(sorted(set(characters))) and len(characters) == 66
 
 
@@ -152,7 +154,8 @@ def dclip_reference(descriptors: dict[str, list[str]]) -> dict[str, list[str]]:
     def make_descriptor_sentence(d):
         if d.startswith("a") or d.startswith("an"):
             return f"which is {d}"
-        elif d.startswith("has") or d.startswith("often") or d.startswith("typically") or d.startswith("may") or d.startswith("can"):
+        elif (d.startswith("has") or d.startswith("often") or d.startswith("typically") or d.startswith("may")
+              or d.startswith("can")):
             return f"which {d}"
         elif d.startswith("used"):
             return f"which is {d}"
@@ -168,8 +171,9 @@ def dclip_reference(descriptors: dict[str, list[str]]) -> dict[str, list[str]]:
 
 def test_dclip_sentences_and_score_are_the_references(tiny_backbone, fmnist, tmp_path):
     descriptors = {  # DCLIP's descriptor lists are lower-case and have no final period
-        "T-shirt or top": ["a short-sleeved garment", "an item worn on the upper body", "has a round neck", "used for casual wear",
-                           "can be printed with designs", "often made of cotton", "typically loose", "short sleeves"],
+        "T-shirt or top": ["a short-sleeved garment", "an item worn on the upper body", "has a round neck",
+                           "used for casual wear", "can be printed with designs", "often made of cotton", "typically loose",
+                           "short sleeves"],
         "trouser": ["two long legs", "may have pockets", "a zip fly"],
         "pullover": [],  # no descriptor: DCLIP scores the class on its name with the empty descriptor
     }
@@ -290,7 +294,8 @@ def test_coca_caption_likelihood_is_open_clips_caption_loss():
         for i in range(len(images)):
             for j, caption in enumerate(captions):
                 out = model(pixels[i:i + 1], coca.tokenizer([caption]))
-                _, caption_loss = loss(out["image_features"], out["text_features"], out["logits"], out["labels"], out["logit_scale"])
+                _, caption_loss = loss(out["image_features"], out["text_features"], out["logits"], out["labels"],
+                                       out["logit_scale"])
                 theirs[i, j] = -caption_loss.item() * int((out["labels"] != model.pad_id).sum())
     ours = caption_log_likelihood(coca, images, captions)
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)

@@ -205,7 +205,8 @@ def _create(arch: str, pretrained: str | None, quick_gelu: bool = False):
 
 
 def _build_arch(arch: str) -> tuple[str, bool]:
-    """(the open_clip config to build, force QuickGELU): ``X-quickgelu`` is X with QuickGELU where open_clip has no such config."""
+    """(the open_clip config to build, force QuickGELU): ``X-quickgelu`` is X with QuickGELU where open_clip
+    has no config of that name."""
     if arch.startswith("hf-hub:") or arch in open_clip.list_models():
         return arch, False
     base = arch.removesuffix(QUICKGELU)
@@ -345,7 +346,8 @@ def load_backbone(spec: str, device: str = "auto") -> Backbone:
     bb = Backbone(spec, arch, weights, untrained, model, preprocess, open_clip.get_tokenizer(build), dev, quick_gelu=quick)
     # The id names the architecture without the suffix and adds it for QuickGELU towers, so that
     # ViT-B-32:openai and ViT-B-32-quickgelu:/its/file.safetensors are one model with one cache.
-    bb.id = f"{arch.removesuffix(QUICKGELU)}{QUICKGELU if quick else ''}@{cached_weights_id(model, preprocess, quick, weights_file, build)[:16]}"
+    digest = cached_weights_id(model, preprocess, quick, weights_file, build)
+    bb.id = f"{arch.removesuffix(QUICKGELU)}{QUICKGELU if quick else ''}@{digest[:16]}"
     with torch.inference_mode():
         bb.embed_dim = int(model.encode_text(bb.tokenizer(["a"]).to(dev)).shape[-1])
     return bb

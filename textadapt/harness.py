@@ -242,7 +242,8 @@ def training_free(backbone: Backbone, spec: DatasetSpec, store: Store, sets: dic
 
 def training_free_texts(spec: DatasetSpec) -> list[str]:
     """Every text the training-free classifiers embed besides the description sets (for embedding them in parallel)."""
-    return [t for ps in zero_shot_prompts(spec).values() for t in ps] + [t for s in WAFFLE_SEEDS for t in waffle_texts(spec.classes, s)]
+    zero_shot = [t for ps in zero_shot_prompts(spec).values() for t in ps]
+    return zero_shot + [t for seed in WAFFLE_SEEDS for t in waffle_texts(spec.classes, seed)]
 
 
 def dclip_texts(class_names: list[str], descriptions: list[str], labels: np.ndarray) -> tuple[list[str], np.ndarray]:
