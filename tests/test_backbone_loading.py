@@ -164,7 +164,8 @@ def test_a_run_with_the_openai_tag_uses_the_quickgelu_model(offline_hub, home, t
     (tmp_path / "d.json").write_text(json.dumps(described))
     run_env = {**os.environ, **env}
     imported = subprocess.run([CLI, "descriptions", "import", str(tmp_path / "d.json"), "--dataset", "fashion-mnist",
-                               "--source", "tiny"], capture_output=True, text=True, env=run_env, timeout=300, stdin=subprocess.DEVNULL)
+                               "--source", "tiny"], capture_output=True, text=True, env=run_env, timeout=300,
+                              stdin=subprocess.DEVNULL)
     assert imported.returncode == 0, imported.stdout + imported.stderr
     args = ["run", "fashion-mnist", "--backbone", "ViT-B-32:openai", "--templates", "", "--sources", "tiny", "--max-classes", "2",
             "--max-images", "40", "--samples", "1", "--steps", "5", "--seeds", "1"]
