@@ -78,7 +78,7 @@ def activations(tower: torch.nn.Module) -> set[str]:
     return {type(block.mlp.gelu).__name__ for block in tower.resblocks}
 
 
-def test_openai_tag_loads_the_cached_weights_with_quickgelu_towers(offline_hub):
+def test_openai_tag_loads_the_cached_weights_with_quickgelu_towers(offline_hub, monkeypatch):
     from safetensors.torch import load_file
 
     _, weights = offline_hub
@@ -91,6 +91,10 @@ def test_openai_tag_loads_the_cached_weights_with_quickgelu_towers(offline_hub):
     loaded = bb.model.state_dict()
     assert set(loaded) == set(saved) and all(torch.equal(loaded[k], saved[k]) for k in saved)
     assert bb.id.startswith("ViT-B-32-quickgelu@")
+    # Loaded again, the weights are not hashed again: the hash is kept under the file open_clip resolved.
+    calls = []
+    monkeypatch.setattr(encoders, "weights_id", lambda *a, **k: calls.append(1))
+    assert load_backbone("ViT-B-32:openai", "cpu").id == bb.id and not calls
 
 
 def test_gelu_and_quickgelu_builds_of_the_same_weights_are_different_models(offline_hub, tmp_path):

@@ -180,18 +180,25 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 @contextmanager
-def _offline_unless_reachable():
-    """Without a route to the hub, use only its local cache: a miss fails at once, not after ~50 s of retries."""
+def _hub_offline():
+    """Use only the Hugging Face hub's local cache: a miss fails at once."""
     from huggingface_hub import constants
 
-    if _hub_reachable():
-        yield
-        return
     was, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
     try:
         yield
     finally:
         constants.HF_HUB_OFFLINE = was
+
+
+@contextmanager
+def _offline_unless_reachable():
+    """Without a route to the hub, use only its local cache: a miss fails at once, not after ~50 s of retries."""
+    if _hub_reachable():
+        yield
+        return
+    with _hub_offline():
+        yield
 
 
 def _create(arch: str, pretrained: str | None, quick_gelu: bool = False):
@@ -233,9 +240,9 @@ def _sidecar_says_quick_gelu(path: Path) -> bool:
 
 
 def _tag_file(arch: str, tag: str) -> Path | None:
-    """The local file open_clip loads for a pretrained tag (in the Hugging Face cache), or None."""
+    """The local file open_clip loaded for a pretrained tag (in the Hugging Face cache: no network), or None."""
     try:
-        with _offline_unless_reachable():
+        with _hub_offline():
             found = open_clip.download_pretrained(open_clip.get_pretrained_cfg(arch, tag))
     except Exception:  # the weights loaded, so this only costs the hash cache
         return None
@@ -243,11 +250,11 @@ def _tag_file(arch: str, tag: str) -> Path | None:
 
 
 def _hub_file(hub_id: str) -> Path | None:
-    """The local weights file of an ``hf-hub:`` model, or None."""
+    """The local weights file open_clip loaded for an ``hf-hub:`` model (no network), or None."""
     from open_clip.pretrained import download_pretrained_from_hf
 
     try:
-        with _offline_unless_reachable():
+        with _hub_offline():
             found = download_pretrained_from_hf(hub_id.removeprefix("hf-hub:"))
     except Exception:
         return None
