@@ -156,8 +156,10 @@ def test_weights_hash_is_kept_by_file_identity(tmp_path, tiny_backbone, home, mo
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
     assert load_backbone(f"textadapt-tiny:{path}", "cpu").id == changed.id and len(calls) == 4
     # A damaged cache file costs a hash, not a failure.
-    (home / encoders.HASH_CACHE).write_text("{not json")
-    assert load_backbone(f"textadapt-tiny:{path}", "cpu").id == changed.id and len(calls) == 5
+    for damaged in ("{not json", "[]"):
+        (home / encoders.HASH_CACHE).write_text(damaged)
+        assert load_backbone(f"textadapt-tiny:{path}", "cpu").id == changed.id
+    assert len(calls) == 6 and list(home.glob(".backbone_hashes.*")) == []  # no temporary file left behind
 
 
 def test_a_run_with_the_openai_tag_uses_the_quickgelu_model(offline_hub, home, tmp_path):

@@ -141,9 +141,10 @@ def _file_key(path: Path, parts: dict) -> str:
 
 def _read_hash_cache() -> dict:
     try:
-        return json.loads(_hash_cache_path().read_text())
+        known = json.loads(_hash_cache_path().read_text())
     except (OSError, ValueError):
         return {}
+    return known if isinstance(known, dict) else {}
 
 
 def cached_weights_id(model: torch.nn.Module, preprocess, quick_gelu: bool, weights_file: Path | None, arch: str) -> str:
@@ -160,9 +161,13 @@ def cached_weights_id(model: torch.nn.Module, preprocess, quick_gelu: bool, weig
     try:  # a write that fails costs only the next load's hashing time
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".backbone_hashes.", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(known, f, indent=0)
-        os.replace(tmp, path)  # atomic: a reader never sees half a file
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(known, f, indent=0)
+            os.replace(tmp, path)  # atomic: a reader never sees half a file
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     except OSError as e:
         log.warning("could not keep the backbone's weights hash in %s: %s", path, e)
     return digest
