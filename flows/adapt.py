@@ -113,17 +113,18 @@ def _encode_images(backbone, images, store, batch_size):
     return encoders.encode_images(backbone, images, store, batch_size)
 
 
-def training_free(backbone, spec, store, sets, dclip_sets, seeds, batch_size):
-    """Embed the descriptions and zero-shot prompts over the run's workers, then build the training-free classifiers."""
-    texts = [t for ts in sets.values() for t in ts.texts] + [t for ps in harness.zero_shot_prompts(spec).values() for t in ps]
+def training_free(backbone, spec, store, sets, dclip_sets, batch_size):
+    """Embed the descriptions, zero-shot and WaffleCLIP prompts over the run's workers, then build the training-free
+    classifiers."""
+    texts = [t for ts in sets.values() for t in ts.texts] + harness.training_free_texts(spec)
     n = parallel.embed_texts(_workers.get(), backbone, texts, store, batch_size)
-    free, k = _training_free(backbone, spec, store, sets, dclip_sets, seeds, batch_size)
+    free, k = _training_free(backbone, spec, store, sets, dclip_sets, batch_size)
     return free, n + k
 
 
 @task(name="training-free classifiers", **TASK)
-def _training_free(backbone, spec, store, sets, dclip_sets, seeds, batch_size):
-    return harness.training_free(backbone, spec, store, sets, dclip_sets, seeds, batch_size)
+def _training_free(backbone, spec, store, sets, dclip_sets, batch_size):
+    return harness.training_free(backbone, spec, store, sets, dclip_sets, batch_size)
 
 
 @task(name="train adapters", **TASK)
@@ -220,7 +221,7 @@ def adapt(options: RunOptions) -> RunOutcome:
 
             dclip_sets = {t.template_set for t in templates if t.parse == "list"}
             with stage("training"):
-                free, calls = training_free(backbone, spec, store, sets, dclip_sets, config.seeds, options.batch_size)
+                free, calls = training_free(backbone, spec, store, sets, dclip_sets, options.batch_size)
                 zs_calls += calls
                 teacher = harness.teacher_prototypes(free)
                 trained, head_calls = train_adapters(backbone, spec, store, sets, teacher, config, options.batch_size)

@@ -88,7 +88,7 @@ def run(home, tiny_backbone, fmnist):
     selection = pipeline.select(entries)
     store.link_generations(run_id, selection.links)
     config = harness.HarnessConfig(methods=[("tap-head", "ce"), ("zs-head", "ce")], seeds=[1, 2], steps=20)
-    free, _ = harness.training_free(tiny_backbone, spec, store, selection.sets, set(), config.seeds)
+    free, _ = harness.training_free(tiny_backbone, spec, store, selection.sets, set())
     trained, _ = harness.adapted(tiny_backbone, spec, store, selection.sets, harness.teacher_prototypes(free), config,
                                  log=lambda *_: None)
     image_emb, _ = encode_images(tiny_backbone, images, store)

@@ -122,7 +122,9 @@ def load(path: Path) -> ExportedClassifier:
 def check_backbone(clf: ExportedClassifier, backbone: Backbone) -> None:
     if backbone.id != clf.meta["backbone_id"]:
         raise TextadaptError(f"this classifier was trained on backbone {clf.meta['backbone_id']} "
-                             f"({clf.meta['backbone_spec']}), but {backbone.spec} loads as {backbone.id}: its weights differ")
+                             f"({clf.meta['backbone_spec']}), but {backbone.spec} loads as {backbone.id}: its weights, image "
+                             f"preprocessing or activation differ (an id with -quickgelu has QuickGELU towers); train it again "
+                             f"on this backbone")
 
 
 def image_paths(paths: list[Path]) -> list[Path]:

@@ -6,10 +6,13 @@ the comparison is fair by construction:
 training-free (``kind`` zero-shot or descriptions)
     ``zero-shot:class-name``, ``zero-shot:a-photo-of``, ``zero-shot:ensemble`` (the spec's
     templates: clip_benchmark's for the dataset where it has them, else open_clip's ImageNet
-    ensemble); ``waffle`` (WaffleCLIP: "a photo of a {c}, which has {random words}" and random
-    character strings, 15 pairs per class, a new draw per seed: the control any description method
-    must beat); ``cupl:SET`` (the normalised mean of a set's description embeddings per class);
-    ``dclip:SET`` for list-parsed sets (the mean similarity to "{c}, which has {descriptor}").
+    ensemble); ``waffle`` (WaffleCLIP as its code builds and scores it: per draw, one set of 15
+    (random words, random characters) descriptors shared by every class, "A photo of a {c}, which
+    (is|has) {d}.", the class score the mean of the similarities, 7 draws: the control any
+    description method must beat); ``cupl:SET`` (CuPL: the normalised mean of a set's description
+    embeddings per class); ``dclip:SET`` for list-parsed sets (DCLIP: the mean similarity to
+    "{c}, which (is|has) {descriptor}", is/has chosen by the descriptor's wording as DCLIP does).
+    docs/methods.md says what each is, and where it differs from its reference.
 adapted (``kind`` adapted), for every description set
     ``ADAPTER[+ot]:SET`` with ADAPTER in tap-head, zs-head, residual, prompt (adapters.py,
     prompt_learning.py) and the loss cross-entropy (TAP's) or OTTER's OT soft labels (``+ot``),
@@ -28,8 +31,10 @@ delta against the best training-free baseline.
 
 from __future__ import annotations
 
-import random
+import json
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,7 +53,11 @@ ALL_ADAPTERS = (*ADAPTERS, "prompt")
 LOSSES = ("ce", "ot")
 SCORINGS = ("plain", "ig")
 DEFAULT_METHODS = ["tap-head"]
+# WaffleCLIP (ExplainableML/WaffleCLIP@7a1b8ee): README.md's command `base_main.py --mode=waffle --waffle_count=15
+# --reps=7`, and base_main.py seeds repetition r with seed_everything(r) (line 118): draws 0..6.
 WAFFLE_PAIRS = 15
+WAFFLE_SEEDS = tuple(range(7))
+WAFFLE_WORDS = Path(__file__).resolve().parent / "waffle_words.json"  # its word list and ImageNet character set
 
 
 @dataclass
@@ -141,24 +150,59 @@ def logit_scale(backbone: Backbone) -> float:
 # Training-free classifiers
 
 
-def _waffle_descriptors(rng: random.Random, vocabulary: list[str], n_pairs: int) -> list[str]:
-    """WaffleCLIP's random descriptors: n pairs of (random words, random characters of the same length)."""
-    out = []
-    for _ in range(n_pairs):
-        words = " ".join(rng.choice(vocabulary) for _ in range(2))
-        chars = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(len(words)))
-        out += [words, chars]
-    return out
+def which(descriptor: str) -> str:
+    """DCLIP's and WaffleCLIP's clause for a descriptor: "which is an X", "which has X", "which can X"."""
+    if descriptor.startswith("a") or descriptor.startswith("used"):  # "a"/"an" ..., "used for ...": is
+        return f"which is {descriptor}"
+    if descriptor.startswith(("has", "often", "typically", "may", "can")):
+        return f"which {descriptor}"
+    return f"which has {descriptor}"
 
 
-def _vocabulary(backbone: Backbone) -> list[str]:
-    """Real words for WaffleCLIP: the alphabetic whole words of the tokenizer's vocabulary, else a fallback list."""
-    encoder = getattr(backbone.tokenizer, "encoder", None)
-    if encoder:
-        words = sorted(w[:-4] for w in encoder if w.endswith("</w>") and w[:-4].isalpha() and 3 <= len(w) - 4 <= 10)
-        if len(words) > 100:
-            return words
-    return "red blue round square soft hard small large bright dark striped plain metal wood glass paper".split()
+@lru_cache(maxsize=1)
+def _waffle_vocabulary() -> tuple[tuple[str, ...], str]:
+    data = json.loads(WAFFLE_WORDS.read_text())
+    return tuple(data["words"]), data["characters"]
+
+
+@lru_cache(maxsize=64)
+def waffle_descriptors(class_names: tuple[str, ...], seed: int, n_pairs: int = WAFFLE_PAIRS) -> tuple[str, ...]:
+    """WaffleCLIP's shared random descriptors for one draw: n_pairs (random words, random characters).
+
+    As its ``waffle`` mode builds them: words from its word list cut to the class names' mean word
+    length, as many as the names have words on average; characters from its character set in as
+    many comma-separated groups as the names have words, as long in all as their longest words.
+    Its code draws a set for every class, then keeps one class's set for all; the same calls on the
+    same NumPy stream (``RandomState(seed)``, as its ``seed_everything``) give the same set.
+    """
+    words, characters = _waffle_vocabulary()
+    names = [c.replace("_", " ") for c in class_names]  # its wordify; the character counts use the raw names
+    n_words = int(max(np.round(np.mean([len(c.split(" ")) for c in names])), 1))
+    word_length = int(np.round(np.mean([np.mean([len(w) for w in c.split(" ")]) for c in names])))
+    words = [w[:word_length] for w in words]
+    n_groups = int(np.round(np.mean([c.count(" ") for c in class_names]))) + 1
+    n_chars = int(np.ceil(np.mean([max(len(w) for w in c.split(" ")) for c in class_names])))
+    n_chars += n_groups - n_chars % n_groups
+    rng = np.random.RandomState(seed)
+    # Its np.random.choice(x, 1, replace=False)[0] is x[permutation(len(x))[0]] on the same stream (NumPy's legacy
+    # RandomState.choice); permutation skips choice's per-call checks, several times faster for the characters.
+    def pick(pool):
+        return pool[rng.permutation(len(pool))[0]]
+
+    drawn = []
+    for _ in class_names:
+        pairs = []
+        for _ in range(n_pairs):
+            pairs.append(" ".join(pick(words) for _ in range(n_words)))
+            pairs.append(", ".join("".join(pick(characters) for _ in range(n_chars // n_groups)) for _ in range(n_groups)))
+        drawn.append(tuple(pairs))
+    return drawn[rng.choice(len(class_names))]
+
+
+def waffle_texts(class_names: list[str], seed: int) -> list[str]:
+    """One WaffleCLIP draw's prompts, class-major: every class with the same descriptors."""
+    shared = waffle_descriptors(tuple(class_names), seed)
+    return [f"A photo of a {c.replace('_', ' ')}, {which(d)}." for c in class_names for d in shared]
 
 
 def zero_shot_prompts(spec: DatasetSpec) -> dict[str, list[str]]:
@@ -167,7 +211,7 @@ def zero_shot_prompts(spec: DatasetSpec) -> dict[str, list[str]]:
             for method, templates in BASELINES.items()}
 
 
-def training_free(backbone: Backbone, spec: DatasetSpec, store: Store, sets: dict, dclip_sets: set[str], seeds: list[int],
+def training_free(backbone: Backbone, spec: DatasetSpec, store: Store, sets: dict, dclip_sets: set[str],
                   batch_size: int = 256) -> tuple[list[Classifier], int]:
     """The zero-shot, WaffleCLIP, CuPL and DCLIP classifiers, and how many texts had to be encoded."""
     n, scale, encoded, out = len(spec.classes), logit_scale(backbone), 0, []
@@ -175,26 +219,46 @@ def training_free(backbone: Backbone, spec: DatasetSpec, store: Store, sets: dic
         emb, k = encode_texts(backbone, prompts, store, batch_size)
         encoded += k
         out.append(Classifier(method, "zero-shot", [scale * prototypes(emb, n)], [0]))
-    vocabulary, weights = _vocabulary(backbone), []
-    for seed in seeds:
-        rng = random.Random(seed)
-        texts = [f"a photo of a {c}, which has {d}." for c in spec.classes for d in _waffle_descriptors(rng, vocabulary, WAFFLE_PAIRS)]
+    weights = []
+    for seed in WAFFLE_SEEDS:
+        texts = waffle_texts(spec.classes, seed)
         emb, k = encode_texts(backbone, texts, store, batch_size)
         encoded += k
-        weights.append(scale * prototypes(emb, n))
-    out.append(Classifier("waffle", "zero-shot", weights, list(seeds)))
+        weights.append(scale * mean_similarity_weights(emb, np.repeat(np.arange(n), len(texts) // n), n))
+    out.append(Classifier("waffle", "zero-shot", weights, list(WAFFLE_SEEDS)))
     for name, ts in sets.items():
         emb, k = encode_texts(backbone, ts.texts, store, batch_size)
         encoded += k
         out.append(Classifier(f"cupl:{name}", "descriptions", [scale * _class_means(emb, ts.labels, n)], [0], text_set=name,
                               n_texts=len(ts.texts)))
         if name in dclip_sets:
-            texts = [f"{spec.classes[y]}, which has {_descriptor(t)}" for t, y in zip(ts.texts, ts.labels)]
+            texts, labels = dclip_texts(spec.classes, ts.texts, ts.labels)
             emb, k = encode_texts(backbone, texts, store, batch_size)
             encoded += k
-            out.append(Classifier(f"dclip:{name}", "descriptions", [_dclip(emb, ts.labels, n, scale)], [0], text_set=name,
-                                  n_texts=len(ts.texts)))
+            out.append(Classifier(f"dclip:{name}", "descriptions", [scale * mean_similarity_weights(emb, labels, n)], [0],
+                                  text_set=name, n_texts=len(ts.texts)))
     return out, encoded
+
+
+def training_free_texts(spec: DatasetSpec) -> list[str]:
+    """Every text the training-free classifiers embed besides the description sets (for embedding them in parallel)."""
+    zero_shot = [t for ps in zero_shot_prompts(spec).values() for t in ps]
+    return zero_shot + [t for seed in WAFFLE_SEEDS for t in waffle_texts(spec.classes, seed)]
+
+
+def dclip_texts(class_names: list[str], descriptions: list[str], labels: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """DCLIP's sentences "{c}, which (is|has) {descriptor}" and their classes; a class with no
+    descriptor gets the empty one, as DCLIP's loader does (so it is scored, not left at zero)."""
+    texts = [f"{class_names[y]}, {which(_descriptor(t))}" for t, y in zip(descriptions, labels)]
+    missing = sorted(set(range(len(class_names))) - set(np.asarray(labels).tolist()))
+    texts += [f"{class_names[y]}, {which('')}" for y in missing]
+    return texts, np.concatenate([np.asarray(labels, dtype=np.int64), np.asarray(missing, dtype=np.int64)])
+
+
+def mean_similarity_weights(emb: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    """(classes, dim) weights whose logits are each class's mean similarity to its texts' normalised
+    embeddings (DCLIP's and WaffleCLIP's score): the unnormalised mean, since v . mean(e) = mean(v . e)."""
+    return _class_means(emb, labels, n, normalise=False)
 
 
 def _descriptor(text: str) -> str:
@@ -209,11 +273,6 @@ def _class_means(emb: np.ndarray, labels: np.ndarray, n: int, normalise: bool = 
     if normalise:
         means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
     return means.astype(np.float32)
-
-
-def _dclip(emb: np.ndarray, labels: np.ndarray, n: int, scale: float) -> np.ndarray:
-    """DCLIP with a varying number of descriptors per class: the unnormalised mean per class."""
-    return scale * _class_means(emb, labels, n, normalise=False)
 
 
 # --------------------------------------------------------------------------------------------
