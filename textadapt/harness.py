@@ -31,10 +31,10 @@ delta against the best training-free baseline.
 
 from __future__ import annotations
 
-import json
+import re
+import string
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -57,7 +57,7 @@ DEFAULT_METHODS = ["tap-head"]
 # --reps=7`, and base_main.py seeds repetition r with seed_everything(r) (line 118): draws 0..6.
 WAFFLE_PAIRS = 15
 WAFFLE_SEEDS = tuple(range(7))
-WAFFLE_WORDS = Path(__file__).resolve().parent / "waffle_words.json"  # its word list and ImageNet character set
+WAFFLE_VOCABULARY = 4330  # random words to draw from: as many as WaffleCLIP's own word list holds
 
 
 @dataclass
@@ -161,8 +161,19 @@ def which(descriptor: str) -> str:
 
 @lru_cache(maxsize=1)
 def _waffle_vocabulary() -> tuple[tuple[str, ...], str]:
-    data = json.loads(WAFFLE_WORDS.read_text())
-    return tuple(data["words"]), data["characters"]
+    """The words and characters WaffleCLIP's descriptors are drawn from, as textadapt makes them.
+
+    WaffleCLIP's own word list is not redistributed here (docs/methods.md): textadapt takes the
+    ``WAFFLE_VOCABULARY`` most frequent whole words of CLIP's BPE vocabulary (two or more letters a-z, in
+    merge order, which follows frequency; shipped inside open_clip), sorted; the characters are ASCII
+    letters of both cases and digits. Both are the same on every machine with the same open_clip.
+    """
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tokens = sorted(SimpleTokenizer().encoder.items(), key=lambda kv: kv[1])
+    words = [t[:-4] for t, _ in tokens if t.endswith("</w>") and re.fullmatch(r"[a-z]{2,}", t[:-4])]
+    characters = "".join(sorted(string.ascii_letters + string.digits))
+    return tuple(sorted(dict.fromkeys(words[:WAFFLE_VOCABULARY]))), characters
 
 
 @lru_cache(maxsize=64)
