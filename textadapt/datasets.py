@@ -14,7 +14,7 @@ import inspect
 import re
 import struct
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Iterator, Literal, Union
 
@@ -194,6 +194,7 @@ class ImageSet:
     images: list
     labels: np.ndarray
     source: str
+    _keys: list[str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -203,12 +204,14 @@ class ImageSet:
         return Image.open(x) if isinstance(x, (str, Path)) else Image.fromarray(x)
 
     def keys(self) -> list[str]:
-        """Content hash of every image: the image-embedding cache key (with the backbone's)."""
-        out = []
-        for x in self.images:
-            data = Path(x).read_bytes() if isinstance(x, (str, Path)) else np.ascontiguousarray(x).tobytes() + str(x.shape).encode()
-            out.append(hashlib.sha256(data).hexdigest())
-        return out
+        """Content hash of every image: the image-embedding cache key (with the backbone's). Computed once."""
+        if self._keys is None:
+            out = []
+            for x in self.images:
+                data = Path(x).read_bytes() if isinstance(x, (str, Path)) else np.ascontiguousarray(x).tobytes() + str(x.shape).encode()
+                out.append(hashlib.sha256(data).hexdigest())
+            self._keys = out
+        return list(self._keys)
 
     def subset(self, keep: np.ndarray) -> "ImageSet":
         idx = np.flatnonzero(keep)
