@@ -136,7 +136,8 @@ def test_migration_to_predictions_keeps_results(tmp_path):
     con.execute("INSERT INTO textadapt_meta VALUES ('schema_version', '3')")
     for sql in MIGRATIONS[:3]:
         con.execute(sql)
-    con.execute("INSERT INTO results (run_id, method, kind, top1, mean_per_class, n_images) VALUES ('r', 'waffle', 'zero-shot', 0.5, 0.4, 9)")
+    con.execute("INSERT INTO results (run_id, method, kind, top1, mean_per_class, n_images) "
+                "VALUES ('r', 'waffle', 'zero-shot', 0.5, 0.4, 9)")
     con.execute("INSERT INTO class_results VALUES ('r', 'waffle', 0, 'bag', 9, 0.5, 0.0)")
     con.close()
     with Store(path) as s:

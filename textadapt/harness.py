@@ -365,9 +365,11 @@ def save(store: Store, run_id: str, spec: DatasetSpec, results: list[MethodResul
         intervals = {}
         if gains is not None:
             m = gains.methods.index(r.method)
-            per_class = [(*row, _num(gains.per_class_low[m, i]), _num(gains.per_class_high[m, i])) for i, row in enumerate(per_class)]
-            intervals = dict(baseline=gains.reference, delta_top1=s.top1 - best.score.top1, delta_top1_low=_num(gains.top1_low[m]),
-                             delta_top1_high=_num(gains.top1_high[m]), delta_mean_per_class=s.mean_per_class - best.score.mean_per_class,
+            per_class = [(*row, _num(gains.per_class_low[m, i]), _num(gains.per_class_high[m, i]))
+                         for i, row in enumerate(per_class)]
+            intervals = dict(baseline=gains.reference, delta_top1=s.top1 - best.score.top1,
+                             delta_top1_low=_num(gains.top1_low[m]), delta_top1_high=_num(gains.top1_high[m]),
+                             delta_mean_per_class=s.mean_per_class - best.score.mean_per_class,
                              delta_mean_per_class_low=_num(gains.mean_per_class_low[m]),
                              delta_mean_per_class_high=_num(gains.mean_per_class_high[m]))
         store.save_result(

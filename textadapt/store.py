@@ -467,20 +467,23 @@ class Store:
         log_prior = None if log_prior is None else np.asarray(log_prior, np.float32)
         return seed, np.asarray(weight, np.float32).reshape(n, d), classes, log_prior, beta
 
-    def save_predictions(self, run_id: str, image_hashes: list[str], labels: np.ndarray, predicted: dict[str, np.ndarray]) -> None:
+    def save_predictions(self, run_id: str, image_hashes: list[str], labels: np.ndarray,
+                         predicted: dict[str, np.ndarray]) -> None:
         """A run's test images (``run_images``) and every method's (seeds, images) predicted classes (``predictions``),
-        in one transaction, replacing what the run had stored."""
+        in one transaction, replacing what the run had stored. Bulk, through Arrow: ImageNet's 50,000 images x 30
+        methods are 1.5 million rows."""
         n, methods = len(image_hashes), list(predicted)
-        images = pa.table({"image_index": pa.array(np.arange(n, dtype=np.int32)), "image_hash": pa.array(image_hashes, pa.string()),
-                           "label": pa.array(np.asarray(labels, np.int32))})
+        images = pa.table({"image_index": pa.array(np.arange(n, dtype=np.int32)),
+                           "image_hash": pa.array(image_hashes, pa.string()), "label": pa.array(np.asarray(labels, np.int32))})
         per_image = [np.asarray(predicted[m], np.int32).reshape(-1, n).T for m in methods]  # (images, seeds) each
-        lengths = np.concatenate([np.full(n, p.shape[1], np.int32) for p in per_image]) if methods else np.zeros(0, np.int32)
+        values = np.concatenate([p.ravel() for p in per_image] or [np.zeros(0, np.int32)])
+        lengths = np.concatenate([np.full(n, p.shape[1], np.int32) for p in per_image] or [np.zeros(0, np.int32)])
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
         rows = pa.table({
             "method": pa.DictionaryArray.from_arrays(pa.array(np.repeat(np.arange(len(methods), dtype=np.int32), n)),
                                                      pa.array(methods, pa.string())),
             "image_index": pa.array(np.tile(np.arange(n, dtype=np.int32), len(methods))),
-            "predicted": pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)),
-                                                  pa.array(np.concatenate([p.ravel() for p in per_image] or [np.zeros(0, np.int32)]))),
+            "predicted": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)),
         })
         self.con.execute("BEGIN TRANSACTION")
         try:
