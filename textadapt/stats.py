@@ -14,7 +14,7 @@ difference is far more certain than either accuracy alone, and every interval he
 - ``paired_bootstrap``: the same for one pair, the top-1 difference only.
 - ``mcnemar``: McNemar's exact test (a two-sided binomial test on the discordant images).
 
-Seeded and deterministic: the same inputs and seed give the same intervals, on any machine.
+Seeded and deterministic: the same inputs and seed give the same intervals.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def _resampled_sums(values: np.ndarray, n_resamples: int, rng: np.random.Generat
     """
     g, n, m = values.shape
     chunk = max(1, min(n_resamples, _CHUNK_CELLS // max(g * n, 1)))
-    out = np.empty((g, n_resamples, m), values.dtype)
+    out = np.empty((g, n_resamples, m), np.float64)
     for start in range(0, n_resamples, chunk):
         b = min(chunk, n_resamples - start)
         drawn = rng.integers(0, n, size=(b * g, n))
@@ -137,7 +137,7 @@ def differences(correct: np.ndarray, reference: np.ndarray, labels: np.ndarray, 
     labels = np.asarray(labels)
     n, m = diff.shape
     top_rng, class_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
-    # float32 sums: twice as fast, and their rounding stays far below one image up to millions of images
+    # float32 products are faster, and their rounding stays far below one image up to millions of images
     dtype = np.float32 if n < 2**21 else np.float64
 
     top1 = diff.mean(axis=0)
