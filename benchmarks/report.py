@@ -180,8 +180,10 @@ def intervals(d: dict) -> list[str]:
         table(["step", "median seconds", "median CPU seconds"],
               [["`harness.gains`: every gain's interval (top-1, per class, mean per class)", _f(f["intervals_median_s"]),
                 cpu("intervals_cpu_seconds")],
-               ["`harness.evaluate`: scoring every classifier (the anchor)", _f(f["scoring_median_s"]), cpu("scoring_cpu_seconds")],
-               [f"`Store.save_predictions`: {f['prediction_rows']:,} rows", _f(f["save_predictions_s"]), _f(f["save_predictions_cpu_s"])]]),
+               ["`harness.evaluate`: scoring every classifier (the anchor)", _f(f["scoring_median_s"]),
+                cpu("scoring_cpu_seconds")],
+               [f"`Store.save_predictions`: {f['prediction_rows']:,} rows", _f(f["save_predictions_s"]),
+                _f(f["save_predictions_cpu_s"])]]),
         "", f"**Intervals / scoring: {_f(f['cpu_ratio_median'], 3)} in CPU time** ({_f(f['ratio_median'], 3)} in wall time).",
     ]
 

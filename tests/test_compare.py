@@ -32,8 +32,8 @@ def store_run(store: Store, run_id: str, methods: dict[str, np.ndarray], labels=
         correct = stats.correctness(predicted, labels)
         recall = [correct[labels == k].mean() for k in range(len(classes))]
         per_class = [(k, c, int((labels == k).sum()), float(recall[k]), None) for k, c in enumerate(classes)]
-        store.save_result(run_id, method, (kinds or {}).get(method, "adapted"), float(correct.mean()), float(np.mean(recall)), len(labels),
-                          per_class)
+        kind = (kinds or {}).get(method, "adapted")
+        store.save_result(run_id, method, kind, float(correct.mean()), float(np.mean(recall)), len(labels), per_class)
     store.save_predictions(run_id, hashes, labels, methods)
 
 
@@ -154,7 +154,8 @@ def test_compare_two_real_runs_before_and_after_an_edit(home, tmp_path, fmnist):
     assert data["a"]["top1"] == pytest.approx(top1[before]) and data["b"]["top1"] == pytest.approx(top1[after])
     assert data["top1"]["value"] == pytest.approx(top1[after] - top1[before])
     assert data["top1"]["low"] <= data["top1"]["value"] <= data["top1"]["high"]
-    assert [k["name"] for k in data["classes"]] == ["T-shirt or top", "trouser"] and sum(k["images"] for k in data["classes"]) == 40
+    assert [k["name"] for k in data["classes"]] == ["T-shirt or top", "trouser"]
+    assert sum(k["images"] for k in data["classes"]) == 40
 
     # two methods of one run, as a table and as CSV
     p = textadapt("compare", f"{before}:tap-head:import:shapes", f"{before}:tap-head:import:photos")
