@@ -82,7 +82,7 @@ def main() -> None:
     write_results("intervals", {"images": args.images, "classes": args.classes, "dim": args.dim, "methods": methods,
                                 "free": args.free, "adapted": args.adapted, "seeds": args.seeds, "repeats": repeats,
                                 "resamples": 1000}, figures,
-                  ["CPU time: this process, all threads; wall time also counts waiting for a core on a shared machine."])
+                  ["CPU time: this process, all threads; wall time also counts waiting for a core on a shared machine."], args.out)
 
 
 if __name__ == "__main__":
