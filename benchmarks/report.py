@@ -11,7 +11,7 @@ from pathlib import Path
 from _common import RESULTS, table
 
 OUT = Path(__file__).resolve().parent / "RESULTS.md"
-ORDER = ["generation_overhead", "reference_sequential", "cache", "encoders", "training_scale", "end_to_end"]
+ORDER = ["generation_overhead", "reference_sequential", "cache", "encoders", "training_scale", "end_to_end", "intervals"]
 TITLES = {
     "generation_overhead": "1. Generation overhead: textadapt vs a bare openai loop",
     "reference_sequential": "2. Against the reference approach: one request at a time vs textadapt",
@@ -19,6 +19,7 @@ TITLES = {
     "encoders": "4. Encoders: textadapt vs a bare open_clip loop (ViT-B-32)",
     "training_scale": "5. Training scale: the TAP head",
     "end_to_end": "6. End to end: `textadapt run fashion-mnist` by stage",
+    "intervals": "7. Error bars at ImageNet scale: the paired bootstrap and the stored predictions",
 }
 
 # Why the figures look the way they do: mechanisms, not numbers (those come from the JSON files).
@@ -176,6 +177,24 @@ def end_to_end(d: dict) -> list[str]:
         f"`{s['command']}` on {s['device']} (TEXTADAPT_THREADS={s.get('llm_threads')}), empty cache: {f['llm_calls']} LLM calls, {f['text_encoder_calls']} texts and "
         f"{f['image_encoder_calls']} images encoded.", "",
         table(["stage", "seconds", "share"], rows),
+    ]
+
+
+def intervals(d: dict) -> list[str]:
+    f, s = d["figures"], d["settings"]
+    cpu = lambda k: _f(sorted(f[k])[len(f[k]) // 2])  # noqa: E731  (median)
+    return [
+        f"{s['images']:,} images, {s['classes']:,} classes, dim {s['dim']}; {s['free']} training-free methods (one classifier "
+        f"each) and {s['adapted']} adapted ones ({s['seeds']} seeds each); {s['resamples']} resamples; {s['repeats']} "
+        "alternating repetitions.", "",
+        table(["step", "median seconds", "median CPU seconds"],
+              [["`harness.gains`: every gain's interval (top-1, per class, mean per class)", _f(f["intervals_median_s"]),
+                cpu("intervals_cpu_seconds")],
+               ["`harness.evaluate`: scoring every classifier (the anchor)", _f(f["scoring_median_s"]),
+                cpu("scoring_cpu_seconds")],
+               [f"`Store.save_predictions`: {f['prediction_rows']:,} rows", _f(f["save_predictions_s"]),
+                _f(f["save_predictions_cpu_s"])]]),
+        "", f"**Intervals / scoring: {_f(f['cpu_ratio_median'], 3)} in CPU time** ({_f(f['ratio_median'], 3)} in wall time).",
     ]
 
 

@@ -226,7 +226,7 @@ def adapt(options: RunOptions) -> RunOutcome:
                 teacher = harness.teacher_prototypes(free)
                 trained, head_calls = train_adapters(backbone, spec, store, sets, teacher, config, options.batch_size)
             classifiers = free + trained
-            results, best, image_calls, image_emb = [], None, 0, None
+            results, best, gains, image_calls, image_emb = [], None, None, 0, None
             if not options.train_only:
                 with stage("image embeddings"):
                     image_emb, image_calls = encode_images(backbone, images, store, options.batch_size)
@@ -239,7 +239,9 @@ def adapt(options: RunOptions) -> RunOutcome:
                 if options.captioner:
                     with stage("captioner"):
                         results += caption_scores(captioner_bb, images, spec, config)
-                best = harness.save(store, run_id, spec, results)
+                with stage("intervals"):  # every gain's 95% interval: a paired bootstrap over the test images
+                    gains = harness.gains(results, images.labels, len(spec.classes))
+                best = harness.save(store, run_id, spec, results, gains, images)
             scores = {r.method: r.score for r in results}
             heads = {c.method: c.heads[0] for c in trained}
 
@@ -251,7 +253,7 @@ def adapt(options: RunOptions) -> RunOutcome:
                 n_images=len(images) if images else 0, generation=gen,
                 sets=sets, scores=scores, heads=heads, best_baseline=best, text_encoder_calls=zs_calls + head_calls,
                 image_encoder_calls=image_calls, steps=steps, seed=options.seed, stage_seconds=seconds, examples=examples,
-                filled=filled, results=results, seeds=config.seeds, llm_usage=store.llm_usage(run_id),
+                filled=filled, results=results, seeds=config.seeds, llm_usage=store.llm_usage(run_id), gains=gains,
             )
             path = write_report(report, settings.reports_dir)
             store.update_run(run_id, text_encoder_calls=zs_calls + head_calls, report_path=str(path))

@@ -510,5 +510,60 @@ def runs(
         out.print("* untrained backbone (random weights): its accuracies and gain mean nothing", markup=False)
 
 
+
+@app.command()
+def compare(
+    a: str = typer.Argument(..., metavar="A", help="RUN_ID (its best adapted method, or --method) or RUN_ID:METHOD."),
+    b: str = typer.Argument(..., metavar="B", help="The other side, the same way; every difference is B minus A."),
+    method: Optional[str] = typer.Option(None, help="The method of a side given as a bare RUN_ID "
+                                                    "[default: its best adapted method]."),
+    format: str = typer.Option("table", "--format", help="table, json or csv."),
+) -> None:
+    """Is B better than A? Top-1 and per-class differences on the same test images, with 95% intervals (paired
+    bootstrap) and McNemar's exact test. E.g. the same method before and after a template edit: two runs."""
+    from rich.text import Text
+
+    from textadapt.compare import compare as compare_sides
+    from textadapt.store import Store
+
+    try:
+        if format not in ("table", "json", "csv"):
+            raise TextadaptError(f"--format: unknown format {format!r}; known: table, json, csv")
+        with Store(Settings().db_path, read_only=True) as store:
+            c = compare_sides(store, a, b, method)
+    except TextadaptError as e:
+        _fail(e)
+    pts = lambda x: "n/a" if x != x else f"{100 * x:+.1f}"  # noqa: E731  (x != x: NaN)
+    if format == "json":
+        print(json.dumps(c.to_dict(), indent=1))
+    elif format == "csv":
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(["class_index", "class", "images", "a", "b", "difference", "low", "high"])
+        w.writerow(["", "(top-1)", c.images, c.a.top1, c.b.top1, c.top1.value, c.top1.low, c.top1.high])
+        m = c.mean_per_class
+        w.writerow(["", "(mean per class)", c.images, c.a.mean_per_class, c.b.mean_per_class, m.value, m.low, m.high])
+        w.writerows([k.index, k.name, k.images, k.a, k.b, k.difference.value, k.difference.low, k.difference.high]
+                    for k in c.classes)
+    else:
+        for label, s in (("A", c.a), ("B", c.b)):
+            seeds = f"{s.seeds} seed{'s' * (s.seeds > 1)}"
+            out.print(f"{label}: {s.run_id}:{s.method} (top-1 {100 * s.top1:.1f}%, {seeds})", markup=False)
+        out.print(f"B - A on {c.images} test images: top-1 {pts(c.top1.value)} points, {100 * c.level:.0f}% interval "
+                  f"({pts(c.top1.low)}, {pts(c.top1.high)}); mean per class {pts(c.mean_per_class.value)} "
+                  f"({pts(c.mean_per_class.low)}, {pts(c.mean_per_class.high)})")
+        out.print(f"McNemar's exact test: B right where A is wrong on {c.mcnemar.only_b} images, A right where B is wrong on "
+                  f"{c.mcnemar.only_a}: p = {c.mcnemar.p_value:.3g}")
+        table = Table("class", "images", "A %", "B %", "B - A", f"{100 * c.level:.0f}% interval")
+        for k in c.classes:
+            table.add_row(Text(k.name), str(k.images), f"{100 * k.a:.1f}", f"{100 * k.b:.1f}", pts(k.difference.value),
+                          f"({pts(k.difference.low)}, {pts(k.difference.high)})")
+        out.print(table)
+        out.print(f"Paired bootstrap over the test images ({c.n_resamples} resamples, seed {c.seed}); with several seeds an "
+                  "image counts as the share of seeds right (McNemar: right if at least half are).", markup=False)
+    if c.a.untrained or c.b.untrained:
+        err.print("[bold red]UNTRAINED BACKBONE:[/] a side ran on random weights: its accuracies and these differences "
+                  "mean nothing.")
+
+
 if __name__ == "__main__":
     app()

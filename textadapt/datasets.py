@@ -272,6 +272,7 @@ class ImageSet:
     source: str
     background: Colour = WHITE
     problems: list[str] = field(default_factory=list)
+    _keys: list[str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -281,8 +282,10 @@ class ImageSet:
         return open_rgb(self.images[i], self.background)
 
     def keys(self) -> list[str]:
-        """Content hash of every image: the image-embedding cache key (with the backbone's)."""
-        return [image_key(x, self.background) for x in self.images]
+        """Content hash of every image: the image-embedding cache key (with the backbone's). Computed once."""
+        if self._keys is None:
+            self._keys = [image_key(x, self.background) for x in self.images]
+        return list(self._keys)
 
     def take(self, idx) -> "ImageSet":
         """The images at the given positions, in that order."""

@@ -40,9 +40,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from textadapt import TextadaptError
+from textadapt import TextadaptError, stats
 from textadapt.adapters import ADAPTERS, TapRecipe, TrainedHead, train_adapter
-from textadapt.datasets import DatasetSpec
+from textadapt.datasets import DatasetSpec, ImageSet
 from textadapt.encoders import Backbone, encode_texts
 from textadapt.losses import CrossEntropy, OTSoftLabels
 from textadapt.scoring import (BASELINES, PRIORS, Score, class_prompts, ig_logits, log_softmax, mean_score,
@@ -131,6 +131,11 @@ class MethodResult:
     scoring: str
     score: Score  # mean over seeds
     per_seed: list[Score]
+
+    @property
+    def predicted(self) -> np.ndarray:
+        """(seeds, images): each seed's predicted class of every test image."""
+        return np.stack([s.predictions for s in self.per_seed])
 
     @property
     def top1_std(self) -> float | None:
@@ -406,21 +411,47 @@ def save_classifiers(store: Store, run_id: str, spec: DatasetSpec, classifiers: 
                                   beta if scoring == "ig" else None)
 
 
-def save(store: Store, run_id: str, spec: DatasetSpec, results: list[MethodResult]) -> str:
-    """Store every method's scores and per-class deltas against the best training-free baseline; returns its name."""
+def gains(results: list[MethodResult], labels: np.ndarray, n_classes: int) -> stats.Differences:
+    """Every method's accuracy minus the best training-free baseline's (top-1, mean per class, each class), with 95%
+    intervals of a paired bootstrap over the test images; a method's correctness on an image is the mean over its seeds."""
+    best = best_baseline(results)
+    correct = np.stack([stats.correctness(r.predicted, labels) for r in results])
+    return stats.differences(correct, correct[results.index(best)], labels, n_classes, [r.method for r in results], best.method)
+
+
+def save(store: Store, run_id: str, spec: DatasetSpec, results: list[MethodResult], gains: stats.Differences | None = None,
+         images: ImageSet | None = None) -> str:
+    """Store every method's scores and per-class deltas against the best training-free baseline; returns its name.
+
+    With ``gains`` (``gains(results, ...)``) also the deltas' intervals; with ``images`` (the test images scored)
+    every method's per-image predictions, for ``textadapt compare``.
+    """
     best = best_baseline(results)
     ref = best.score.per_class
     for r in results:
         s, c = r.score, r.classifier
         per_class = [(i, spec.classes[i], int(s.n_per_class[i]), _num(s.per_class[i]), _num(s.per_class[i] - ref[i]))
                      for i in range(len(spec.classes))]
+        intervals = {}
+        if gains is not None:
+            m = gains.methods.index(r.method)
+            per_class = [(*row, _num(gains.per_class_low[m, i]), _num(gains.per_class_high[m, i]))
+                         for i, row in enumerate(per_class)]
+            intervals = dict(baseline=gains.reference, delta_top1=s.top1 - best.score.top1,
+                             delta_top1_low=_num(gains.top1_low[m]), delta_top1_high=_num(gains.top1_high[m]),
+                             delta_mean_per_class=s.mean_per_class - best.score.mean_per_class,
+                             delta_mean_per_class_low=_num(gains.mean_per_class_low[m]),
+                             delta_mean_per_class_high=_num(gains.mean_per_class_high[m]))
         store.save_result(
             run_id, r.method, c.kind, s.top1, s.mean_per_class, int(s.n_per_class.sum()), per_class,
             n_texts=c.n_texts, train_seconds=sum(h.seconds for h in c.heads) if c.heads else None,
             losses=c.heads[0].losses if c.heads else None, top5=s.top5, top1_std=r.top1_std,
             mean_per_class_std=r.mean_per_class_std, seeds=c.seeds if c.kind == "adapted" or len(c.seeds) > 1 else None,
             top1_per_seed=[p.top1 for p in r.per_seed], adapter=c.adapter, loss=c.loss, scoring=r.scoring, text_set=c.text_set,
+            **intervals,
         )
+    if images is not None:
+        store.save_predictions(run_id, images.keys(), images.labels, {r.method: r.predicted for r in results})
     return best.method
 
 
