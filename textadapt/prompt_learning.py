@@ -75,6 +75,7 @@ class PromptRecipe:
     logit_scale: float | None = None  # None: the backbone's own (exp of its learned logit scale)
     seed: int = 7777
     class_chunk: int = 256  # prompts per forward pass; above this, chunks are recomputed in backward
+    chunk: int | None = None  # descriptions per chunk of a step (adapters.fit); None: as many as CHUNK_BYTES allows
     amp: bool = True  # bfloat16 autocast through the tower on CUDA (never on CPU)
 
 
@@ -303,10 +304,10 @@ def train_prompt_learner(backbone: Backbone, embeddings: np.ndarray, labels: np.
                 schedule = full_batch(recipe.steps)
             if recipe.objective == "classify":
                 losses, seconds = fit(prompts, x, y, loss or CrossEntropy(recipe.label_smoothing), opt, schedule,
-                                      noise_std=recipe.noise_std, seed=recipe.seed, scale=scale)
+                                      noise_std=recipe.noise_std, seed=recipe.seed, chunk=recipe.chunk, scale=scale)
             else:
                 match = F.l1_loss if recipe.match_loss == "l1" else F.mse_loss
-                losses, seconds = fit(prompts, x, y, None, opt, schedule, seed=recipe.seed, batch_classes=True,
+                losses, seconds = fit(prompts, x, y, None, opt, schedule, seed=recipe.seed, chunk=recipe.chunk, batch_classes=True,
                                       objective=lambda w, noisy, yb, clean: match(w[yb], clean))
             with torch.no_grad():
                 weight = prompts().float().cpu().numpy()
