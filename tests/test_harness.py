@@ -119,3 +119,37 @@ def test_top5_and_mean_per_class():
     s = score_logits(logits, np.array([4, 0]), 7)
     assert s.top1 == 0 and s.top5 == 0.5
     assert score_logits(logits[:, :5], np.array([4, 0]), 5).top5 is None  # 5 classes or fewer: no top-5
+
+
+def test_every_adapter_trains_through_the_harness(tiny_backbone, fmnist, home):
+    """``--methods all`` on real pieces (the tiny backbone, a real DuckDB cache, Fashion-MNIST's classes): one
+    classifier per method under its canonical name; taskres starts from its template's raw features, protext
+    and tap-coop from the prompt learner; every +ot run logs how much of the plan its labelled class gets."""
+    from textadapt import harness, pipeline
+    from textadapt.datasets import restrict
+    from textadapt.store import Store
+
+    spec, _ = restrict(fmnist, None, 3, None)
+    texts = {"T-shirt or top": ["a short-sleeved cotton top", "a plain t-shirt with a round neck", "a light summer top"],
+             "trouser": ["long trousers with two legs", "a pair of pants with a waistband", "straight-leg jeans"],
+             "pullover": ["a knitted pullover with long sleeves", "a warm wool sweater", "a thick jumper"]}
+    entries = [("generic", f"{c}-{k}", spec.classes.index(c), t, None) for c, ts in texts.items() for k, t in enumerate(ts)]
+    sets = pipeline.select(entries).sets
+    store = Store(home / "textadapt.duckdb")
+    config = harness.HarnessConfig(methods=parse_methods(["all"]), seeds=[1], steps=6, prompt_steps=3, epochs=6)
+    free, _ = harness.training_free(tiny_backbone, spec, store, sets, set(), config.seeds)
+    logged = []
+    trained, _ = harness.adapted(tiny_backbone, spec, store, sets, harness.teacher_prototypes(free), config, log=logged.append)
+    assert [c.method for c in trained] == [method_name(a, loss, "generic") for a, loss in config.methods]
+    assert [(c.adapter, c.loss) for c in trained] == config.methods
+    scale = harness.logit_scale(tiny_backbone)
+    for c in trained:
+        w = c.weights[0]
+        assert w.shape == (3, tiny_backbone.embed_dim) and np.isfinite(w).all(), c.method
+        if c.adapter in ("tap-residual", "taskres", "tap-coop", "protext"):  # scale * unit rows
+            np.testing.assert_allclose(np.linalg.norm(w, axis=1), scale, rtol=1e-4, err_msg=c.method)
+    ot_lines = [line for line in logged if "the OT plan gives the labelled class" in line]
+    assert len(ot_lines) == sum(loss == "ot" for _, loss in config.methods)
+    for line in ot_lines:
+        first = float(line.split("labelled class ")[1].split(" ")[0])
+        assert first > 1.5 / 3, line  # far from a uniform plan's 1/3
