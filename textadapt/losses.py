@@ -152,8 +152,9 @@ class OTTERSoftLabels:
         """(b, b): OTTER's row-normalised transport plan for one block of descriptions (rows) and their classes (columns)."""
         x = F.normalize(embeddings.float(), dim=-1)
         w = self.teacher.to(x.device)[labels]
-        eye = torch.eye(len(labels), device=x.device, dtype=x.dtype) * DIAGONAL_PENALTY
-        cost = -((x @ x.T - eye) + (w @ w.T - eye) + x @ w.T)
+        sims = x @ (x + w).T + w @ w.T  # S_dd + S_dt + S_tt, two products instead of three
+        sims.diagonal().sub_(2 * DIAGONAL_PENALTY)  # the diagonals of S_dd and S_tt, as --remove_diag
+        cost = -sims
         # OTTER's Sinkhorn scales rows first and columns last; ``sinkhorn`` (POT's order) scales columns
         # first and rows last, so OTTER's plan is ours on the transposed problem, transposed back.
         plan = sinkhorn(cost.T, self.eps, self.iters).T
@@ -163,9 +164,10 @@ class OTTERSoftLabels:
     def class_plan(self, labels: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         """(B, classes): each description's plan row summed class by class, one plan per ``block`` consecutive descriptions."""
         out = torch.zeros(len(labels), self.teacher.shape[0], device=embeddings.device)
-        for s in range(0, len(labels), self.block):
-            y = labels[s : s + self.block]
-            out[s : s + self.block].index_add_(1, y, self.plan(y, embeddings[s : s + self.block]))
+        with torch.autocast(embeddings.device.type, enabled=False):  # float32 plans under mixed precision too
+            for s in range(0, len(labels), self.block):
+                y = labels[s : s + self.block]
+                out[s : s + self.block].index_add_(1, y, self.plan(y, embeddings[s : s + self.block]))
         if self._mass:
             self._mass[-1] += torch.stack([out.gather(1, labels[:, None]).sum(), torch.tensor(float(len(labels)), device=out.device)])
         return out
