@@ -155,7 +155,8 @@ def training_scale(d: dict) -> list[str]:
     ]
     if f.get("same_weights"):
         out += ["Same weights, chunked vs one pass (same noise stream, same plans):", "",
-                table(["adapter", "descriptions", "classes", "steps", "chunk", "max abs weight difference", "relative to the largest weight"],
+                table(["adapter", "descriptions", "classes", "steps", "chunk", "max abs weight difference",
+                       "relative to the largest weight"],
                       [[c["adapter"], f"{c['descriptions']:,}", f"{c['classes']:,}", c["steps"], f"{c['chunk']:,}",
                         f"{c['max_abs_diff']:.1e}", f"{c['max_rel_diff']:.1e}"] for c in f["same_weights"]]), ""]
     out += ["How the cost grows (s/step, 10x more of one at a fixed other; slope 1 = linear):", ""]

@@ -105,11 +105,13 @@ def same_weights_check(sizes: list[tuple[int, int]], steps: int, device: str) ->
         one_pass = -(-n // 512) * 512
         small = max(512, one_pass // 8 // 512 * 512)
         for name, loss in (("tap-head", lambda: None), ("tap-head+ot", _ot)):
-            runs = [train_tap_head(x, y, classes, TapRecipe(steps=steps, chunk=c), device, loss=loss()) for c in (one_pass, small)]
+            runs = [train_tap_head(x, y, classes, TapRecipe(steps=steps, chunk=c), device, loss=loss())
+                    for c in (one_pass, small)]
             diff = float(np.abs(runs[0].weight - runs[1].weight).max())
             scale = float(np.abs(runs[0].weight).max())
             out.append({"adapter": name, "descriptions": n, "classes": classes, "steps": steps, "chunk": small,
-                        "max_abs_diff": diff, "max_rel_diff": diff / scale, "loss_diff": abs(runs[0].losses[-1] - runs[1].losses[-1])})
+                        "max_abs_diff": diff, "max_rel_diff": diff / scale,
+                        "loss_diff": abs(runs[0].losses[-1] - runs[1].losses[-1])})
             print(f"same weights {name} {n:,} x {classes:,}, {steps} steps, chunks of {small:,} vs one pass: "
                   f"max |dW| {diff:.2e} ({diff / scale:.1e} of max |W|)", flush=True)
     return out
@@ -242,7 +244,8 @@ def main() -> None:
     rows = [[r["adapter"], f"{r['descriptions']:,}", f"{r['classes']:,}", f"{r['chunk']:,}", r["steps"], f"{r['s_per_step']:.4f}",
              f"{r['steps_per_s']:.3f}", f"{r['rss_after_data_gib']:.2f}", f"{r['peak_rss_gib']:.2f}"]
             + ([f"{r['peak_cuda_gib']:.2f}"] if "peak_cuda_gib" in r else []) for r in results]
-    headers = ["adapter", "descriptions", "classes", "chunk", "steps timed", "s/step", "steps/s", "RSS after data GiB", "peak RSS GiB"]
+    headers = ["adapter", "descriptions", "classes", "chunk", "steps timed", "s/step", "steps/s", "RSS after data GiB",
+               "peak RSS GiB"]
     if args.device.startswith("cuda"):
         headers.append("peak CUDA GiB")
     print()
@@ -265,7 +268,8 @@ def main() -> None:
                                  "device": args.device, "mixed_precision": "bf16 autocast" if args.device.startswith("cuda") else "none (fp32)",
                                  "torch_threads": __import__("torch").get_num_threads(), "chunk_bytes": CHUNK_BYTES,
                                  "check_steps": args.check_steps},
-                          {"results": results, "skipped": skipped, "growth": lines, "step_breakdown": shares, "same_weights": checks},
+                          {"results": results, "skipped": skipped, "growth": lines, "step_breakdown": shares,
+                           "same_weights": checks},
                           ["full-batch steps: every step touches every description, in chunks (gradients accumulated)",
                            "s/step excludes the warm-up step; peak RSS includes the synthetic data (N x 512 float32)"], args.out)
 

@@ -89,7 +89,8 @@ def world(seed, n_classes=8, dim=64, per_class=30, ambiguous=6, class_spread=0.5
             x.append(unit(centre + noise * unit(rng.normal(size=dim))))
             y.append(c)
             leans.append(other)
-    return (torch.tensor(np.array(x), dtype=torch.float32), torch.tensor(y), np.array(leans), torch.tensor(u, dtype=torch.float32))
+    return (torch.tensor(np.array(x), dtype=torch.float32), torch.tensor(y), np.array(leans),
+            torch.tensor(u, dtype=torch.float32))
 
 
 def teacher_at(classes, scale=100.0):

@@ -140,5 +140,6 @@ def test_recipe_per_dataset_and_step_zero_is_its_zero_shot(tiny_backbone):
     head = train_adapter("taskres", text, np.arange(30) % 6, 6, TaskResRecipe(epochs=0), base, logit_scale=100.0)
     np.testing.assert_allclose(head.weight, 100 * unit(base), atol=1e-4)
     with torch.no_grad():
-        zero_shot = tiny_backbone.model.encode_text(tiny_backbone.tokenizer([f"{c} texture." for c in NAMES]), normalize=True).numpy()
+        tokens = tiny_backbone.tokenizer([f"{c} texture." for c in NAMES])
+        zero_shot = tiny_backbone.model.encode_text(tokens, normalize=True).numpy()
     assert np.array_equal(predict(images, head.weight), predict(images, zero_shot))

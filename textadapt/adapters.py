@@ -86,8 +86,8 @@ TASKRES_TEMPLATES = {
     "eurosat": ["a centered satellite photo of {}."],
     "food101": ["a photo of {}, a type of food."],
     "ucf101": ["a photo of a person doing {}."],
-    "imagenet1k": ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.", "a {} in a video game.",
-                   "art of the {}.", "a photo of the small {}.", "a photo of a {}."],
+    "imagenet1k": ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+                   "a {} in a video game.", "art of the {}.", "a photo of the small {}.", "a photo of a {}."],
 }
 
 

@@ -265,7 +265,8 @@ def adapted(backbone: Backbone, spec: DatasetSpec, store: Store, sets: dict, tea
                 if loss is not None:
                     mass = loss.labelled_mass()
                     log(f"{method_name(adapter, loss_name, name)} seed {seed}: the OT plan gives the labelled class "
-                        f"{mass[0]:.3f} of a description's mass at the first step, {mass[-1]:.3f} at the last (uniform: {1 / n:.3f})")
+                        f"{mass[0]:.3f} of a description's mass at the first step, {mass[-1]:.3f} at the last "
+                        f"(uniform: {1 / n:.3f})")
             method = method_name(adapter, loss_name, name)
             log(f"{method}: trained {len(heads)} seed(s) in {sum(h.seconds for h in heads):.1f} s, "
                 f"last loss {np.mean([h.losses[-1] for h in heads]):.3f}")

@@ -169,7 +169,8 @@ class OTTERSoftLabels:
                 y = labels[s : s + self.block]
                 out[s : s + self.block].index_add_(1, y, self.plan(y, embeddings[s : s + self.block]))
         if self._mass:
-            self._mass[-1] += torch.stack([out.gather(1, labels[:, None]).sum(), torch.tensor(float(len(labels)), device=out.device)])
+            count = torch.tensor(float(len(labels)), device=out.device)
+            self._mass[-1] += torch.stack([out.gather(1, labels[:, None]).sum(), count])
         return out
 
     def targets(self, labels: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:

@@ -299,7 +299,8 @@ def train_prompt_learner(backbone: Backbone, embeddings: np.ndarray, labels: np.
                 lr = lambda epoch: dassl_lr(epoch, recipe.lr, recipe.epochs, recipe.warmup_epochs, recipe.warmup_lr)  # noqa: E731
                 schedule = epoch_batches(len(x), recipe.batch_size, recipe.epochs, lr, recipe.seed)
             elif recipe.cosine:
-                schedule = ((0.5 * recipe.lr * (1 + math.cos(math.pi * step / recipe.steps)), None) for step in range(recipe.steps))
+                schedule = ((0.5 * recipe.lr * (1 + math.cos(math.pi * step / recipe.steps)), None)
+                            for step in range(recipe.steps))
             else:
                 schedule = full_batch(recipe.steps)
             if recipe.objective == "classify":
@@ -307,8 +308,8 @@ def train_prompt_learner(backbone: Backbone, embeddings: np.ndarray, labels: np.
                                       noise_std=recipe.noise_std, seed=recipe.seed, chunk=recipe.chunk, scale=scale)
             else:
                 match = F.l1_loss if recipe.match_loss == "l1" else F.mse_loss
-                losses, seconds = fit(prompts, x, y, None, opt, schedule, seed=recipe.seed, chunk=recipe.chunk, batch_classes=True,
-                                      objective=lambda w, noisy, yb, clean: match(w[yb], clean))
+                losses, seconds = fit(prompts, x, y, None, opt, schedule, seed=recipe.seed, chunk=recipe.chunk,
+                                      batch_classes=True, objective=lambda w, noisy, yb, clean: match(w[yb], clean))
             with torch.no_grad():
                 weight = prompts().float().cpu().numpy()
     finally:
