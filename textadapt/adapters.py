@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from textadapt.losses import CrossEntropy
 
+
 ADAPTERS = ("tap-head", "zs-head", "tap-residual", "taskres")
 CHUNK_BYTES = 256 * 2**20  # working memory of one chunk of a full-batch step (noise, logits, their gradients)
 NOISE_ALIGN = 16  # CPU randn fills 16 values at a time: chunks of whole 16-value runs keep one noise stream
