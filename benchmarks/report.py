@@ -17,7 +17,7 @@ TITLES = {
     "reference_sequential": "2. Against the reference approach: one request at a time vs textadapt",
     "cache": "3. Cache: cold run, unchanged re-run, one template edited",
     "encoders": "4. Encoders: textadapt vs a bare open_clip loop (ViT-B-32)",
-    "training_scale": "5. Training scale: the TAP head",
+    "training_scale": "5. Training scale: full-batch steps in bounded memory",
     "end_to_end": "6. End to end: `textadapt run fashion-mnist` by stage",
     "intervals": "7. Error bars at ImageNet scale: the paired bootstrap and the stored predictions",
 }
@@ -59,8 +59,11 @@ EXPLAIN = {
         "Every step is full-batch: it draws fresh N x 512 Gaussian noise, multiplies N x 512 by 512 x C forward and "
         "backward, and takes the softmax over N x C. So the cost per step grows linearly with the number of "
         "descriptions (slope about 1), and with the classes only once C is no longer small against the 512-wide noise "
-        "(slope well under 1 from 10 to 100 classes, larger from 100 to 1000). The per-operation breakdown (10,000 "
-        "descriptions) shows the noise at about a third of a step at 10 classes, the matrix products taking over at 1000."),
+        "(slope well under 1 from 10 to 100 classes, larger from 100 to 1000). The step runs over the descriptions in "
+        "chunks and accumulates the gradients, so beyond the embeddings themselves (N x 512 floats) the memory is one "
+        "chunk's noise, logits and their gradients, whatever N and C; the one-pass step held all of them at once "
+        "(about 4 x N x C floats). +ot adds OTTER's plans: per block of 512 descriptions two 512 x 512 x 512 products "
+        "and 5 Sinkhorn iterations, a cost per description that does not depend on the classes."),
 }
 
 
@@ -148,17 +151,26 @@ def encoders(d: dict) -> list[str]:
 def training_scale(d: dict) -> list[str]:
     f, s = d["figures"], d["settings"]
     cuda = any("peak_cuda_gib" in r for r in f["results"])
-    rows = [[r["adapter"], f"{r['descriptions']:,}", f"{r['classes']:,}", r["steps"], _f(r["s_per_step"], 4), _f(r["steps_per_s"], 2),
-             _f(r["s_per_step"] * s["steps"], 1), _f(r["peak_rss_gib"], 2)] + ([_f(r["peak_cuda_gib"], 2)] if cuda else [])
-            for r in f["results"]]
-    headers = ["adapter", "descriptions", "classes", "steps timed", "s/step", "steps/s", f"s for {s['steps']} steps", "peak RSS GiB"]
+    rows = [[r["adapter"], f"{r['descriptions']:,}", f"{r['classes']:,}", f"{r.get('chunk', r['descriptions']):,}", r["steps"],
+             _f(r["s_per_step"], 4), _f(r["steps_per_s"], 3), _f(r["rss_after_data_gib"], 2), _f(r["peak_rss_gib"], 2)]
+            + ([_f(r["peak_cuda_gib"], 2)] if cuda else []) for r in f["results"]]
+    headers = ["adapter", "descriptions", "classes", "chunk", "steps timed", "s/step", "steps/s", "RSS after data GiB",
+               "peak RSS GiB"]
     out = [
         f"Synthetic L2-normalised embeddings, dim {s['dim']}; {s['device']}, {s['mixed_precision']}, {s['torch_threads']} torch "
         f"threads; up to {s['steps']} full-batch steps after one warm-up step, capped at about {s['cap_seconds']:g} s per "
-        f"configuration; one subprocess per configuration (peak RSS includes the data).", "",
+        f"configuration; one subprocess per configuration (peak RSS includes the data: {s['dim']} float32 a description). "
+        f"Each step runs over its descriptions in chunks of at most {s.get('chunk_bytes', 0) / 2**20:.0f} MiB of working "
+        "memory, gradients accumulated; `tap-head/one-pass` is the same step in one pass (the loop before chunking).", "",
         table(headers + (["peak CUDA GiB"] if cuda else []), rows), "",
-        "How the cost grows (s/step, 10x more of one at a fixed other; slope 1 = linear):", "",
     ]
+    if f.get("same_weights"):
+        out += ["Same weights, chunked vs one pass (same noise stream, same plans):", "",
+                table(["adapter", "descriptions", "classes", "steps", "chunk", "max abs weight difference",
+                       "relative to the largest weight"],
+                      [[c["adapter"], f"{c['descriptions']:,}", f"{c['classes']:,}", c["steps"], f"{c['chunk']:,}",
+                        f"{c['max_abs_diff']:.1e}", f"{c['max_rel_diff']:.1e}"] for c in f["same_weights"]]), ""]
+    out += ["How the cost grows (s/step, 10x more of one at a fixed other; slope 1 = linear):", ""]
     out += [f"- {x}" for x in f["growth"]]
     if f.get("step_breakdown"):
         out += ["", "Where one step's time goes (each operation of the loop timed alone, 3 steps):", ""]

@@ -145,8 +145,7 @@ def harness_config(options: RunOptions, steps: int) -> harness.HarnessConfig:
     return harness.HarnessConfig(
         methods=harness.parse_methods(options.methods), scorings=harness.parse_scorings(options.scoring),
         seeds=[options.seed + i for i in range(options.seeds)], steps=steps, prior=options.prior, beta=options.ig_beta,
-        ot_alpha=options.ot_alpha, ot_eps=options.ot_eps, ot_iters=options.ot_iters, ot_marginal=options.ot_marginal,
-        ot_teacher=options.ot_teacher,
+        ot_alpha=options.ot_alpha, ot_eps=options.ot_eps, ot_iters=options.ot_iters,
     )
 
 

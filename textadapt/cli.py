@@ -56,7 +56,7 @@ def run(
     max_classes: Optional[int] = typer.Option(None, help="Only the first N classes (smoke runs)."),
     max_images: Optional[int] = typer.Option(None, help="Score on the first N test images only."),
     batch_size: int = typer.Option(256, help="Encoder batch size."),
-    methods: str = typer.Option("tap-head", help="Adapters trained on every description set, comma-separated ADAPTER[+ot]: tap-head, zs-head, residual, prompt; +ot for OTTER soft labels; or all."),
+    methods: str = typer.Option("tap-head", help="Adapters trained on every description set, comma-separated ADAPTER[+ot]: tap-head, zs-head, tap-residual, taskres, tap-coop, protext; +ot for OTTER soft labels (not protext); or all."),
     scoring: str = typer.Option("plain", help="plain, ig (information gain: minus the log prior of a content-free input) or all."),
     seeds: int = typer.Option(3, help="Train every adapter with this many seeds (seed, seed+1, ...); the report gives mean and spread."),
     prior: str = typer.Option("empty-text", help="IG scoring's content-free input: empty-text, blank-image or mean-image."),
@@ -64,8 +64,6 @@ def run(
     ot_alpha: float = typer.Option(0.5, help="OT soft labels: weight of the one-hot target (OTTER: 0.5)."),
     ot_eps: float = typer.Option(0.15, help="OT soft labels: Sinkhorn's entropic regularisation (OTTER: 0.15)."),
     ot_iters: int = typer.Option(5, help="OT soft labels: Sinkhorn iterations (OTTER: 5)."),
-    ot_marginal: str = typer.Option("counts", help="OT soft labels: class marginal, counts (the batch's) or uniform."),
-    ot_teacher: str = typer.Option("zero-shot", help="OT soft labels: teacher, zero-shot (frozen prototypes) or ema (of the adapter)."),
     captioner: Optional[str] = typer.Option(None, help="Also score a CoCa captioner (coca_ViT-B-32:laion2b_s13b_b90k, or 'same' for --backbone): caption likelihood, and its IG form with --scoring all."),
     task_runner: str = typer.Option("threads", help="Where generation and embedding batches run: threads, or dask (TEXTADAPT_DASK_ADDRESS, else a local cluster)."),
 ) -> None:

@@ -128,7 +128,8 @@ class RunOptions(BaseModel):
     train_only: bool = Field(False, description="Train the heads and skip the images and scoring (no images needed).")
     methods: list[str] = Field(
         default_factory=lambda: ["tap-head"],
-        description="Adapters to train on every description set, ADAPTER[+ot] (tap-head, zs-head, residual, prompt), or all.",
+        description="Adapters to train on every description set, ADAPTER[+ot] (tap-head, zs-head, tap-residual, taskres, tap-coop, "
+        "protext), or all.",
     )
     scoring: list[str] = Field(default_factory=lambda: ["plain"], description="plain, ig (information gain) or all.")
     seeds: int = Field(3, ge=1, description="Train every adapter with seeds seed, seed+1, ...; report mean and spread.")
@@ -137,9 +138,7 @@ class RunOptions(BaseModel):
     ot_alpha: float = Field(0.5, ge=0, le=1, description="OT soft labels: weight of the one-hot target (OTTER: 0.5).")
     ot_eps: float = Field(0.15, gt=0, description="OT soft labels: Sinkhorn entropic regularisation (OTTER: 0.15).")
     ot_iters: int = Field(5, ge=1, description="OT soft labels: Sinkhorn iterations (OTTER: 5).")
-    ot_marginal: Literal["counts", "uniform"] = Field("counts", description="OT soft labels: class marginal, the batch's class counts or uniform.")
     captioner: str | None = Field(None, description="A CoCa backbone spec (or 'same' for --backbone) to score as a captioner too.")
-    ot_teacher: Literal["zero-shot", "ema"] = Field("zero-shot", description="OT soft labels: frozen zero-shot prototypes or an EMA (0.999) of the adapter.")
     task_runner: Literal["threads", "dask"] = Field(
         "threads",
         description="Where generation and embedding batches run: threads of the flow's process, or a Dask cluster "

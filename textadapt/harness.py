@@ -14,9 +14,12 @@ training-free (``kind`` zero-shot or descriptions)
     "{c}, which (is|has) {descriptor}", is/has chosen by the descriptor's wording as DCLIP does).
     docs/methods.md says what each is, and where it differs from its reference.
 adapted (``kind`` adapted), for every description set
-    ``ADAPTER[+ot]:SET`` with ADAPTER in tap-head, zs-head, residual, prompt (adapters.py,
-    prompt_learning.py) and the loss cross-entropy (TAP's) or OTTER's OT soft labels (``+ot``),
-    trained once per seed.
+    ``ADAPTER[+ot]:SET``, trained once per seed, with ADAPTER one of (adapters.py, prompt_learning.py,
+    docs/methods.md): ``tap-head``, ``zs-head``, ``tap-residual`` (TaskRes's parametrisation, TAP's
+    recipe), ``taskres`` (TaskRes's recipe), ``tap-coop`` (CoOp's context, TAP's recipe) and ``protext``
+    (ProText's recipe); each trains with its recipe's own loss, or with ``+ot`` OTTER's soft labels
+    (losses.py; not protext, which matches embeddings and has no logits). ``residual`` and ``prompt``
+    are accepted as the old names of tap-residual and tap-coop.
 captioner (``--captioner SPEC``, a CoCa backbone)
     ``captioner``: the class caption "a photo of a {c}." most likely given the image, log P(t_c | image)
     (captioner.py); ``captioner/ig``: minus its log-likelihood with no image (the IG captioner).
@@ -41,16 +44,20 @@ import torch
 from PIL import Image
 
 from textadapt import TextadaptError, stats
-from textadapt.adapters import ADAPTERS, TapRecipe, TrainedHead, train_adapter
+from textadapt.adapters import (ADAPTERS, TapRecipe, TrainedHead, taskres_base, taskres_recipe, taskres_templates,
+                                train_adapter)
 from textadapt.datasets import DatasetSpec, ImageSet
 from textadapt.encoders import Backbone, encode_texts
-from textadapt.losses import CrossEntropy, OTSoftLabels
+from textadapt.losses import OTTERSoftLabels
 from textadapt.scoring import (BASELINES, PRIORS, Score, class_prompts, ig_logits, log_softmax, mean_score,
                                openclip_imagenet_templates, prototypes, score_logits)
 from textadapt.store import Store
 
-ALL_ADAPTERS = (*ADAPTERS, "prompt")
-LOSSES = ("ce", "ot")
+ALL_ADAPTERS = (*ADAPTERS, "tap-coop", "protext")
+LOSSES = ("ce", "ot")  # what ``+LOSS`` may name: ce, the adapter's own recipe loss (the default); ot, OTTER's soft labels
+OWN_LOSS = {"protext": "l1"}  # an adapter's own loss, as stored in results.loss, where it is not a cross-entropy
+NO_OT = ("protext",)  # adapters without logits to put soft labels on
+ALIASES = {"tap": "tap-head", "residual": "tap-residual", "prompt": "tap-coop"}  # short and old names
 SCORINGS = ("plain", "ig")
 DEFAULT_METHODS = ["tap-head"]
 # WaffleCLIP (ExplainableML/WaffleCLIP@7a1b8ee): README.md's command `base_main.py --mode=waffle --waffle_count=15
@@ -73,28 +80,30 @@ class HarnessConfig:
     ot_alpha: float = 0.5
     ot_eps: float = 0.15
     ot_iters: int = 5
-    ot_marginal: str = "counts"
-    ot_teacher: str = "zero-shot"
-    prompt_steps: int | None = None  # None: the prompt learner's own default
+    prompt_steps: int | None = None  # tap-coop's full-batch steps; None: the prompt learner's own default
+    epochs: int | None = None  # taskres's and protext's epochs; None: each recipe's own
 
 
 def parse_methods(items: list[str]) -> list[tuple[str, str]]:
-    """``["all"]`` or items ``ADAPTER[+LOSS]`` (``tap`` is short for tap-head) -> (adapter, loss) pairs."""
+    """``["all"]`` or items ``ADAPTER[+LOSS]`` (ALIASES accepted) -> (adapter, loss) pairs, loss as stored in results."""
     out: list[tuple[str, str]] = []
     for item in items:
         item = item.strip()
         if item == "all":
-            out += [(a, l) for a in ALL_ADAPTERS for l in LOSSES]
+            out += parse_methods([m for a in ALL_ADAPTERS for m in ([a] if a in NO_OT else [a, f"{a}+ot"])])
             continue
         adapter, _, loss = item.partition("+")
-        adapter = {"tap": "tap-head"}.get(adapter, adapter)
+        adapter = ALIASES.get(adapter, adapter)
         loss = loss or "ce"
         if adapter not in ALL_ADAPTERS:
             raise TextadaptError(f"--methods: unknown adapter {adapter!r} in {item!r}; known: {', '.join(ALL_ADAPTERS)}, or all")
         if loss not in LOSSES:
             raise TextadaptError(f"--methods: unknown loss {loss!r} in {item!r}; known: {', '.join(LOSSES)}")
-        out.append((adapter, loss))
-    return list(dict.fromkeys(out))
+        if loss == "ot" and adapter in NO_OT:
+            raise TextadaptError(f"--methods: {item!r}: {adapter} pulls prompted class embeddings towards the descriptions "
+                                 f"(an L1 loss, no logits), so OTTER's soft labels do not apply; use {adapter}")
+        out.append((adapter, OWN_LOSS.get(adapter, "ce") if loss == "ce" else loss))
+    return list(dict.fromkeys(out).keys())
 
 
 def parse_scorings(items: list[str]) -> list[str]:
@@ -106,7 +115,8 @@ def parse_scorings(items: list[str]) -> list[str]:
 
 
 def method_name(adapter: str, loss: str, text_set: str) -> str:
-    return f"{adapter}{'' if loss == 'ce' else '+' + loss}:{text_set}"
+    """``ADAPTER:SET``, or ``ADAPTER+ot:SET`` with OTTER's soft labels; the adapter's canonical name, never an alias."""
+    return f"{adapter}{'+ot' if loss == 'ot' else ''}:{text_set}"
 
 
 @dataclass
@@ -296,7 +306,7 @@ def _class_means(emb: np.ndarray, labels: np.ndarray, n: int, normalise: bool = 
 
 
 def teacher_prototypes(training_free: list[Classifier]) -> np.ndarray:
-    """The normalised zero-shot ensemble prototypes: where zs-head and residual start, and the OT teacher."""
+    """The normalised zero-shot ensemble prototypes: where zs-head and tap-residual start."""
     w = next(c for c in training_free if c.method == "zero-shot:ensemble").weights[0]
     return w / np.linalg.norm(w, axis=1, keepdims=True)
 
@@ -305,22 +315,33 @@ def adapted(backbone: Backbone, spec: DatasetSpec, store: Store, sets: dict, tea
             batch_size: int = 256, log=print) -> tuple[list[Classifier], int]:
     """Every (adapter, loss) of ``config.methods`` on every description set, once per seed.
 
-    ``teacher``: the normalised zero-shot prototypes (classes, dim) the zs-head and residual start
-    from and the OT loss's frozen teacher.
+    ``teacher``: the normalised zero-shot prototypes (classes, dim) that zs-head and tap-residual start from.
     """
     n, scale, encoded, out = len(spec.classes), logit_scale(backbone), 0, []
+    base = None  # taskres's template features, computed once
     for name, ts in sets.items():
         emb, k = encode_texts(backbone, ts.texts, store, batch_size)
         encoded += k
         for adapter, loss_name in config.methods:
+            if adapter == "taskres" and base is None:
+                base = taskres_base(backbone, spec.classes, taskres_templates(spec.name), batch_size)
             heads = []
             for seed in config.seeds:
-                loss = _loss(loss_name, teacher, backbone.device, config)
-                if adapter == "prompt":
-                    heads.append(_prompt(backbone, emb, ts.labels, spec.classes, config, seed, loss, scale))
+                loss = OTTERSoftLabels(config.ot_alpha, config.ot_eps, config.ot_iters) if loss_name == "ot" else None
+                if adapter in ("tap-coop", "protext"):
+                    heads.append(_prompt(adapter, backbone, emb, ts.labels, spec, config, seed, loss, scale))
+                elif adapter == "taskres":
+                    recipe = taskres_recipe(spec.name, seed)
+                    recipe.epochs = config.epochs or recipe.epochs
+                    heads.append(train_adapter(adapter, emb, ts.labels, n, recipe, base, scale, loss, backbone.device))
                 else:
                     recipe = TapRecipe(steps=config.steps, seed=seed)
                     heads.append(train_adapter(adapter, emb, ts.labels, n, recipe, teacher, scale, loss, backbone.device))
+                if loss is not None:
+                    mass = loss.labelled_mass()
+                    log(f"{method_name(adapter, loss_name, name)} seed {seed}: the OT plan gives the labelled class "
+                        f"{mass[0]:.3f} of a description's mass at the first step, {mass[-1]:.3f} at the last "
+                        f"(uniform: {1 / n:.3f})")
             method = method_name(adapter, loss_name, name)
             log(f"{method}: trained {len(heads)} seed(s) in {sum(h.seconds for h in heads):.1f} s, "
                 f"last loss {np.mean([h.losses[-1] for h in heads]):.3f}")
@@ -329,18 +350,14 @@ def adapted(backbone: Backbone, spec: DatasetSpec, store: Store, sets: dict, tea
     return out, encoded
 
 
-def _loss(name: str, teacher: np.ndarray, device, config: HarnessConfig):
-    if name == "ce":
-        return CrossEntropy()
-    return OTSoftLabels(torch.as_tensor(teacher, device=device), alpha=config.ot_alpha, eps=config.ot_eps, iters=config.ot_iters,
-                        marginal=config.ot_marginal, teacher_kind=config.ot_teacher)
+def _prompt(adapter, backbone, emb, labels, spec, config, seed, loss, scale) -> TrainedHead:
+    from textadapt.prompt_learning import PromptRecipe, protext_recipe, train_prompt_learner
 
-
-def _prompt(backbone, emb, labels, class_names, config, seed, loss, scale) -> TrainedHead:
-    from textadapt.prompt_learning import PromptRecipe, train_prompt_learner
-
-    recipe = PromptRecipe(seed=seed) if config.prompt_steps is None else PromptRecipe(seed=seed, steps=config.prompt_steps)
-    head = train_prompt_learner(backbone, emb, labels, class_names, recipe, loss)
+    if adapter == "protext":
+        recipe = protext_recipe(spec.name, seed, config.epochs)
+    else:
+        recipe = PromptRecipe(seed=seed) if config.prompt_steps is None else PromptRecipe(seed=seed, steps=config.prompt_steps)
+    head = train_prompt_learner(backbone, emb, labels, spec.classes, recipe, loss)
     head.weight = scale * head.weight  # normalised class embeddings -> CLIP's logits, as zero-shot's
     return head
 
