@@ -26,11 +26,72 @@ ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "data" / "datasets"
 UPSTREAM = ROOT / "data" / "classnames"
 
-# TAP's full-batch steps for its eight datasets (methods.md).
-TAP_STEPS = {"dtd": 5500, "eurosat": 400, "fgvc-aircraft": 500, "food101": 400, "flowers102": 600,
-             "sun397": 2000, "ucf101": 1050, "imagenet-r": 5000}
-TAP_CLASSES = {"dtd": 47, "eurosat": 10, "fgvc-aircraft": 100, "food101": 101, "flowers102": 102,
-               "sun397": 397, "ucf101": 101, "imagenet-r": 200}
+sys.path.insert(0, str(ROOT))  # this checkout's textadapt, also when run without an install
+from textadapt.datasets import TAP_STEPS, default_steps  # noqa: E402  (TAP's steps per dataset, and the rule for the others)
+
+# TAP's eight datasets carry their own targeted questions (TAP wrote them per dataset, the domain as the head
+# noun: "the texture of {c}", "a satellite photo of {c}"). Ours, in our own wording, are TAP's five generic
+# questions (prompts/generic: describe, identify, look, internet, caption), in this order, each with the
+# dataset's domain as the head noun; textadapt appends " Answer in one sentence." to each.
+C, A = "{{ class_name }}", "{{ class_name | article }}"
+TARGETED = {
+    "dtd": [
+        f"Describe what {A} texture looks like.",
+        f"How can you identify {A} texture on a surface?",
+        f"What does {A} surface texture look like up close?",
+        f"Describe a close-up photo from the internet of {A} texture.",
+        f"Write a short caption of a close-up photo of {A} texture.",
+    ],
+    "eurosat": [
+        f"Describe what {C} looks like in a satellite photo.",
+        f"How can you identify {C} from a satellite?",
+        f"What does {C} look like from a satellite, seen from straight above?",
+        f"Describe a satellite photo from the internet of {C}.",
+        f"Write a short caption of a satellite photo of {C}.",
+    ],
+    "fgvc-aircraft": [
+        f"Describe what the {C} aircraft looks like.",
+        f"How can you identify the {C} aircraft model?",
+        f"What does the {C} aircraft look like in a photo?",
+        f"Describe a photo from the internet of the {C} aircraft.",
+        f"Write a short caption of a photo of the {C} aircraft.",
+    ],
+    "food101": [
+        f"Describe what the dish {C} looks like.",
+        f"How can you identify the dish {C} on a plate?",
+        f"What does a serving of the dish {C} look like?",
+        f"Describe a food photo from the internet of the dish {C}.",
+        f"Write a short caption of a food photo of the dish {C}.",
+    ],
+    "flowers102": [
+        f"Describe what {A}, a type of flower, looks like.",
+        f"How can you identify {A}, a type of flower?",
+        f"What does {A}, a type of flower, look like in bloom?",
+        f"Describe a photo from the internet of {A}, a type of flower.",
+        f"Write a short caption of a photo of {A}, a type of flower.",
+    ],
+    "sun397": [
+        f"Describe what the scene of {A} looks like.",
+        f"How can you identify the scene of {A} in a photo?",
+        f"What does the scene of {A} look like?",
+        f"Describe a photo from the internet of the scene of {A}.",
+        f"Write a short caption of a photo of the scene of {A}.",
+    ],
+    "ucf101": [
+        "Describe what a person doing the action {{ class_name | lower }} looks like.",
+        "How can you identify a person doing the action {{ class_name | lower }} in a video frame?",
+        "What does a person doing the action {{ class_name | lower }} look like?",
+        "Describe a video frame from the internet of a person doing the action {{ class_name | lower }}.",
+        "Write a short caption of a video frame of a person doing the action {{ class_name | lower }}.",
+    ],
+    "imagenet-r": [
+        f"Describe what a cartoon of {A} looks like.",
+        f"How can you identify {A} in a drawing or a painting?",
+        f"What does a sketch of {A} look like?",
+        f"Describe a piece of art from the internet that depicts {A}.",
+        f"Write a short caption of a sculpture, toy or origami of {A}.",
+    ],
+}
 
 
 def clip_benchmark_dir() -> Path:
@@ -113,20 +174,6 @@ class Def:
     task: str
     images: list[dict] = field(default_factory=list)
     steps_note: str = ""
-
-
-def default_steps(n_classes: int) -> tuple[int, str]:
-    """Non-TAP datasets: the steps of the TAP dataset with the nearest class count; where several TAP
-    datasets have about that many classes (100 to 102: FGVC-Aircraft, Food101, UCF101, Flowers102),
-    the median of their steps."""
-    nearest = min(TAP_CLASSES.values(), key=lambda v: abs(v - n_classes))
-    group = sorted(k for k, v in TAP_CLASSES.items() if abs(v - nearest) <= 2)
-    steps = sorted(TAP_STEPS[k] for k in group)
-    if len(group) == 1:
-        return steps[0], f"Not among TAP's datasets: the steps TAP used for the {nearest}-class {group[0]} (nearest class count)"
-    mid = len(steps) // 2
-    median = steps[mid] if len(steps) % 2 else (steps[mid - 1] + steps[mid]) // 2
-    return median, f"Not among TAP's datasets: the median of the steps TAP used for {', '.join(group)} (as many classes)"
 
 
 def tv(cls: str, how: str, check: bool = False, **kwargs) -> dict:
@@ -280,7 +327,12 @@ def render(d: Def) -> str:
         folders = imagenet_r()[1]
     out += [f"  {toml_str(c)}," for c in classes]
     out += ["]", "", "[prompting]", f"domain = {toml_str(d.domain)}", f"category = {toml_str(d.category)}",
-            f"task = {toml_str(d.task)}", "", "[zeroshot]", "templates = ["]
+            f"task = {toml_str(d.task)}"]
+    if d.name in TARGETED:
+        out += ["# This dataset's own targeted questions (TAP's per-dataset questions, in textadapt's wording): the `targeted`",
+                "# template set for it, instead of prompts/targeted/. \" Answer in one sentence.\" is appended to each.",
+                "targeted = ["] + [f"  {toml_str(q)}," for q in TARGETED[d.name]] + ["]"]
+    out += ["", "[zeroshot]", "templates = ["]
     out += [f"  {toml_str(t)}," for t in templates]
     out += ["]", "", "[train]", f"# {steps_note}.", f"steps = {steps}"]
     for img in d.images:

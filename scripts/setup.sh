@@ -8,13 +8,19 @@ VENV="${TEXTADAPT_VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 say() { printf '\033[1msetup:\033[0m %s\n' "$*"; }
 
-# 1. Fashion-MNIST from Debian's dataset-fashion-mnist (the full 70k images, gzipped IDX).
-if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
+# 1. Images from Debian: Fashion-MNIST (dataset-fashion-mnist: the full 70k images, gzipped IDX) and
+# Tux Paint's photo cut-outs (tuxpaint-stamps-default, GPL-2: ~800 PNGs with transparent backgrounds in
+# category folders; tests/test_new_dataset.py makes an ImageFolder dataset of them). Without apt the
+# cut-out tests skip and say why.
+want=()
+[ -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ] || want+=(dataset-fashion-mnist)
+[ -d /usr/share/tuxpaint/stamps ] || want+=(tuxpaint-stamps-default)
+if [ ${#want[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-    say "installing dataset-fashion-mnist (apt)"
+    say "installing ${want[*]} (apt)"
     $SUDO apt-get update -qq
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null
   else
     say "WARNING: no apt-get: install Fashion-MNIST's IDX files under /usr/share/datasets/fashion-mnist yourself"
   fi

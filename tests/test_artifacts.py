@@ -63,24 +63,29 @@ def test_a_run_shows_its_gains_plot_and_report_paths_as_artifacts(prefect_server
 
     # The gains table holds exactly DuckDB's results for this run, every method the harness scored.
     with Store(home / "textadapt.duckdb", read_only=True) as s:
-        results = s.sql("SELECT method, kind, scoring, n_texts, top1, top1_std, mean_per_class, mean_per_class_std "
+        results = s.sql("SELECT method, kind, scoring, n_texts, top1, top1_std, mean_per_class, mean_per_class_std, "
+                        "delta_top1_low, delta_top1_high, delta_mean_per_class_low, delta_mean_per_class_high "
                         f"FROM results WHERE run_id = '{run_id}'")[1]
     gains = by_key[artifact_key("fashion-mnist", "gains")].data
-    pattern = r"^\| `([^`]+)` \| (\S+) \| (\S+) \| (\d*) \| ([^|]+) \| ([^|]+) \| (\S+) \| (\S+) \|$"
+    pattern = r"^\| `([^`]+)` \| (\S+) \| (\S+) \| (\d*) \| ([^|]+) \| ([^|]+) \| ([^|]+) \| ([^|]+) \|$"
     rows = {m: cells for m, *cells in re.findall(pattern, gains, re.M)}
     assert set(rows) == {m for m, *_ in results} and len(results) > 5
     assert {"tap-head:import:shapes", "tap-head:import:photos", "zero-shot:class-name"} <= set(rows)
     best = re.search(r"Best training-free baseline: `([^`]+)`", gains).group(1)
     by_method = {m: rest for m, *rest in results}
-    _, _, _, best_top1, _, best_mean, _ = by_method[best]
+    _, _, _, best_top1, _, best_mean, *_ = by_method[best]
     assert best_top1 == max(t for m, k, sc, _, t, *_ in results if k != "adapted" and sc == "plain")
 
     def pm(x, std):
         return f"{100 * x:.1f}" + ("" if std is None else f" ± {100 * std:.1f}")
 
-    for method, kind, scoring, n_texts, top1, top1_std, mean, mean_std in results:
+    def gain(method, delta, low, high):  # every delta with its 95% interval, as DuckDB holds it
+        return "reference" if method == best else f"{100 * delta:+.1f} ({100 * low:+.1f}, {100 * high:+.1f})"
+
+    for method, kind, scoring, n_texts, top1, top1_std, mean, mean_std, top1_low, top1_high, mean_low, mean_high in results:
         assert rows[method] == [kind, scoring, "" if n_texts is None else str(n_texts), pm(top1, top1_std), pm(mean, mean_std),
-                                f"{100 * (top1 - best_top1):+.1f}", f"{100 * (mean - best_mean):+.1f}"]
+                                gain(method, top1 - best_top1, top1_low, top1_high),
+                                gain(method, mean - best_mean, mean_low, mean_high)]
     assert rows["tap-head:import:shapes"][2] == "4" and rows["tap-head:import:photos"][2] == "2"  # training texts
     assert " ± " in rows["tap-head:import:shapes"][3]  # two seeds: mean and spread
     assert "UNTRAINED BACKBONE" in gains

@@ -23,7 +23,7 @@ from PIL import Image
 import clip_benchmark
 from textadapt import TextadaptError
 from textadapt.datasets import FolderSource, TorchvisionSource, load_spec, load_test_images, torchvision_images
-from textadapt.prompts import check_templates, list_templates
+from textadapt.prompts import check_templates, list_templates, render, templates_for
 
 REPO = Path(__file__).resolve().parent.parent
 SPECS = sorted((REPO / "data" / "datasets").glob("*.toml"))
@@ -153,6 +153,27 @@ def test_every_prompt_template_renders_for_every_class(path):
     templates = list_templates(REPO / "prompts")
     assert {t.template_set for t in templates} >= {"targeted", "contrastive", "attributes", "generic", "meta"}
     check_templates(templates, spec)  # raises on any undefined variable or empty prompt
+    check_templates(templates_for(REPO / "prompts", None, spec), spec)  # with the spec's own targeted questions
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
+def test_taps_datasets_ask_their_own_targeted_questions_and_the_others_the_shipped_ones(path):
+    spec = load_spec(path)
+    targeted = templates_for(REPO / "prompts", ["targeted"], spec)
+    assert len(targeted) == 5  # as many as the generic questions: the two sets differ only in the domain
+    if spec.name not in TAP_STEPS:
+        assert spec.prompting.targeted == [] and {t.path.parent.name for t in targeted} == {"targeted"}
+        return
+    assert [t.name for t in targeted] == [f"targeted/spec/{i}" for i in range(5)]
+    # the dataset's domain is the head noun of every question (the texture of..., a satellite photo of...)
+    head = {"dtd": "texture", "eurosat": "satellite", "fgvc-aircraft": "aircraft", "food101": "dish", "flowers102": "flower",
+            "sun397": "scene", "ucf101": "person doing the action", "imagenet-r": ""}[spec.name]
+    rendition = ("cartoon", "drawing", "sketch", "art", "sculpture")
+    for i, t in enumerate(targeted):
+        text = render(t, spec, spec.classes[0])
+        assert text.endswith("? Answer in one sentence.") or text.endswith(". Answer in one sentence."), text
+        assert (head in text) if head else (rendition[i] in text), text
+        assert spec.classes[0].lower() in text.lower(), text
 
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)

@@ -29,7 +29,7 @@ def test_zero_shot_equals_clip_benchmark(tiny_backbone, fmnist, tmp_path):
     templates = spec.zeroshot.templates
     assert templates, "fashion-mnist's spec lists its zero-shot templates"
     with Store(tmp_path / "c.duckdb") as store:
-        classifiers, _ = training_free(tiny_backbone, spec, store, {}, set(), [0])
+        classifiers, _ = training_free(tiny_backbone, spec, store, {}, set())
         emb, _ = encode_images(tiny_backbone, images, store)
     zero_shot = next(c for c in classifiers if c.method == "zero-shot:ensemble")
     ours = next(r for r in evaluate([zero_shot], emb, images.labels, 10, ["plain"], None))

@@ -102,7 +102,7 @@ def test_training_fits_descriptions_and_generalises(tiny_backbone):
 
 def test_seeded_and_deterministic(tiny_backbone):
     (x, y), _ = separable_task(tiny_backbone)
-    recipe = PromptRecipe(steps=8, ctx_init=None, batch_size=32, lr=1e-2)
+    recipe = PromptRecipe(epochs=3, ctx_init=None, batch_size=32, lr=1e-2)
     a = train_prompt_learner(tiny_backbone, x, y, NAMES, recipe)
     b = train_prompt_learner(tiny_backbone, x, y, NAMES, recipe)
     c = train_prompt_learner(tiny_backbone, x, y, NAMES, dataclasses.replace(recipe, seed=1))
@@ -132,17 +132,21 @@ def test_match_objective_moves_classes_towards_their_descriptions(tiny_backbone,
     assert cos_after.mean() > cos_before.mean() + 0.2, (cos_before, cos_after)
 
 
-def test_custom_loss_gets_logits_labels_and_noisy_embeddings(tiny_backbone):
+def test_custom_loss_gets_noisy_logits_labels_and_clean_embeddings(tiny_backbone):
     (x, y), _ = separable_task(tiny_backbone)
     seen = []
 
     def loss(logits, labels, embeddings):
-        seen.append((logits.shape, labels.shape, embeddings.shape, (embeddings - torch.as_tensor(x)).norm().item()))
+        seen.append((logits.detach().clone(), labels.clone(), embeddings.clone()))
         return F.cross_entropy(logits, labels) * 2.0
 
-    head = train_prompt_learner(tiny_backbone, x, y, NAMES, PromptRecipe(steps=1, batch_size=None), loss=loss)
-    assert seen[0][:3] == ((len(x), len(NAMES)), (len(x),), x.shape)
-    assert seen[0][3] > 0  # the TAP noise is on the embeddings the loss sees
+    head = train_prompt_learner(tiny_backbone, x, y, NAMES, PromptRecipe(steps=1), loss=loss)
+    logits, labels, embeddings = seen[0]
+    assert logits.shape == (len(x), len(NAMES)) and np.array_equal(labels.numpy(), y)
+    assert np.array_equal(embeddings.numpy(), x)  # the clean embeddings (what OTTER's teacher sees)
+    scale = tiny_backbone.model.logit_scale.exp().item()
+    clean_logits = scale * x @ zero_shot(tiny_backbone, NAMES).T  # step 0's classes are the zero-shot prompt's
+    assert np.abs(logits.numpy() - clean_logits).max() > 0.1  # ... but the logits come from the noisy ones
     plain = train_prompt_learner(tiny_backbone, x, y, NAMES, PromptRecipe(steps=1, label_smoothing=0.0))
     assert head.losses[0] == pytest.approx(2.0 * plain.losses[0], rel=1e-5)
 
@@ -174,3 +178,114 @@ def test_unsupported_text_towers_are_refused(tiny_backbone):
     no_tower = dataclasses.replace(tiny_backbone, spec="vision-only", model=torch.nn.Linear(2, 2))
     with pytest.raises(TextadaptError, match="needs open_clip's own text transformer.*'vision-only'"):
         train_prompt_learner(no_tower, x, y, NAMES, PromptRecipe(steps=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# protext: ProText's recipe, against ProText's computation re-implemented from its code.
+# Reference: muzairkhattak/ProText at f63d96b: trainers/protext.py (VLPromptLearner lines 71-153,
+# TextEncoder lines 48-68, CustomCLIP.forward training branch lines 167-181, forward_backward line 280:
+# F.l1_loss(..., reduction='mean')); clip/model.py (ResidualAttentionBlock_IVLP lines 191-256: from
+# layer 1 to PROMPT_DEPTH_TEXT - 1, the n_ctx positions after the start token are replaced by that
+# layer's own learned vectors before the layer runs); configs/trainers/ProText/text_only_supervised/*.yaml
+# (AdamW, WEIGHT_DECAY 0.1, ADAM_BETA2 0.98, cosine, 5 constant warm-up epochs at 1e-5, batch 256);
+# Dassl's schedulers as in tests/test_taskres.py (DasslConstantWarmup).
+
+DESCRIPTIONS = {
+    "t-shirt": ["a short-sleeved cotton top", "a plain shirt with a round neck", "a light top for summer"],
+    "trouser": ["long trousers with two legs", "a pair of pants with a waistband", "straight-leg jeans"],
+    "pullover": ["a knitted pullover with long sleeves", "a warm wool sweater", "a thick jumper"],
+    "dress": ["a one-piece dress with a flared skirt", "a long evening gown", "a summer dress with straps"],
+    "ankle boot": ["a leather boot that covers the ankle", "a short boot with a heel", "a sturdy boot with laces"],
+    "sandal": ["an open shoe with straps", "a flat summer sandal", "a sandal with a thin sole"],
+}
+
+
+def protext_text_encoder(model, prompts, tokens, deep, depth, n_ctx):
+    """ProText's TextEncoder with IVLP blocks: prompts + positional embedding; block i in 1 .. depth-1 first
+    replaces positions 1 .. n_ctx by its own vectors deep[i - 1]; ln_final; the end-of-text token @ text_projection."""
+    x = prompts + model.positional_embedding
+    for i, block in enumerate(model.transformer.resblocks):
+        if 0 < i < depth:
+            x = torch.cat([x[:, :1], deep[i - 1].expand(x.shape[0], -1, -1), x[:, 1 + n_ctx:]], dim=1)
+        x = block(x, attn_mask=model.attn_mask)
+    x = model.ln_final(x)
+    return x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ model.text_projection
+
+
+def protext_prompts(model, ctx, tokens, n_ctx):
+    """VLPromptLearner.forward: the prompt's token embeddings with the n_ctx after the start token replaced by ctx."""
+    embedding = model.token_embedding(tokens)
+    return torch.cat([embedding[:, :1], ctx.unsqueeze(0).expand(len(tokens), -1, -1), embedding[:, 1 + n_ctx:]], dim=1)
+
+
+@pytest.mark.parametrize("dataset", ["oxford-pets", "dtd"])  # 4 vectors from "a photo of a"; 16 random ones in "X .. X {c}."
+def test_protext_trains_as_protexts_code(tiny_backbone, dataset):
+    from tests.test_taskres import DasslConstantWarmup
+    from textadapt.prompt_learning import PromptedClasses, protext_recipe
+
+    model, tok = tiny_backbone.model, tiny_backbone.tokenizer
+    texts = [t for c in NAMES for t in DESCRIPTIONS[c]]
+    labels = np.repeat(np.arange(len(NAMES)), 3)
+    with torch.no_grad():
+        targets = model.encode_text(tok(texts), normalize=True)  # the frozen CLIP's description embeddings
+    epochs = 7
+    recipe = protext_recipe(dataset, seed=5, epochs=epochs)
+    assert recipe.depth == 9 and recipe.betas == (0.9, 0.98) and recipe.weight_decay == 0.1 and recipe.warmup_epochs == 5
+    head = train_prompt_learner(tiny_backbone, targets.numpy(), labels, NAMES, recipe)
+
+    start = PromptedClasses(tiny_backbone, NAMES, recipe)  # the same seeded initial vectors
+    n_ctx, depth = recipe.n_ctx, 2  # depth 9, capped at the tiny tower's 2 layers
+    assert start.depth == depth and start.deep.shape == (1, n_ctx, 64)
+    if recipe.ctx_init:  # ProText's init: the token embeddings of "a photo of a" (protext.py:88-95)
+        assert torch.equal(start.ctx, model.token_embedding(tok(["a photo of a"])[0, 1:1 + n_ctx]))
+        prompt = "a photo of a {}."
+    else:
+        prompt = " ".join(["X"] * n_ctx) + " {}."
+    tokens = tok([prompt.format(c) for c in NAMES])  # full 77 tokens, as ProText encodes them
+    ctx = torch.nn.Parameter(start.ctx.detach().clone())
+    deep = [torch.nn.Parameter(d.detach().clone()) for d in start.deep]
+    optim = torch.optim.AdamW([ctx, *deep], lr=recipe.lr, weight_decay=0.1, betas=(0.9, 0.98))
+    sched = DasslConstantWarmup(optim, torch.optim.lr_scheduler.CosineAnnealingLR(optim, float(epochs)), 5, 1e-5)
+    order, y, first = torch.Generator().manual_seed(5), torch.as_tensor(labels), None
+    for epoch in range(epochs):
+        idx = torch.randperm(len(texts), generator=order)  # fewer than 256: one batch per epoch
+        out = protext_text_encoder(model, protext_prompts(model, ctx, tokens[y[idx]], n_ctx), tokens[y[idx]], deep, depth, n_ctx)
+        loss = F.l1_loss(out / out.norm(dim=-1, keepdim=True), targets[idx], reduction="mean")
+        first = loss.item() if first is None else first
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+        sched.step()
+    with torch.no_grad():
+        final = protext_text_encoder(model, protext_prompts(model, ctx, tokens, n_ctx), tokens, deep, depth, n_ctx)
+    assert head.losses[0] == pytest.approx(first, rel=1e-5)
+    np.testing.assert_allclose(head.weight, F.normalize(final, dim=-1).numpy(), atol=2e-5)
+    assert np.abs(head.weight - F.normalize(protext_text_encoder(model, protext_prompts(model, start.ctx, tokens, n_ctx), tokens,
+                                                                 start.deep, depth, n_ctx), dim=-1).detach().numpy()).max() > 1e-3
+
+
+def test_protext_recipe_per_dataset():
+    from textadapt.prompt_learning import PROTEXT_DEFAULT, protext_recipe
+
+    dtd, eurosat, other = protext_recipe("dtd"), protext_recipe("eurosat"), protext_recipe("fashion-mnist")
+    assert (dtd.lr, dtd.epochs, dtd.n_ctx, dtd.ctx_init) == (0.03, 200, 16, None)
+    assert (eurosat.lr, eurosat.epochs, eurosat.n_ctx, eurosat.ctx_init) == (0.0025, 300, 4, "a photo of a")
+    assert (other.lr, other.epochs, other.n_ctx) == PROTEXT_DEFAULT
+    assert all(r.objective == "match" and r.match_loss == "l1" and r.batch_size == 256 for r in (dtd, eurosat, other))
+
+
+def test_deep_prompts_change_the_deeper_layers_only_from_depth_two(tiny_backbone):
+    x, y = no_descriptions(tiny_backbone)
+    shallow = train_prompt_learner(tiny_backbone, x, y, NAMES, PromptRecipe(steps=0, depth=1))
+    deep = train_prompt_learner(tiny_backbone, x, y, NAMES, PromptRecipe(steps=0, depth=2))
+    np.testing.assert_allclose(shallow.weight, zero_shot(tiny_backbone, NAMES), atol=1e-5)
+    assert np.abs(deep.weight - shallow.weight).max() > 1e-3  # layer 1 sees its own (random) context vectors
+
+
+def test_chunked_full_batch_steps_train_the_same(tiny_backbone):
+    """tap-coop's full-batch step over descriptions in chunks of 16 (gradients accumulated): the same context."""
+    (x, y), _ = separable_task(tiny_backbone)
+    whole = train_prompt_learner(tiny_backbone, x, y, NAMES, PromptRecipe(steps=5, lr=1e-2))
+    chunked = train_prompt_learner(tiny_backbone, x, y, NAMES, PromptRecipe(steps=5, lr=1e-2, chunk=16))
+    np.testing.assert_allclose(chunked.weight, whole.weight, atol=1e-5)
+    np.testing.assert_allclose(chunked.losses, whole.losses, rtol=1e-5)

@@ -2,6 +2,7 @@
 open_clip backbone, TAP heads trained on hand-written descriptions, a real DuckDB file."""
 
 import base64
+import copy
 import io
 import re
 from html.parser import HTMLParser
@@ -14,7 +15,7 @@ from textadapt import harness, pipeline, plots
 from textadapt.config import RunOptions
 from textadapt.datasets import load_test_images, restrict
 from textadapt.encoders import encode_images
-from textadapt.report import RunReport, best_adapted, html_path, write_report
+from textadapt.report import RunReport, best_adapted, html_path, render_html, render_markdown, write_report
 from textadapt.scoring import predict, score
 from textadapt.store import Generation, Store
 
@@ -62,15 +63,21 @@ class Tables(HTMLParser):
             self._cell.append(data)
 
 
+def gain(delta, low, high) -> str:
+    """A delta and its interval as the report shows them, from DuckDB's numbers."""
+    return f"{100 * delta:+.1f} ({100 * low:+.1f}, {100 * high:+.1f})"
+
+
 def table_starting(html: str, *header: str) -> list[list[str]]:
     found = [t for t in Tables(html).tables if t and tuple(t[0][: len(header)]) == header]
     assert len(found) == 1, f"expected one table with header {header}"
     return found[0]
 
 
-@pytest.fixture
-def run(home, tiny_backbone, fmnist):
-    """A real run's pieces, scored and saved: the report, the store (open), and the run id."""
+@pytest.fixture(scope="module")
+def scored_run(tmp_path_factory, tiny_backbone, fmnist):
+    """A real run's pieces, scored and saved once per module (training and encoding take a minute here)."""
+    home = tmp_path_factory.mktemp("report-home")
     spec, images = restrict(fmnist, load_test_images(fmnist, home), 3, 60)
     store = Store(home / "textadapt.duckdb")
     run_id = "fashion-mnist-test-0001"
@@ -90,7 +97,7 @@ def run(home, tiny_backbone, fmnist):
     store.link_generations(run_id, selection.links)
     options = RunOptions(dataset="fashion-mnist", methods=["tap-head", "zs-head"], seed=1, seeds=2, steps=20)
     config = harness.HarnessConfig.from_options(options, steps=20)
-    free, _ = harness.training_free(tiny_backbone, spec, store, selection.sets, set(), config.seeds)
+    free, _ = harness.training_free(tiny_backbone, spec, store, selection.sets, set())
     trained, _ = harness.adapted(tiny_backbone, spec, store, selection.sets, harness.teacher_prototypes(free), config,
                                  log=lambda *_: None)
     image_emb, _ = encode_images(tiny_backbone, images, store)
@@ -99,7 +106,8 @@ def run(home, tiny_backbone, fmnist):
     w = np.random.default_rng(0).normal(size=trained[0].weights[0].shape)
     s = score(predict(image_emb, w), images.labels, 3)
     results.append(harness.MethodResult("future-method:x", harness.Classifier("future-method:x", "adapted", [w], [0]), "plain", s, [s]))
-    best = harness.save(store, run_id, spec, results)
+    gains = harness.gains(results, images.labels, len(spec.classes))
+    best = harness.save(store, run_id, spec, results, gains, images)
     scores = {r.method: r.score for r in results}
     heads = {c.method: c.heads[0] for c in trained}
     report = RunReport(
@@ -109,10 +117,17 @@ def run(home, tiny_backbone, fmnist):
         scores=scores, heads=heads, best_baseline=best, text_encoder_calls=0, image_encoder_calls=len(images), steps=20, seed=1,
         stage_seconds={"generation": 1.5, "training": 0.25, "scoring": 0.125},
         examples={c: DESCRIPTIONS["generic"][c][-1:] for c in spec.classes}, results=results, seeds=config.seeds,
-        llm_usage=store.llm_usage(run_id),
+        llm_usage=store.llm_usage(run_id), gains=gains,
     )
     yield report, store, tokens
     store.close()
+
+
+@pytest.fixture
+def run(scored_run):
+    """The scored run: the report (a copy each test may change), the store (open), and the tokens per generation."""
+    report, store, tokens = scored_run
+    return copy.deepcopy(report), store, tokens
 
 
 def test_html_report_is_self_contained_and_matches_the_scores(run, tmp_path):
@@ -125,14 +140,14 @@ def test_html_report_is_self_contained_and_matches_the_scores(run, tmp_path):
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.I)
     assert "<link" not in page and "@import" not in page
     images = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">', page)
-    assert len(images) == page.count("<img") == 3  # per class, confusion matrix, time per stage
+    assert len(images) == page.count("<img") == 4  # gains, per class, confusion matrix, time per stage
     for _, data in images:
         with Image.open(io.BytesIO(base64.b64decode(data))) as im:
             assert im.format == "PNG" and im.width > 200 and im.height > 150
 
     # LLM text is escaped: the page has no script at all, and the description reads as written.
     assert "<script" not in page.lower() and "<b>bold" not in page
-    assert "&lt;script&gt;alert(&quot;pwned&quot;)&lt;/script&gt; &amp; a &lt;b&gt;bold&lt;/b&gt; claim" in page
+    assert "&lt;script&gt;alert(&#34;pwned&#34;)&lt;/script&gt; &amp; a &lt;b&gt;bold&lt;/b&gt; claim" in page
     examples = table_starting(page, "class", "generic", "targeted", "examples")
     assert examples[1][0] == "T-shirt or top" and examples[1][1:3] == ["3", "2"] and examples[1][3] == EVIL
 
@@ -140,8 +155,9 @@ def test_html_report_is_self_contained_and_matches_the_scores(run, tmp_path):
     methods = [r.method for r in report.results]
     assert "future-method:x" in methods and "zs-head:targeted" in methods
     per_class = table_starting(page, "class", "images", *methods)
-    rows = store.sql(f"SELECT method, class_index, n_images, accuracy, delta FROM class_results WHERE run_id = '{report.run_id}'")[1]
-    db = {(m, i): (n, acc, delta) for m, i, n, acc, delta in rows}
+    rows = store.sql("SELECT method, class_index, n_images, accuracy, delta, delta_low, delta_high FROM class_results "
+                     f"WHERE run_id = '{report.run_id}'")[1]
+    db = {(m, i): (n, acc, (delta, low, high)) for m, i, n, acc, delta, low, high in rows}
     kinds = dict(store.sql(f"SELECT method, kind FROM results WHERE run_id = '{report.run_id}'")[1])
     adapted = [m for m in methods if kinds[m] == "adapted"]
     assert len(adapted) == 5  # tap-head and zs-head on two sets, and the unknown one
@@ -149,11 +165,14 @@ def test_html_report_is_self_contained_and_matches_the_scores(run, tmp_path):
     for i, row in enumerate(per_class[1:]):
         assert row[0] == report.spec.classes[i] and row[1] == str(db[(methods[0], i)][0])
         assert row[2:2 + len(methods)] == [f"{100 * db[(m, i)][1]:.1f}" for m in methods]
-        assert row[2 + len(methods):] == [f"{100 * db[(m, i)][2]:+.1f}" for m in adapted]
+        assert row[2 + len(methods):] == [gain(*db[(m, i)][2]) for m in adapted]
+        assert all(low <= delta <= high for m in adapted for delta, low, high in [db[(m, i)][2]])
 
     gains = table_starting(page, "method", "kind", "scoring", "training texts", "top-1 %")
-    results = {m: row for m, *row in store.sql("SELECT method, kind, top1, top1_std, mean_per_class, mean_per_class_std "
-                                               f"FROM results WHERE run_id = '{report.run_id}'")[1]}
+    results = {m: row for m, *row in store.sql(
+        "SELECT method, kind, top1, top1_std, mean_per_class, mean_per_class_std, baseline, delta_top1, delta_top1_low, "
+        "delta_top1_high, delta_mean_per_class, delta_mean_per_class_low, delta_mean_per_class_high "
+        f"FROM results WHERE run_id = '{report.run_id}'")[1]}
     assert [r[0] for r in gains[1:]] == methods
 
     def pm(x, std):
@@ -161,9 +180,13 @@ def test_html_report_is_self_contained_and_matches_the_scores(run, tmp_path):
 
     best_top1, best_mean = results[report.best_baseline][1], results[report.best_baseline][3]
     for r in gains[1:]:
-        kind, top1, top1_std, mean, mean_std = results[r[0]]
-        assert r[1] == kind and r[4:] == [pm(top1, top1_std), pm(mean, mean_std), f"{100 * (top1 - best_top1):+.1f}",
-                                           f"{100 * (mean - best_mean):+.1f}"]
+        kind, top1, top1_std, mean, mean_std, baseline, *deltas = results[r[0]]
+        assert baseline == report.best_baseline and deltas[0] == pytest.approx(top1 - best_top1)
+        assert deltas[3] == pytest.approx(mean - best_mean)
+        if r[0] == report.best_baseline:
+            assert r[4:] == [pm(top1, top1_std), pm(mean, mean_std), "reference", "reference"]
+        else:
+            assert r[1] == kind and r[4:] == [pm(top1, top1_std), pm(mean, mean_std), gain(*deltas[:3]), gain(*deltas[3:])]
     assert results["tap-head:generic"][2] is not None  # two seeds: a spread is shown
     assert gains[methods.index("tap-head:generic") + 1][3] == str(len(report.sets["generic"].texts))
 
@@ -211,3 +234,57 @@ def test_many_classes_keep_the_largest_gains_and_losses():
     assert list(shown) == sorted(shown)
     png = plots.per_class_accuracy([f"class {i}" for i in range(300)], {"zs": base, "head": head}, "zs")
     assert png.startswith(b"\x89PNG")
+
+
+def test_stored_gains_are_the_scores_with_intervals_around_them(run):
+    report, store, _ = run
+    best = report.scores[report.best_baseline]
+    for r in report.results:
+        # the interval's point is the reported delta (correctness averaged over seeds = the mean over seeds' accuracy)
+        assert report.gains.top1_interval(r.method).value == pytest.approx(r.score.top1 - best.top1, abs=1e-12)
+        m = report.gains.methods.index(r.method)
+        np.testing.assert_allclose(report.gains.per_class[m], r.score.per_class - best.per_class, atol=1e-12)
+        # every seed's prediction of every test image is in the cache, and scores what the report says
+        predicted = store.predictions(report.run_id, r.method)
+        _, labels = store.run_images(report.run_id)
+        assert predicted.shape == (len(r.per_seed), report.n_images)
+        assert (predicted == labels).mean(axis=1).tolist() == pytest.approx([s.top1 for s in r.per_seed])
+    hashes, _ = store.run_images(report.run_id)
+    embedded = store.sql("SELECT count(DISTINCT image_hash) FROM image_embeddings WHERE image_hash IN "
+                         f"(SELECT image_hash FROM run_images WHERE run_id = '{report.run_id}')")[1][0][0]
+    assert embedded == len(set(hashes)) > 1  # the hashes are the image embeddings' keys
+
+
+def test_names_and_texts_cannot_add_markup_to_either_report(run, tmp_path):
+    from markdown_it import MarkdownIt
+
+    report, _, _ = run
+    evil = ["top | <script>alert(1)</script>", "trouser `x` **y** [z](http://e.com)", "pull\\over_"]
+    report.spec = report.spec.model_copy(update={"classes": evil})
+    report.examples = {evil[0]: ["a | b <img src=x onerror=alert(1)>"]}
+    path = write_report(report, tmp_path)
+    html, markdown = html_path(path).read_text(), path.read_text()
+    # The Markdown as a Markdown renderer (GFM tables, raw HTML allowed) shows it: the same text, no tag, no link.
+    rendered = MarkdownIt("commonmark").enable("table").render(markdown)
+    for page in (html, rendered):
+        assert "<script" not in page and "<img src=x" not in page and "<a href" not in page
+        per_class = table_starting(page, "class", "images")
+        assert [row[0] for row in per_class[1:]] == evil and all(len(row) == len(per_class[0]) for row in per_class)
+        examples = table_starting(page, "class", "generic", "targeted", "examples")
+        assert examples[1][-1].strip('"') == "a | b <img src=x onerror=alert(1)>"
+    # Every HTML table scrolls inside its own container, so a wide one never widens the page.
+    assert html.count("<table") == html.count('<div class="scroll"><table>') >= 6
+    assert re.search(r"\.scroll \{[^}]*overflow-x: auto", html) and re.search(r"img \{[^}]*max-width: 100%", html)
+
+
+def test_the_untrained_warning_is_one_text_in_every_output(run, tmp_path):
+    from textadapt.report import gains_markdown, untrained_warning
+
+    report, _, _ = run
+    path = write_report(report, tmp_path)
+    warning = "".join(p if isinstance(p, str) else p.text for p in untrained_warning(report.arch).parts)
+    html = re.sub(r"<[^>]+>", "", html_path(path).read_text())
+    assert warning in html.replace("&#39;", "'")
+    assert warning in path.read_text().replace("`", "") and "UNTRAINED BACKBONE" not in gains_markdown(report)
+    report.untrained = False
+    assert "UNTRAINED" not in render_markdown(report) and "UNTRAINED" not in render_html(report)

@@ -103,3 +103,44 @@ def test_the_duckdb_shell_opens_the_cache(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["class_name,description", "bag,A bag with two handles."]
+
+
+def test_predictions_round_trip_and_answer_sql(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 50)
+    hashes = [f"{i:064x}" for i in range(50)]
+    predicted = {"zero-shot:a-photo-of": rng.integers(0, 4, (1, 50)), "tap-head:targeted": rng.integers(0, 4, (3, 50))}
+    with Store(tmp_path / "c.duckdb") as s:
+        s.save_predictions("r1", hashes, labels, {m: p + 1 for m, p in predicted.items()})
+        s.save_predictions("r1", hashes, labels, predicted)  # saved again: replaces, never doubles
+        s.save_predictions("r2", hashes[:10], labels[:10], {"waffle": predicted["tap-head:targeted"][:, :10]})
+        got_hashes, got_labels = s.run_images("r1")
+        assert got_hashes == hashes and (got_labels == labels).all()
+        for method, p in predicted.items():
+            assert np.array_equal(s.predictions("r1", method), p)
+        assert s.predictions("r1", "waffle") is None and s.run_images("nope")[0] == []
+        assert s.sql("SELECT count(*) FROM predictions WHERE run_id = 'r1'")[1] == [(100,)]
+        # per-seed accuracy in SQL, as docs/schema.md shows it, is numpy's
+        rows = s.sql("SELECT s.seed, avg((p.predicted[s.seed] = i.label)::INT) FROM predictions p "
+                     "JOIN run_images i USING (run_id, image_index), range(1, 4) s(seed) "
+                     "WHERE p.run_id = 'r1' AND p.method = 'tap-head:targeted' GROUP BY ALL ORDER BY 1")[1]
+        assert [a for _, a in rows] == pytest.approx((predicted["tap-head:targeted"] == labels).mean(axis=1).tolist())
+
+
+def test_migration_to_predictions_keeps_results(tmp_path):
+    from textadapt.store import MIGRATIONS
+
+    path = tmp_path / "v3.duckdb"
+    con = duckdb.connect(str(path))  # a cache as schema 3 wrote it, with one result
+    con.execute("CREATE TABLE textadapt_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+    con.execute("INSERT INTO textadapt_meta VALUES ('schema_version', '3')")
+    for sql in MIGRATIONS[:3]:
+        con.execute(sql)
+    con.execute("INSERT INTO results (run_id, method, kind, top1, mean_per_class, n_images) "
+                "VALUES ('r', 'waffle', 'zero-shot', 0.5, 0.4, 9)")
+    con.execute("INSERT INTO class_results VALUES ('r', 'waffle', 0, 'bag', 9, 0.5, 0.0)")
+    con.close()
+    with Store(path) as s:
+        assert s.sql("SELECT top1, baseline, delta_top1, delta_top1_low FROM results")[1] == [(0.5, None, None, None)]
+        assert s.sql("SELECT delta, delta_low, delta_high FROM class_results")[1] == [(0.0, None, None)]
+        assert s.sql("SELECT count(*) FROM predictions")[1] == [(0,)] and s.run_images("r")[0] == []

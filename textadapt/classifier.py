@@ -19,13 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from textadapt import TextadaptError
 from textadapt.encoders import Backbone
+from textadapt.images import IMAGE_SUFFIXES, WHITE, Colour, open_rgb
 from textadapt.store import Store
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 FORMAT = "textadapt-classifier/1"
 
 
@@ -123,7 +122,9 @@ def load(path: Path) -> ExportedClassifier:
 def check_backbone(clf: ExportedClassifier, backbone: Backbone) -> None:
     if backbone.id != clf.meta["backbone_id"]:
         raise TextadaptError(f"this classifier was trained on backbone {clf.meta['backbone_id']} "
-                             f"({clf.meta['backbone_spec']}), but {backbone.spec} loads as {backbone.id}: its weights differ")
+                             f"({clf.meta['backbone_spec']}), but {backbone.spec} loads as {backbone.id}: its weights, image "
+                             f"preprocessing or activation differ (an id with -quickgelu has QuickGELU towers); train it again "
+                             f"on this backbone")
 
 
 def image_paths(paths: list[Path]) -> list[Path]:
@@ -143,16 +144,12 @@ def image_paths(paths: list[Path]) -> list[Path]:
 
 
 @torch.inference_mode()
-def embed_files(backbone: Backbone, paths: list[Path], batch_size: int = 64, progress=None) -> np.ndarray:
+def embed_files(backbone: Backbone, paths: list[Path], batch_size: int = 64, progress=None,
+                background: Colour = WHITE) -> np.ndarray:
+    """Embeddings of image files, decoded as the test images of a run are (``images.open_rgb``)."""
     out = []
     for start in range(0, len(paths), batch_size):
-        batch = []
-        for p in paths[start:start + batch_size]:
-            try:
-                with Image.open(p) as im:
-                    batch.append(backbone.preprocess(im))
-            except (UnidentifiedImageError, OSError) as e:
-                raise TextadaptError(f"{p}: not a readable image ({e})") from None
+        batch = [backbone.preprocess(open_rgb(p, background)) for p in paths[start:start + batch_size]]
         pixels = torch.stack(batch).to(backbone.device)
         out.append(backbone.model.encode_image(pixels, normalize=True).float().cpu().numpy())
         if progress:

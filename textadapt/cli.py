@@ -149,6 +149,10 @@ def run(**flags) -> None:
     out.print(f"report: {outcome.report_path}", markup=False)
 
 
+def _names(csv_list: str) -> list[str]:
+    return [t.strip() for t in csv_list.split(",") if t.strip()]
+
+
 def _run_options(flags: dict) -> RunOptions:
     """RunOptions from the flags (each checked already), or a clear error (a check of the options together)."""
     try:
@@ -261,8 +265,19 @@ def predict(
         err.print("[bold red]UNTRAINED BACKBONE:[/] this classifier sits on random weights; its predictions mean nothing.")
 
 
-@app.command("datasets")
-def list_datasets() -> None:
+datasets_app = typer.Typer(help="Dataset specs: list them, write one from an image folder, check one before a run.")
+app.add_typer(datasets_app, name="datasets")
+
+
+@datasets_app.callback(invoke_without_command=True)
+def datasets_main(ctx: typer.Context) -> None:
+    """Dataset specs: list them (the default), write one from an image folder (new), check one (check)."""
+    if ctx.invoked_subcommand is None:
+        datasets_list()
+
+
+@datasets_app.command("list")
+def datasets_list() -> None:
     """List the dataset specs textadapt can find."""
     from textadapt.datasets import known_datasets, load_spec
 
@@ -270,21 +285,82 @@ def list_datasets() -> None:
     table = Table("name", "classes", "spec file")
     for name, path in sorted(known_datasets(settings.dataset_search_path).items()):
         try:
-            n = str(len(load_spec(path).classes))
+            spec = load_spec(path)
+            todo = spec.placeholders()
+            n = str(len(spec.classes)) + (f" (to fill in: {', '.join(todo)})" if todo else "")
         except TextadaptError as e:
             n = f"invalid: {str(e).splitlines()[-1].strip()}"
         table.add_row(name, n, str(path))
     out.print(table)
 
 
+@datasets_app.command("new")
+def datasets_new(
+    name: str = typer.Argument(..., help="Name of the new dataset (the spec is NAME.toml)."),
+    from_folder: Path = typer.Option(..., "--from-folder", help="An ImageFolder: DIR/<class>/*.png, or DIR/test/<class>/*.png."),
+    split: Optional[str] = typer.Option(None, "--split", help="Folder of the test split inside DIR; \"\" for none.",
+                                        show_default="test if DIR/test holds class folders, else none"),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Folder (or NAME.toml file) to write the spec to.",
+                                            show_default="$TEXTADAPT_HOME/datasets"),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing spec file."),
+) -> None:
+    """Write a dataset spec from an image folder: classes from the folder names, the wording to fill in."""
+    from textadapt.datasets import PLACEHOLDER, write_new_spec
+
+    settings = Settings()
+    try:
+        path, new = write_new_spec(name, from_folder, out_path or settings.home / "datasets", split, force)
+    except TextadaptError as e:
+        _fail(e)
+    layout = f"{new.root}/<class>/" + (f" (split folder {new.split!r})" if new.split else " (no split folder)")
+    out.print(f"wrote {path}: {len(new.classes)} classes, {new.images} images from {layout}", markup=False)
+    out.print(f"next: replace the {PLACEHOLDER} values of [prompting] (domain, category, task) in {path}, "
+              f"then `textadapt datasets check {name}`", markup=False)
+    if out_path is not None and path.parent.resolve() not in [d.expanduser().resolve() for d in settings.dataset_search_path]:
+        err.print(f"note: {path.parent} is not searched for specs; add it to TEXTADAPT_DATASETS_DIRS to use {name!r}",
+                  markup=False)
+
+
+@datasets_app.command("check")
+def datasets_check(
+    name: str = typer.Argument(..., help="Dataset name (see `textadapt datasets`)."),
+    templates: str = typer.Option(",".join(option_default("template_sets")), help="Template sets to render for every class (comma-separated)."),
+    workers: Optional[int] = typer.Option(None, help="Threads decoding images.", show_default="CPU cores + 2"),
+) -> None:
+    """Check a dataset before any run: every image decoded, the class folders, every template rendered (no LLM, no Prefect)."""
+    from textadapt.checks import check_dataset
+
+    settings = Settings()
+    try:
+        result = check_dataset(name, settings, _names(templates), workers)
+    except TextadaptError as e:
+        _fail(e)
+    spec, sec = result.spec, result.seconds
+    out.print(f"{spec.name} ({spec.path}): {len(spec.classes)} classes, {len(result.images)} images from {result.images.source}; "
+              f"decoded in {sec['decode']:.1f} s", markup=False)
+    empty = [c for c, n in zip(spec.classes, result.per_class) if n == 0]
+    counts = [n for n in result.per_class if n]
+    if counts:
+        out.print(f"images per class: {min(counts)} to {max(counts)}" + (f"; none for {len(empty)} classes" if empty else ""),
+                  markup=False)
+    out.print(f"{result.templates} templates rendered for every class ({result.prompts} prompts) in {sec['render']:.1f} s",
+              markup=False)
+    if result.problems:
+        _fail(TextadaptError(f"{len(result.problems)} problem(s) in dataset {spec.name!r}, each to fix before a run:\n  - "
+                             + "\n  - ".join(result.problems)))
+    out.print(f"ok: no problem found in {sec['total']:.1f} s", markup=False)
+
+
 prompts_app = typer.Typer(help="The prompt templates: list, show, and render exactly what would be sent.", no_args_is_help=True)
 app.add_typer(prompts_app, name="prompts")
 
 
-def _templates(settings: Settings):
-    from textadapt.prompts import list_templates
+def _templates(settings: Settings, spec=None):
+    """Every template by name; with a dataset spec, its own targeted questions in place of prompts/targeted/."""
+    from textadapt.prompts import list_templates, templates_for
 
-    return {t.name: t for t in list_templates(settings.prompts_dir)}
+    templates = list_templates(settings.prompts_dir) if spec is None else templates_for(settings.prompts_dir, None, spec)
+    return {t.name: t for t in templates}
 
 
 @prompts_app.command("list")
@@ -328,10 +404,11 @@ def prompts_render(
 
     settings = Settings()
     try:
-        templates = _templates(settings)
+        spec = find_spec(dataset, settings.dataset_search_path)
+        templates = _templates(settings, spec)
         if name not in templates:
-            raise TextadaptError(f"no template {name!r}; templates: {', '.join(templates)}")
-        t, spec = templates[name], find_spec(dataset, settings.dataset_search_path)
+            raise TextadaptError(f"no template {name!r} for {spec.name}; templates: {', '.join(templates)}")
+        t = templates[name]
         if class_name is not None and class_name not in spec.classes:
             raise TextadaptError(f"{spec.name} has no class {class_name!r}; classes: {spec.classes}")
         sampling = Sampling(**t.sampling_overrides())
@@ -498,6 +575,59 @@ def runs(
     out.print(table)
     if any(r.untrained for r in rows):
         out.print("* untrained backbone (random weights): its accuracies and gain mean nothing", markup=False)
+
+
+
+@app.command()
+def compare(
+    a: str = typer.Argument(..., metavar="A", help="RUN_ID (its best adapted method, or --method) or RUN_ID:METHOD."),
+    b: str = typer.Argument(..., metavar="B", help="The other side, the same way; every difference is B minus A."),
+    method: Optional[str] = typer.Option(None, help="The method of a side given as a bare RUN_ID.",
+                                         show_default="its best adapted method"),
+    format: Format = typer.Option("table", "--format", help="How to print the differences."),
+) -> None:
+    """Is B better than A? Top-1 and per-class differences on the same test images, with 95% intervals (paired
+    bootstrap) and McNemar's exact test. E.g. the same method before and after a template edit: two runs."""
+    from rich.text import Text
+
+    from textadapt.compare import compare as compare_sides
+    from textadapt.store import Store
+
+    try:
+        with Store(Settings().db_path, read_only=True) as store:
+            c = compare_sides(store, a, b, method)
+    except TextadaptError as e:
+        _fail(e)
+    pts = lambda x: "n/a" if x != x else f"{100 * x:+.1f}"  # noqa: E731  (x != x: NaN)
+    if format == "json":
+        print(json.dumps(c.to_dict(), indent=1))
+    elif format == "csv":
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(["class_index", "class", "images", "a", "b", "difference", "low", "high"])
+        w.writerow(["", "(top-1)", c.images, c.a.top1, c.b.top1, c.top1.value, c.top1.low, c.top1.high])
+        m = c.mean_per_class
+        w.writerow(["", "(mean per class)", c.images, c.a.mean_per_class, c.b.mean_per_class, m.value, m.low, m.high])
+        w.writerows([k.index, k.name, k.images, k.a, k.b, k.difference.value, k.difference.low, k.difference.high]
+                    for k in c.classes)
+    else:
+        for label, s in (("A", c.a), ("B", c.b)):
+            seeds = f"{s.seeds} seed{'s' * (s.seeds > 1)}"
+            out.print(f"{label}: {s.run_id}:{s.method} (top-1 {100 * s.top1:.1f}%, {seeds})", markup=False)
+        out.print(f"B - A on {c.images} test images: top-1 {pts(c.top1.value)} points, {100 * c.level:.0f}% interval "
+                  f"({pts(c.top1.low)}, {pts(c.top1.high)}); mean per class {pts(c.mean_per_class.value)} "
+                  f"({pts(c.mean_per_class.low)}, {pts(c.mean_per_class.high)})")
+        out.print(f"McNemar's exact test: B right where A is wrong on {c.mcnemar.only_b} images, A right where B is wrong on "
+                  f"{c.mcnemar.only_a}: p = {c.mcnemar.p_value:.3g}")
+        table = Table("class", "images", "A %", "B %", "B - A", f"{100 * c.level:.0f}% interval")
+        for k in c.classes:
+            table.add_row(Text(k.name), str(k.images), f"{100 * k.a:.1f}", f"{100 * k.b:.1f}", pts(k.difference.value),
+                          f"({pts(k.difference.low)}, {pts(k.difference.high)})")
+        out.print(table)
+        out.print(f"Paired bootstrap over the test images ({c.n_resamples} resamples, seed {c.seed}); with several seeds an "
+                  "image counts as the share of seeds right (McNemar: right if at least half are).", markup=False)
+    if c.a.untrained or c.b.untrained:
+        err.print("[bold red]UNTRAINED BACKBONE:[/] a side ran on random weights: its accuracies and these differences "
+                  "mean nothing.")
 
 
 if __name__ == "__main__":

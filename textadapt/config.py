@@ -123,8 +123,8 @@ class RunOptions(BaseModel):
 
     Every run option is declared here, once: its type (choices as ``Literal``), default and
     description. The flags of ``textadapt run`` and ``textadapt schedule`` (``cli.py``), the
-    Prefect flow's parameters (``flows/adapt.py``) and ``docs/options.md`` are made from these
-    fields. To add an option, add a field here and use it where the run needs it (``flows/adapt.py``
+    Prefect flow's parameters (``textadapt/flows/adapt.py``) and ``docs/options.md`` are made from these
+    fields. To add an option, add a field here and use it where the run needs it (``textadapt/flows/adapt.py``
     and the stage it changes); then ``python scripts/make_options_doc.py`` rewrites the docs table.
     """
 
@@ -157,13 +157,15 @@ class RunOptions(BaseModel):
     max_tokens: int = Field(50, ge=1, description="Longest answer in tokens (TAP: 50).")
     steps: int | None = Field(None, ge=1, description="Training steps. Unset: the dataset spec's [train] steps.")
     seed: int = Field(
-        7777, description="First training seed (TAP: 7777): the adapters train with seed, seed+1, ... and WaffleCLIP draws "
-        "its random descriptors with them. LLM sampling is seeded by each generation's cache key, not by this."
+        7777, description="First training seed (TAP: 7777): the adapters train with seed, seed+1, .... LLM sampling is "
+        "seeded by each generation's cache key, not by this."
     )
     seeds: int = Field(3, ge=1, description="Train every adapter with this many seeds (seed, seed+1, ...); the report gives "
                                              "mean and spread.")
     max_classes: int | None = Field(None, ge=2, description="Use only the first N classes (smoke runs).")
-    max_images: int | None = Field(None, ge=1, description="Score on N test images only.")
+    max_images: int | None = Field(
+        None, ge=1, description="Score on N test images only, spread evenly over the classes (the same N in every run)."
+    )
     batch_size: int = Field(256, ge=1, description="Encoder batch size (texts or images per batch).")
     methods: list[str] = Field(
         default_factory=lambda: ["tap-head"],
@@ -182,12 +184,6 @@ class RunOptions(BaseModel):
     ot_alpha: float = Field(0.5, ge=0, le=1, description="OT soft labels: weight of the one-hot target (OTTER: 0.5).")
     ot_eps: float = Field(0.15, gt=0, description="OT soft labels: Sinkhorn's entropic regularisation (OTTER: 0.15).")
     ot_iters: int = Field(5, ge=1, description="OT soft labels: Sinkhorn iterations (OTTER: 5).")
-    ot_marginal: Literal["counts", "uniform"] = Field(
-        "counts", description="OT soft labels: the class marginal, the batch's class counts or uniform."
-    )
-    ot_teacher: Literal["zero-shot", "ema"] = Field(
-        "zero-shot", description="OT soft labels: the teacher, the frozen zero-shot prototypes or an EMA (0.999) of the adapter."
-    )
     captioner: str | None = Field(
         None, description="Also score a CoCa captioner (e.g. coca_ViT-B-32:laion2b_s13b_b90k, or 'same' for the backbone): "
         "caption likelihood, and its IG form with scoring all."

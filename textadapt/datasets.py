@@ -1,20 +1,20 @@
 """Datasets as data: a TOML spec per dataset, and the labelled images it points to.
 
 A spec (``data/datasets/NAME.toml``) holds the class names in label order, the wording that
-targeted prompts put into every question, the zero-shot prompt ensemble, the training steps and a
-list of image sources tried in order. Adding a dataset is adding a file; see
-``data/datasets/fashion-mnist.toml`` for every field.
+targeted prompts put into every question (or the dataset's own targeted questions), the zero-shot
+prompt ensemble, the training steps and a list of image sources tried in order. Adding a dataset is
+adding a file: ``textadapt datasets new NAME --from-folder DIR`` writes one from an image folder;
+see ``data/datasets/fashion-mnist.toml`` for every field.
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import inspect
 import re
 import struct
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Iterator, Literal, Union
 
@@ -23,8 +23,11 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from textadapt import TextadaptError, read_text_file
+from textadapt.images import IMAGE_SUFFIXES, WHITE, Colour, image_key, open_rgb, parse_colour
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# A spec field whose value starts with this is still to be written by the user (`datasets new` writes them):
+# `datasets check` and `run` refuse the spec until it is replaced.
+PLACEHOLDER = "FILL IN"
 
 
 class _Strict(BaseModel):
@@ -38,6 +41,21 @@ class Prompting(_Strict):
     confusable: dict[str, list[str]] = Field(
         default_factory=dict, description="Class -> the classes most easily confused with it (contrastive questions)."
     )
+    targeted: list[str] = Field(
+        default_factory=list,
+        description="This dataset's own targeted questions, Jinja like a template ({{ class_name | article }}), the domain as "
+        "the head noun (TAP). When given, they are the `targeted` template set for this dataset instead of prompts/targeted/.",
+    )
+
+    @field_validator("targeted")
+    @classmethod
+    def _questions_name_the_class(cls, v: list[str]) -> list[str]:
+        for i, q in enumerate(v):
+            if "class_name" not in q:
+                raise ValueError(f"question {i} {q!r} never uses {{{{ class_name }}}}: every question is asked about one class")
+        if len(set(v)) != len(v):
+            raise ValueError("the same question is listed twice")
+        return v
 
 
 class ZeroShot(_Strict):
@@ -85,12 +103,27 @@ class TorchvisionSource(_Strict):
 
 
 class FolderSource(_Strict):
-    """One sub-folder of images per class: DIR/test/<class folder>/*.png. Folder names default to the class names."""
+    """An ImageFolder: one sub-folder of images per class, DIR/SPLIT/<class folder>/*.png.
+
+    Folder names default to the class names."""
 
     kind: Literal["folder"]
     dir: str
+    split: str = Field(
+        "test",
+        description='Folder of the test split inside DIR, or "" when DIR itself holds the class folders (a plain ImageFolder).',
+    )
     folders: list[str] | None = Field(None, description="Folder name of each class, in class order.")
+    ignore: list[str] = Field(
+        default_factory=list, description="Folders beside the class folders that are not classes; any other folder is an error."
+    )
     how: str = ""
+
+    @property
+    def root(self) -> Path:
+        """The folder that holds the class folders."""
+        base = Path(self.dir).expanduser()
+        return base / self.split if self.split else base
 
 
 ImageSource = Annotated[Union[IdxSource, TorchvisionSource, FolderSource], Field(discriminator="kind")]
@@ -104,7 +137,26 @@ class DatasetSpec(_Strict):
     zeroshot: ZeroShot = Field(default_factory=ZeroShot)
     train: Train
     images: list[ImageSource] = Field(default_factory=list)
+    background: str = Field("white", description='Colour transparent pixels are composited onto: a name or "#rrggbb".')
     path: Path | None = Field(None, exclude=True, description="The file this spec was read from.")
+
+    @field_validator("background")
+    @classmethod
+    def _is_colour(cls, v: str) -> str:
+        parse_colour(v)
+        return v
+
+    @property
+    def background_rgb(self) -> Colour:
+        return parse_colour(self.background)
+
+    def placeholders(self) -> list[str]:
+        """The fields still holding a "FILL IN" placeholder (as `datasets new` writes them)."""
+        fields = {"title": self.title, "prompting.domain": self.prompting.domain, "prompting.category": self.prompting.category,
+                  "prompting.task": self.prompting.task}
+        fields |= {f"classes[{i}]": c for i, c in enumerate(self.classes)}
+        fields |= {f"prompting.targeted[{i}]": q for i, q in enumerate(self.prompting.targeted)}
+        return [name for name, value in fields.items() if value.strip().startswith(PLACEHOLDER)]
 
     @field_validator("classes")
     @classmethod
@@ -183,36 +235,65 @@ def find_spec(name: str, search_path: list[Path]) -> DatasetSpec:
     return load_spec(known[name])
 
 
+def placeholder_problems(spec: DatasetSpec) -> list[str]:
+    """One line per field still holding a "FILL IN" placeholder, naming the file, line and field."""
+    lines = read_text_file(spec.path).splitlines() if spec.path and spec.path.is_file() else []
+    out = []
+    for name in spec.placeholders():
+        value = _field_value(spec, name)
+        line = next((i for i, text in enumerate(lines, 1) if value[:40] in text), None)
+        where = f"{spec.path}:{line}" if line else str(spec.path or spec.name)
+        out.append(f"{where}: field '{name}' is still a placeholder: {value!r}")
+    return out
+
+
+def _field_value(spec: DatasetSpec, name: str) -> str:
+    obj = spec
+    for part in re.findall(r"[^.\[\]]+", name):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
+
+
 # --------------------------------------------------------------------------------------------
 # Labelled images
 
 
 @dataclass
 class ImageSet:
-    """Labelled test images in the spec's class order. ``images`` are uint8 arrays or file paths."""
+    """Labelled test images in the spec's class order. ``images`` are uint8 arrays or file paths.
+
+    ``background``: the colour transparent images are composited onto (the spec's). ``problems``: what
+    was found wrong while listing them (a class folder missing, a folder that is no class, a class
+    without images); ``load_test_images`` refuses a set with problems unless asked to collect them.
+    """
 
     images: list
     labels: np.ndarray
     source: str
+    background: Colour = WHITE
+    problems: list[str] = field(default_factory=list)
+    _keys: list[str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def pil(self, i: int) -> Image.Image:
-        x = self.images[i]
-        return Image.open(x) if isinstance(x, (str, Path)) else Image.fromarray(x)
+        """Image ``i``, decoded completely, RGB on the background; a bad file raises a TextadaptError naming it."""
+        return open_rgb(self.images[i], self.background)
 
     def keys(self) -> list[str]:
-        """Content hash of every image: the image-embedding cache key (with the backbone's)."""
-        out = []
-        for x in self.images:
-            data = Path(x).read_bytes() if isinstance(x, (str, Path)) else np.ascontiguousarray(x).tobytes() + str(x.shape).encode()
-            out.append(hashlib.sha256(data).hexdigest())
-        return out
+        """Content hash of every image: the image-embedding cache key (with the backbone's). Computed once."""
+        if self._keys is None:
+            self._keys = [image_key(x, self.background) for x in self.images]
+        return list(self._keys)
+
+    def take(self, idx) -> "ImageSet":
+        """The images at the given positions, in that order."""
+        idx = np.asarray(idx, dtype=np.int64)
+        return replace(self, images=[self.images[i] for i in idx], labels=self.labels[idx])
 
     def subset(self, keep: np.ndarray) -> "ImageSet":
-        idx = np.flatnonzero(keep)
-        return ImageSet([self.images[i] for i in idx], self.labels[idx], self.source)
+        return self.take(np.flatnonzero(keep))
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -306,71 +387,289 @@ def _check_torchvision_classes(spec: DatasetSpec, ds, class_name: str) -> None:
         )
 
 
-def _from_folder(src: FolderSource, classes: list[str]) -> ImageSet | None:
-    base = Path(src.dir).expanduser() / "test"
-    if not base.is_dir():
+def _image_files(folder: Path) -> list[Path]:
+    """Image files of a folder, sorted; hidden ones (".DS_Store", macOS's "._x.png") left out."""
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
+
+
+def class_folders(root: Path) -> dict[str, int]:
+    """The (not hidden) sub-folders of ``root`` that hold image files, with how many each holds."""
+    if not root.is_dir():
+        return {}
+    folders = [d for d in sorted(root.iterdir()) if not d.name.startswith(".") and d.is_dir()]
+    return {d.name: n for d in folders if (n := len(_image_files(d)))}
+
+
+def _from_folder(src: FolderSource, spec: DatasetSpec) -> ImageSet | None:
+    """An ImageFolder: one folder per class under DIR (or DIR/SPLIT). Folders that are no class are problems."""
+    root = src.root
+    if not root.is_dir():
         return None
+    classes = spec.classes
     folders = src.folders or classes
     if len(folders) != len(classes):
-        raise TextadaptError(f"images.folders has {len(folders)} names for {len(classes)} classes")
-    images, labels = [], []
+        raise TextadaptError(f"{spec.path}: images.folders has {len(folders)} names for {len(classes)} classes")
+    images, labels, problems = [], [], []
     for label, folder in enumerate(folders):
-        d = base / folder
+        d = root / folder
         if not d.is_dir():
-            raise TextadaptError(f"{d}: missing image folder for class {label} {classes[label]!r}")
-        files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            problems.append(f"{d}: no folder for class {label} {classes[label]!r}")
+            continue
+        files = _image_files(d)
         images += files
         labels += [label] * len(files)
-    return ImageSet(images, np.asarray(labels, dtype=np.int64), f"folder:{base}")
+    unlisted = sorted(set(class_folders(root)) - set(folders) - set(src.ignore))
+    if unlisted:
+        problems.append(
+            f"{root}: {len(unlisted)} folder(s) of images are no class of {spec.path}: {', '.join(unlisted)}. "
+            "Add them to `classes` (and `folders`), or list them in the source's `ignore`"
+        )
+    if not images and not src.split and (root / "test").is_dir():
+        problems.append(f"{root} has a test/ folder: if the class folders are in it, set split = \"test\" in {spec.path}")
+    return ImageSet(images, np.asarray(labels, dtype=np.int64), f"folder:{root}", spec.background_rgb, problems)
 
 
-def load_test_images(spec: DatasetSpec, home: Path) -> ImageSet:
-    """The test split from the first image source that is present; a clear error if none is."""
+def _where(src) -> str:
+    if isinstance(src, FolderSource):
+        hint = ""
+        base = Path(src.dir).expanduser()
+        if src.split and base.is_dir() and class_folders(base):
+            hint = f"; {base} itself holds class folders: set split = \"\" for a plain ImageFolder"
+        return f" (looked for class folders in {src.root}{hint})"
+    return f" (looked in {src.dir})" if hasattr(src, "dir") else ""
+
+
+def load_test_images(spec: DatasetSpec, home: Path, strict: bool = True) -> ImageSet:
+    """The test split from the first image source that is present; a clear error if none is.
+
+    With ``strict`` (a run) any problem found while listing the images (see ``ImageSet.problems``) is
+    raised, all of them in one error; without (``datasets check``), they come back in ``problems``.
+    """
     for src in spec.images:
         if isinstance(src, IdxSource):
             found = _from_idx(src)
         elif isinstance(src, TorchvisionSource):
             found = _from_torchvision(src, spec, home)
         else:
-            found = _from_folder(src, spec.classes)
+            found = _from_folder(src, spec)
         if found is not None:
-            check_labels(spec, found)
+            found.background = spec.background_rgb
+            found.problems += label_problems(spec, found)
+            if strict and found.problems:
+                raise TextadaptError(f"the images of dataset {spec.name!r} do not fit its spec:\n  "
+                                     + "\n  ".join(found.problems))
             return found
-    ways = "\n  ".join(
-        f"- {s.kind}" + (f" (looked in {s.dir})" if hasattr(s, "dir") else "") + (f": {s.how}" if s.how else "") for s in spec.images
-    ) or "- (the spec lists no [[images]] source)"
-    raise TextadaptError(f"no images for dataset {spec.name!r} ({spec.path}). Ways to get them:\n  {ways}")
+    ways = "\n  ".join(f"- {s.kind}{_where(s)}" + (f": {s.how}" if s.how else "") for s in spec.images) \
+        or "- (the spec lists no [[images]] source)"
+    message = f"no images for dataset {spec.name!r} ({spec.path}). Ways to get them:\n  {ways}"
+    if strict:
+        raise TextadaptError(message)
+    return ImageSet([], np.zeros(0, np.int64), "none", spec.background_rgb, [message])
+
+
+def label_problems(spec: DatasetSpec, images: ImageSet) -> list[str]:
+    """What is wrong with the labels for this class list: labels out of range, classes without images."""
+    if len(images) == 0:
+        return [f"{images.source}: no test images"]
+    present = np.unique(images.labels)
+    if present.min() < 0 or present.max() >= len(spec.classes):
+        return [f"{spec.path}: {len(spec.classes)} classes, but the labels of {images.source} run from "
+                f"{present.min()} to {present.max()}: the class list does not match the labels"]
+    missing = sorted(set(range(len(spec.classes))) - set(present.tolist()))
+    if missing:
+        return [f"{spec.path}: {len(spec.classes)} classes, but {images.source} has images of only {len(present)}; "
+                f"no test image for classes {[spec.classes[i] for i in missing]}"]
+    return []
 
 
 def check_labels(spec: DatasetSpec, images: ImageSet) -> None:
     """Refuse a class list that does not fit the labels (wrong count or order cannot be detected otherwise)."""
-    if len(images) == 0:
-        raise TextadaptError(f"{images.source}: no test images")
-    present = np.unique(images.labels)
-    if present.min() < 0 or present.max() >= len(spec.classes):
-        raise TextadaptError(
-            f"{spec.path}: {len(spec.classes)} classes, but the labels of {images.source} run from "
-            f"{present.min()} to {present.max()}: the class list does not match the labels"
-        )
-    if len(present) != len(spec.classes):
-        missing = sorted(set(range(len(spec.classes))) - set(present.tolist()))
-        raise TextadaptError(
-            f"{spec.path}: {len(spec.classes)} classes, but {images.source} has images of only {len(present)}; "
-            f"no test image for classes {[spec.classes[i] for i in missing]}"
-        )
+    problems = label_problems(spec, images)
+    if problems:
+        raise TextadaptError("\n".join(problems))
+
+
+SAMPLE_SEED = 0  # --max-images picks the same images in every run of a dataset, whatever --seed: runs stay comparable
+
+
+def stratified(labels: np.ndarray, n: int, seed: int = SAMPLE_SEED) -> np.ndarray:
+    """Positions of ``n`` items spread as evenly as possible over the classes present, chosen at random
+    (seeded) within each class, in their original order. A class with fewer items than its share
+    gives the rest to the others."""
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = np.zeros(len(classes), np.int64)
+    left = min(n, len(labels))
+    while left:  # water-filling: an equal share for every class that still has items
+        open_ = np.flatnonzero(quota < counts)
+        share = max(left // len(open_), 1)
+        for j in open_:
+            take = min(share, counts[j] - quota[j], left)
+            quota[j] += take
+            left -= take
+            if not left:
+                break
+    rng = np.random.default_rng(seed)
+    keep = [rng.choice(np.flatnonzero(labels == c), size=q, replace=False) for c, q in zip(classes, quota)]
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
 
 
 def restrict(spec: DatasetSpec, images: ImageSet | None, max_classes: int | None,
              max_images: int | None) -> tuple[DatasetSpec, ImageSet | None]:
-    """The first ``max_classes`` classes and the first ``max_images`` of their test images (smoke runs)."""
+    """The first ``max_classes`` classes, and ``max_images`` of their test images spread evenly over the
+    classes (seeded: the same images every time), for smoke runs."""
     if max_classes and max_classes < len(spec.classes):
         spec = spec.model_copy(update={"classes": spec.classes[:max_classes]})
         images = images.subset(images.labels < max_classes) if images is not None else None
     if images is not None and max_images and max_images < len(images):
-        images = images.subset(np.arange(len(images)) < max_images)
+        images = images.take(stratified(images.labels, max_images))
     return spec, images
 
 
 def iter_batches(images: ImageSet, batch_size: int) -> Iterator[list[Image.Image]]:
     for start in range(0, len(images), batch_size):
         yield [images.pil(i) for i in range(start, min(start + batch_size, len(images)))]
+
+
+# --------------------------------------------------------------------------------------------
+# A new spec from an image folder (`textadapt datasets new`)
+
+# TAP's full-batch steps for its eight datasets, by class count (methods.md); a new dataset takes the nearest.
+TAP_STEPS = {"dtd": 5500, "eurosat": 400, "fgvc-aircraft": 500, "food101": 400, "flowers102": 600,
+             "sun397": 2000, "ucf101": 1050, "imagenet-r": 5000}
+TAP_CLASSES = {"dtd": 47, "eurosat": 10, "fgvc-aircraft": 100, "food101": 101, "flowers102": 102,
+               "sun397": 397, "ucf101": 101, "imagenet-r": 200}
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def default_steps(n_classes: int) -> tuple[int, str]:
+    """Steps for a dataset TAP did not use: those of the TAP dataset with the nearest class count; where
+    several TAP datasets have about that many classes (100 to 102: FGVC-Aircraft, Food101, UCF101,
+    Flowers102), the median of their steps. Returns the steps and a sentence saying so."""
+    nearest = min(TAP_CLASSES.values(), key=lambda v: abs(v - n_classes))
+    group = sorted(k for k, v in TAP_CLASSES.items() if abs(v - nearest) <= 2)
+    steps = sorted(TAP_STEPS[k] for k in group)
+    if len(group) == 1:
+        return steps[0], f"Not among TAP's datasets: the steps TAP used for the {nearest}-class {group[0]} (nearest class count)"
+    mid = len(steps) // 2
+    median = steps[mid] if len(steps) % 2 else (steps[mid - 1] + steps[mid]) // 2
+    return median, f"Not among TAP's datasets: the median of the steps TAP used for {', '.join(group)} (as many classes)"
+
+
+def readable_name(folder: str) -> str:
+    """A class name from a folder name: "001.Black_footed_Albatross" -> "Black footed Albatross",
+    "ApplyEyeMakeup" -> "Apply Eye Makeup", "sea_turtle" -> "sea turtle"."""
+    name = re.sub(r"^\d+[._\s-]+(?=\D)", "", folder).replace("_", " ")
+    if " " not in name and re.search(r"[a-z][A-Z]", name):
+        name = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", name)
+    return " ".join(name.split()) or folder
+
+
+@dataclass
+class NewSpec:
+    text: str  # the TOML
+    classes: list[str]
+    folders: list[str]
+    images: int
+    root: Path  # the folder holding the class folders
+    split: str
+
+
+def _toml(s: str) -> str:
+    import json
+
+    return json.dumps(s, ensure_ascii=False)
+
+
+def spec_from_folder(name: str, folder: Path, split: str | None = None) -> NewSpec:
+    """A spec for an ImageFolder: classes from the folder names (sorted), placeholders for the wording.
+
+    ``split``: the folder of the test split inside ``folder`` ("" for none); None: ``test`` if
+    ``folder/test`` holds class folders, else none.
+    """
+    if not NAME_RE.fullmatch(name):
+        raise TextadaptError(f"dataset name {name!r}: use letters, digits, '.', '_' and '-' (it names the file NAME.toml)")
+    folder = Path(folder).expanduser().resolve()
+    if not folder.is_dir():
+        raise TextadaptError(f"{folder}: no such folder")
+    if split is None:
+        split = "test" if class_folders(folder / "test") else ""
+    root = folder / split if split else folder
+    found = class_folders(root)
+    if not found:
+        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise TextadaptError(
+            f"{root}: no class folders holding images ({suffixes}). An ImageFolder is DIR/<class>/*.png, or "
+            f"DIR/<split>/<class>/*.png with --split <split>" + ("" if split else " (DIR/test/ is found by itself)")
+        )
+    folders = sorted(found)
+    lower = {}
+    for f in folders:
+        if f.lower() in lower:
+            raise TextadaptError(f"{root}: folders {lower[f.lower()]!r} and {f!r} differ only in case; rename one")
+        lower[f.lower()] = f
+    names = [readable_name(f) for f in folders]
+    clash = {n.lower() for n in names if [m.lower() for m in names].count(n.lower()) > 1}
+    classes = [f if n.lower() in clash else n for f, n in zip(folders, names)]
+    steps, steps_note = default_steps(len(classes))
+    n_images = sum(found.values())
+    text = "\n".join([
+        f"# {name}: written by `textadapt datasets new` from {root} ({n_images} images in {len(classes)} class folders).",
+        f"# Replace every {PLACEHOLDER} value below; `textadapt datasets check {name}` then checks everything before any run.",
+        f"name = {_toml(name)}",
+        f"title = {_toml(name)}",
+        "# Colour that transparent pixels are composited onto (a name or \"#rrggbb\").",
+        'background = "white"',
+        "",
+        "# Class names in label order, read from the folder names: edit them freely (`folders` below keeps the mapping).",
+        "classes = [", *[f"  {_toml(c)}," for c in classes], "]",
+        "",
+        "[prompting]",
+        "# The kind of image, a noun phrase that reads well in \"What does a <class> look like in <domain>?\".",
+        f"domain = {_toml(PLACEHOLDER + ': the kind of image, e.g. a close-up photo of a bird')}",
+        "# What the classes are kinds of, singular: \"bird species\", \"road sign\".",
+        f"category = {_toml(PLACEHOLDER + ': what the classes are kinds of, e.g. bird species')}",
+        "# One sentence on what the classifier must tell apart (meta-prompting reads it).",
+        f"task = {_toml(PLACEHOLDER + ': one sentence, e.g. Recognise the species of a bird in a photo.')}",
+        "# Optional: this dataset's own targeted questions, which replace prompts/targeted/ for it (TAP wrote them per",
+        "# dataset, the domain as the head noun). Jinja, like a template file; \" Answer in one sentence.\" is appended.",
+        "# targeted = [\"What does the plumage of {{ class_name | article }} look like in a close-up photo?\"]",
+        "",
+        "[zeroshot]",
+        "# Prompt ensemble of the zero-shot baseline ({} is the class name).",
+        'templates = ["a photo of a {}."]',
+        "",
+        "[train]",
+        f"# {steps_note}.",
+        f"steps = {steps}",
+        "",
+        "[[images]]",
+        'kind = "folder"',
+        f"dir = {_toml(str(folder))}",
+        "# Folder of the test split inside dir (\"\": dir itself holds the class folders).",
+        f"split = {_toml(split)}",
+        "# Folder of each class, in class order.",
+        "folders = [", *[f"  {_toml(f)}," for f in folders], "]",
+        "# Folders of images beside the class folders that are not classes (any other one is an error).",
+        "ignore = []",
+        "",
+    ])
+    return NewSpec(text, classes, folders, n_images, root, split)
+
+
+def write_new_spec(name: str, folder: Path, out: Path, split: str | None = None, force: bool = False) -> tuple[Path, NewSpec]:
+    """Write ``spec_from_folder`` to ``out`` (a folder, or a file named NAME.toml); refuses to overwrite unless ``force``."""
+    new = spec_from_folder(name, folder, split)
+    out = Path(out).expanduser()
+    path = out if out.suffix == ".toml" else out / f"{name}.toml"
+    if path.stem != name:
+        raise TextadaptError(f"--out {out}: a spec's file must be named after the dataset: {name}.toml")
+    if path.exists() and not force:
+        raise TextadaptError(f"{path} exists; pass --force to overwrite it, or choose another name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(new.text, encoding="utf-8")
+    except OSError as e:
+        raise TextadaptError(f"{path}: cannot write the spec ({e.strerror or e})") from None
+    load_spec(path)  # what was written reads back as a valid spec
+    return path, new

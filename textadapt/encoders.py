@@ -8,19 +8,36 @@ A backbone spec is ``ARCH:WEIGHTS``:
 - ``ViT-B-32:random``: untrained weights (seeded, so always the same): a smoke test, not a classifier;
 - ``ViT-B-32:auto``: the architecture's first pretrained tag, or untrained weights if none can be had.
 
-Every embedding is cached under the backbone's identity, ``ARCH@sha256`` of its weights and image
-preprocessing: the same weights reached by any route share a cache, different ones never do.
+QuickGELU. OpenAI's CLIP weights (and some others: ``open_clip.get_pretrained_cfg(ARCH, TAG)``
+says ``quick_gelu: True``) were trained with QuickGELU, x * sigmoid(1.702 x), but open_clip builds
+``ViT-B-32`` with plain GELU whatever the tag and only warns. The towers are built with QuickGELU
+wherever the weights were trained with it: a pretrained tag (also what ``auto`` resolves to) whose
+config says so; an ``hf-hub:`` model whose ``open_clip_config.json`` says so (open_clip reads it);
+a checkpoint file with an ``open_clip_config.json`` beside it that says so (a copied hub snapshot);
+and any architecture written with the suffix ``-quickgelu`` (``ViT-B-32-quickgelu:/path/ViT-B-32.safetensors``:
+open_clip's own ``-quickgelu`` configs, or ``-quickgelu`` after any other architecture). A state
+dict cannot say it: QuickGELU has no parameters, so both builds load the same file.
+
+Every embedding is cached under the backbone's identity, ``ARCH@sha256`` of its weights, image
+preprocessing and activation (``ARCH-quickgelu@...`` for QuickGELU towers): the same model reached
+by any route shares a cache, different ones never do. Hashing every weight costs about a second
+for ViT-B-32, so where the weights come from a file the hash is kept in
+``$TEXTADAPT_HOME/backbone_hashes.json`` under the file's path, size and modification time (and
+the architecture, activation, preprocessing and open_clip version): a changed file is hashed again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import socket
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 from urllib.parse import urlparse
 
 import numpy as np
@@ -30,11 +47,15 @@ import torch
 from textadapt import TextadaptError
 from textadapt.datasets import ImageSet, iter_batches
 from textadapt.store import Store
+from textadapt.text_tower import iter_text_features
 
 log = logging.getLogger(__name__)
 MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 RANDOM_SEED = 0
+QUICKGELU = "-quickgelu"  # the suffix open_clip's own QuickGELU configs use; textadapt takes it after any ARCH
+HASH_CACHE = "backbone_hashes.json"
+HASH_SCHEME = 2  # 2: the activation joined the identity (QuickGELU towers)
 
 Progress = Callable[[int, int], None]
 
@@ -51,6 +72,7 @@ class Backbone:
     device: torch.device
     id: str = ""
     embed_dim: int = 0
+    quick_gelu: bool = False  # the towers' activation: QuickGELU (as OpenAI trained its weights) or open_clip's default
 
 
 def resolve_device(name: str) -> torch.device:
@@ -80,15 +102,76 @@ def _register_configs() -> None:
         open_clip.add_model_config(MODEL_CONFIGS)
 
 
-def weights_id(model: torch.nn.Module, preprocess) -> str:
-    """sha256 over every tensor of the state dict (in key order) and the image preprocessing."""
+def uses_quick_gelu(model: torch.nn.Module) -> bool:
+    """Whether any tower of ``model`` applies open_clip's QuickGELU."""
+    from open_clip.transformer import QuickGELU
+
+    return any(isinstance(m, QuickGELU) for m in model.modules())
+
+
+def weights_id(model: torch.nn.Module, preprocess, quick_gelu: bool = False) -> str:
+    """sha256 over every tensor of the state dict (in key order), the image preprocessing and the activation.
+
+    QuickGELU changes no tensor, so it is hashed in its own right; GELU builds hash as before this
+    was added, so their cached embeddings stay theirs, and a QuickGELU build never reuses them.
+    """
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(str(t.dtype).encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     h.update(repr(preprocess).encode())
+    if quick_gelu:
+        h.update(b"activation=quick_gelu")
     return h.hexdigest()
+
+
+def _hash_cache_path() -> Path:
+    from textadapt.config import default_home
+
+    return default_home() / HASH_CACHE
+
+
+def _file_key(path: Path, parts: dict) -> str:
+    """Where a file's weights hash is kept: its path, size and mtime, and what else goes into the id."""
+    st = path.stat()  # follows links: the Hugging Face cache links snapshot files to blobs
+    key = {"file": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "open_clip": open_clip.__version__,
+           "scheme": HASH_SCHEME, **parts}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _read_hash_cache() -> dict:
+    try:
+        known = json.loads(_hash_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def cached_weights_id(model: torch.nn.Module, preprocess, quick_gelu: bool, weights_file: Path | None, arch: str) -> str:
+    """``weights_id``, looked up by file identity where the weights come from ``weights_file``."""
+    if weights_file is None:
+        return weights_id(model, preprocess, quick_gelu)
+    key = _file_key(weights_file, {"arch": arch, "quick_gelu": quick_gelu, "preprocess": repr(preprocess)})
+    known = _read_hash_cache()
+    if isinstance(known.get(key), str):
+        return known[key]
+    digest = weights_id(model, preprocess, quick_gelu)
+    known[key] = digest
+    path = _hash_cache_path()
+    try:  # a write that fails costs only the next load's hashing time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".backbone_hashes.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(known, f, indent=0)
+            os.replace(tmp, path)  # atomic: a reader never sees half a file
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    except OSError as e:
+        log.warning("could not keep the backbone's weights hash in %s: %s", path, e)
+    return digest
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -103,13 +186,10 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 @contextmanager
-def _offline_unless_reachable():
-    """Without a route to the hub, use only its local cache: a miss fails at once, not after ~50 s of retries."""
+def _hub_offline():
+    """Use only the Hugging Face hub's local cache: a miss fails at once."""
     from huggingface_hub import constants
 
-    if _hub_reachable():
-        yield
-        return
     was, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
     try:
         yield
@@ -117,13 +197,74 @@ def _offline_unless_reachable():
         constants.HF_HUB_OFFLINE = was
 
 
-def _create(arch: str, pretrained: str | None):
+@contextmanager
+def _offline_unless_reachable():
+    """Without a route to the hub, use only its local cache: a miss fails at once, not after ~50 s of retries."""
+    if _hub_reachable():
+        yield
+        return
+    with _hub_offline():
+        yield
+
+
+def _create(arch: str, pretrained: str | None, quick_gelu: bool = False):
+    kwargs = {"force_quick_gelu": True} if quick_gelu else {}
     if pretrained is None or Path(pretrained).is_file():
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained, **kwargs)
     else:
         with _offline_unless_reachable():
-            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
+            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained, **kwargs)
     return model, preprocess
+
+
+def _build_arch(arch: str) -> tuple[str, bool]:
+    """(the open_clip config to build, force QuickGELU): ``X-quickgelu`` is X with QuickGELU where open_clip
+    has no config of that name."""
+    if arch.startswith("hf-hub:") or arch in open_clip.list_models():
+        return arch, False
+    base = arch.removesuffix(QUICKGELU)
+    if base != arch and base in open_clip.list_models():
+        return base, True
+    return arch, False
+
+
+def _tag_says_quick_gelu(arch: str, tag: str) -> bool:
+    return bool((open_clip.get_pretrained_cfg(arch, tag) or {}).get("quick_gelu", False))
+
+
+def _sidecar_says_quick_gelu(path: Path) -> bool:
+    """What the ``open_clip_config.json`` beside a checkpoint (a hub snapshot's) says of QuickGELU; False without one."""
+    config = path.parent / "open_clip_config.json"
+    try:
+        data = json.loads(config.read_text())
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError) as e:
+        raise TextadaptError(f"{config}: not a readable open_clip config ({e}); move it away or fix it") from None
+    model_cfg = data.get("model_cfg", data) if isinstance(data, dict) else {}
+    return bool(isinstance(model_cfg, dict) and model_cfg.get("quick_gelu", False))
+
+
+def _tag_file(arch: str, tag: str) -> Path | None:
+    """The local file open_clip loaded for a pretrained tag (in the Hugging Face cache: no network), or None."""
+    try:
+        with _hub_offline():
+            found = open_clip.download_pretrained(open_clip.get_pretrained_cfg(arch, tag))
+    except Exception:  # the weights loaded, so this only costs the hash cache
+        return None
+    return Path(found) if found and Path(found).is_file() else None
+
+
+def _hub_file(hub_id: str) -> Path | None:
+    """The local weights file open_clip loaded for an ``hf-hub:`` model (no network), or None."""
+    from open_clip.pretrained import download_pretrained_from_hf
+
+    try:
+        with _hub_offline():
+            found = download_pretrained_from_hf(hub_id.removeprefix("hf-hub:"))
+    except Exception:
+        return None
+    return Path(found) if found and Path(found).is_file() else None
 
 
 def _init_untrained(model: torch.nn.Module) -> None:
@@ -155,35 +296,37 @@ def load_backbone(spec: str, device: str = "auto") -> Backbone:
     """Build the frozen model for ``spec``; strict unless the spec says ``auto``."""
     _register_configs()
     arch, weights = parse_spec(spec)
-    if not arch.startswith("hf-hub:") and arch not in open_clip.list_models():
+    build, quick = _build_arch(arch)  # quick: the spec says -quickgelu where open_clip has no such config
+    if not build.startswith("hf-hub:") and build not in open_clip.list_models():
         close = [m for m in open_clip.list_models() if arch.lower().replace("/", "-") in m.lower()][:8]
         raise TextadaptError(f"unknown open_clip architecture {arch!r} in backbone spec {spec!r}" + (f"; did you mean one of {close}?" if close else "; see open_clip.list_models()"))
-    untrained = False
-    if arch.startswith("hf-hub:"):
+    untrained, weights_file = False, None
+    if build.startswith("hf-hub:"):
         try:
             with _offline_unless_reachable():
-                model, preprocess = _create(arch, None)
+                model, preprocess = _create(build, None)  # open_clip reads quick_gelu from the hub's open_clip_config.json
         except Exception as e:
             raise _ways_out(arch, weights, e) from None
+        weights_file = _hub_file(build)
     elif weights == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_SEED)
-            model, preprocess = _create(arch, None)
+            model, preprocess = _create(build, None, quick)
             _init_untrained(model)
         untrained = True
     elif weights == "auto":
-        tags = open_clip.list_pretrained_tags_by_model(arch)
+        tags = open_clip.list_pretrained_tags_by_model(build)
         tag = "openai" if "openai" in tags else (tags[0] if tags else None)
         try:
             if tag is None:
-                raise RuntimeError(f"open_clip lists no pretrained weights for {arch}")
-            model, preprocess = _create(arch, tag)
-            weights = tag
+                raise RuntimeError(f"open_clip lists no pretrained weights for {build}")
+            model, preprocess = _create(build, tag, quick or _tag_says_quick_gelu(build, tag))
+            weights, weights_file = tag, _tag_file(build, tag)
         except Exception as e:
             log.warning("no pretrained weights for %s (%s): using UNTRAINED weights", arch, str(e).splitlines()[0] if str(e) else type(e).__name__)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(RANDOM_SEED)
-                model, preprocess = _create(arch, None)
+                model, preprocess = _create(build, None, quick)
                 _init_untrained(model)
             weights, untrained = "random", True
     elif weights.endswith(CHECKPOINT_SUFFIXES) or "/" in weights or Path(weights).expanduser().exists():
@@ -191,26 +334,33 @@ def load_backbone(spec: str, device: str = "auto") -> Backbone:
         if not path.is_file():
             raise TextadaptError(f"backbone checkpoint file not found: {path} (from spec {spec!r})")
         try:
-            model, preprocess = _create(arch, str(path))
+            model, preprocess = _create(build, str(path), quick or _sidecar_says_quick_gelu(path))
+        except TextadaptError:
+            raise
         except Exception as e:
             raise TextadaptError(f"{path}: not a loadable {arch} checkpoint: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-        weights = str(path)
+        weights, weights_file = str(path), path
     else:
-        tags = open_clip.list_pretrained_tags_by_model(arch)
+        tags = open_clip.list_pretrained_tags_by_model(build)
         if weights not in tags:
             raise TextadaptError(f"{arch} has no pretrained tag {weights!r}; open_clip knows {tags or 'none'}; or use a checkpoint path, random or auto")
         try:
-            model, preprocess = _create(arch, weights)
+            model, preprocess = _create(build, weights, quick or _tag_says_quick_gelu(build, weights))
         except Exception as e:
             raise _ways_out(arch, weights, e) from None
+        weights_file = _tag_file(build, weights)
     dev = resolve_device(device)
     # Frozen by use, not by flag: every encoder runs under inference_mode and nothing builds an optimiser
     # over the backbone (the prompt learner turns the flags off while it trains and restores them).
     # requires_grad_(False) here made CPU text encoding about 6% slower than open_clip's own model
     # (benchmarks/encoders.py; same weights, same inputs).
     model = model.to(dev).eval()
-    bb = Backbone(spec, arch, weights, untrained, model, preprocess, open_clip.get_tokenizer(arch), dev)
-    bb.id = f"{arch}@{weights_id(model, preprocess)[:16]}"
+    quick = uses_quick_gelu(model)
+    bb = Backbone(spec, arch, weights, untrained, model, preprocess, open_clip.get_tokenizer(build), dev, quick_gelu=quick)
+    # The id names the architecture without the suffix and adds it for QuickGELU towers, so that
+    # ViT-B-32:openai and ViT-B-32-quickgelu:/its/file.safetensors are one model with one cache.
+    digest = cached_weights_id(model, preprocess, quick, weights_file, build)
+    bb.id = f"{arch.removesuffix(QUICKGELU)}{QUICKGELU if quick else ''}@{digest[:16]}"
     with torch.inference_mode():
         bb.embed_dim = int(model.encode_text(bb.tokenizer(["a"]).to(dev)).shape[-1])
     return bb
@@ -237,13 +387,22 @@ def text_key(text: str) -> str:
 
 
 @torch.inference_mode()
+def iter_text_embeddings(backbone: Backbone, texts: list[str], batch_size: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """L2-normalised embeddings of ``texts`` one batch at a time, as (indices into ``texts``, embeddings).
+
+    Length-aware where the text tower is causal (``textadapt.text_tower``): batches of texts of similar
+    token length, each encoded only up to its longest end-of-text token, so not in the order given.
+    """
+    for idx, features in iter_text_features(backbone.model, backbone.tokenizer, texts, batch_size, backbone.device):
+        yield idx, features.float().cpu().numpy()
+
+
 def embed_texts(backbone: Backbone, texts: list[str], batch_size: int = 256) -> np.ndarray:
-    """L2-normalised embeddings of ``texts``, computed now (no cache): safe to run in any process."""
-    out = [np.zeros((0, backbone.embed_dim), np.float32)]
-    for start in range(0, len(texts), batch_size):
-        tokens = backbone.tokenizer(texts[start : start + batch_size]).to(backbone.device)
-        out.append(backbone.model.encode_text(tokens, normalize=True).float().cpu().numpy())
-    return np.concatenate(out)
+    """L2-normalised embeddings of ``texts`` in order, computed now (no cache): safe to run in any process."""
+    out = np.zeros((len(texts), backbone.embed_dim), np.float32)
+    for idx, emb in iter_text_embeddings(backbone, texts, batch_size):
+        out[idx] = emb
+    return out
 
 
 @torch.inference_mode()
@@ -273,15 +432,15 @@ def uncached_images(backbone: Backbone, images: ImageSet, store: Store, hashes: 
         if h not in cached:
             first_of.setdefault(h, i)
     idx = list(first_of.values())
-    return ImageSet([images.images[i] for i in idx], images.labels[idx], images.source), list(first_of)
+    return images.take(idx), list(first_of)
 
 
 def encode_texts(backbone: Backbone, texts: list[str], store: Store, batch_size: int = 256) -> tuple[np.ndarray, int]:
     """L2-normalised embeddings of ``texts`` in order, and how many had to be encoded (not cached)."""
     todo = uncached_texts(backbone, texts, store)
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
-        store.put_embeddings("text", backbone.id, [_sha(t) for t in chunk], embed_texts(backbone, chunk, batch_size), chunk)
+    for idx, emb in iter_text_embeddings(backbone, todo, batch_size):  # each batch stored as soon as it is encoded
+        chunk = [todo[i] for i in idx]
+        store.put_embeddings("text", backbone.id, [_sha(t) for t in chunk], emb, chunk)
     if not texts:
         return np.zeros((0, backbone.embed_dim), np.float32), 0
     hashes = [_sha(t) for t in texts]

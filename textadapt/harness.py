@@ -6,14 +6,20 @@ the comparison is fair by construction:
 training-free (``kind`` zero-shot or descriptions)
     ``zero-shot:class-name``, ``zero-shot:a-photo-of``, ``zero-shot:ensemble`` (the spec's
     templates: clip_benchmark's for the dataset where it has them, else open_clip's ImageNet
-    ensemble); ``waffle`` (WaffleCLIP: "a photo of a {c}, which has {random words}" and random
-    character strings, 15 pairs per class, a new draw per seed: the control any description method
-    must beat); ``cupl:SET`` (the normalised mean of a set's description embeddings per class);
-    ``dclip:SET`` for list-parsed sets (the mean similarity to "{c}, which has {descriptor}").
+    ensemble); ``waffle`` (WaffleCLIP as its code builds and scores it: per draw, one set of 15
+    (random words, random characters) descriptors shared by every class, "A photo of a {c}, which
+    (is|has) {d}.", the class score the mean of the similarities, 7 draws: the control any
+    description method must beat); ``cupl:SET`` (CuPL: the normalised mean of a set's description
+    embeddings per class); ``dclip:SET`` for list-parsed sets (DCLIP: the mean similarity to
+    "{c}, which (is|has) {descriptor}", is/has chosen by the descriptor's wording as DCLIP does).
+    docs/methods.md says what each is, and where it differs from its reference.
 adapted (``kind`` adapted), for every description set
-    ``ADAPTER[+ot]:SET`` with ADAPTER in tap-head, zs-head, residual, prompt (adapters.py,
-    prompt_learning.py) and the loss cross-entropy (TAP's) or OTTER's OT soft labels (``+ot``),
-    trained once per seed.
+    ``ADAPTER[+ot]:SET``, trained once per seed, with ADAPTER one of (adapters.py, prompt_learning.py,
+    docs/methods.md): ``tap-head``, ``zs-head``, ``tap-residual`` (TaskRes's parametrisation, TAP's
+    recipe), ``taskres`` (TaskRes's recipe), ``tap-coop`` (CoOp's context, TAP's recipe) and ``protext``
+    (ProText's recipe); each trains with its recipe's own loss, or with ``+ot`` OTTER's soft labels
+    (losses.py; not protext, which matches embeddings and has no logits). ``residual`` and ``prompt``
+    are accepted as the old names of tap-residual and tap-coop.
 captioner (``--captioner SPEC``, a CoCa backbone)
     ``captioner``: the class caption "a photo of a {c}." most likely given the image, log P(t_c | image)
     (captioner.py); ``captioner/ig``: minus its log-likelihood with no image (the IG captioner).
@@ -28,26 +34,36 @@ delta against the best training-free baseline.
 
 from __future__ import annotations
 
-import random
+import re
+import string
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 import torch
 from PIL import Image
 
-from textadapt import TextadaptError
-from textadapt.adapters import ADAPTERS, TapRecipe, TrainedHead, train_adapter
+from textadapt import TextadaptError, stats
+from textadapt.adapters import (ADAPTERS, TapRecipe, TrainedHead, taskres_base, taskres_recipe, taskres_templates,
+                                train_adapter)
 from textadapt.config import RunOptions
-from textadapt.datasets import DatasetSpec
+from textadapt.datasets import DatasetSpec, ImageSet
 from textadapt.encoders import Backbone, encode_texts
-from textadapt.losses import CrossEntropy, OTSoftLabels
+from textadapt.losses import OTTERSoftLabels
 from textadapt.scoring import (BASELINES, PRIORS, SCORINGS, Score, class_prompts, ig_logits, log_softmax, mean_score,
                                openclip_imagenet_templates, prototypes, score_logits)
 from textadapt.store import Store
 
-ALL_ADAPTERS = (*ADAPTERS, "prompt")
-LOSSES = ("ce", "ot")
+ALL_ADAPTERS = (*ADAPTERS, "tap-coop", "protext")
+LOSSES = ("ce", "ot")  # what ``+LOSS`` may name: ce, the adapter's own recipe loss (the default); ot, OTTER's soft labels
+OWN_LOSS = {"protext": "l1"}  # an adapter's own loss, as stored in results.loss, where it is not a cross-entropy
+NO_OT = ("protext",)  # adapters without logits to put soft labels on
+ALIASES = {"tap": "tap-head", "residual": "tap-residual", "prompt": "tap-coop"}  # short and old names
+# WaffleCLIP (ExplainableML/WaffleCLIP@7a1b8ee): README.md's command `base_main.py --mode=waffle --waffle_count=15
+# --reps=7`, and base_main.py seeds repetition r with seed_everything(r) (line 118): draws 0..6.
 WAFFLE_PAIRS = 15
+WAFFLE_SEEDS = tuple(range(7))
+WAFFLE_VOCABULARY = 4330  # random words to draw from: as many as WaffleCLIP's own word list holds
 
 
 @dataclass
@@ -63,9 +79,8 @@ class HarnessConfig:
     ot_alpha: float
     ot_eps: float
     ot_iters: int
-    ot_marginal: str
-    ot_teacher: str
-    prompt_steps: int | None = None  # None: the prompt learner's own default
+    prompt_steps: int | None = None  # tap-coop's full-batch steps; None: the prompt learner's own default
+    epochs: int | None = None  # taskres's and protext's epochs; None: each recipe's own
 
     @classmethod
     def from_options(cls, options: RunOptions, steps: int) -> "HarnessConfig":
@@ -75,28 +90,30 @@ class HarnessConfig:
         return cls(
             methods=parse_methods(options.methods), scorings=parse_scorings(options.scoring),
             seeds=[options.seed + i for i in range(options.seeds)], steps=steps, prior=options.prior, beta=options.ig_beta,
-            ot_alpha=options.ot_alpha, ot_eps=options.ot_eps, ot_iters=options.ot_iters, ot_marginal=options.ot_marginal,
-            ot_teacher=options.ot_teacher,
+            ot_alpha=options.ot_alpha, ot_eps=options.ot_eps, ot_iters=options.ot_iters,
         )
 
 
 def parse_methods(items: list[str]) -> list[tuple[str, str]]:
-    """``["all"]`` or items ``ADAPTER[+LOSS]`` (``tap`` is short for tap-head) -> (adapter, loss) pairs."""
+    """``["all"]`` or items ``ADAPTER[+LOSS]`` (ALIASES accepted) -> (adapter, loss) pairs, loss as stored in results."""
     out: list[tuple[str, str]] = []
     for item in items:
         item = item.strip()
         if item == "all":
-            out += [(a, l) for a in ALL_ADAPTERS for l in LOSSES]
+            out += parse_methods([m for a in ALL_ADAPTERS for m in ([a] if a in NO_OT else [a, f"{a}+ot"])])
             continue
         adapter, _, loss = item.partition("+")
-        adapter = {"tap": "tap-head"}.get(adapter, adapter)
+        adapter = ALIASES.get(adapter, adapter)
         loss = loss or "ce"
         if adapter not in ALL_ADAPTERS:
             raise TextadaptError(f"--methods: unknown adapter {adapter!r} in {item!r}; known: {', '.join(ALL_ADAPTERS)}, or all")
         if loss not in LOSSES:
             raise TextadaptError(f"--methods: unknown loss {loss!r} in {item!r}; known: {', '.join(LOSSES)}")
-        out.append((adapter, loss))
-    return list(dict.fromkeys(out))
+        if loss == "ot" and adapter in NO_OT:
+            raise TextadaptError(f"--methods: {item!r}: {adapter} pulls prompted class embeddings towards the descriptions "
+                                 f"(an L1 loss, no logits), so OTTER's soft labels do not apply; use {adapter}")
+        out.append((adapter, OWN_LOSS.get(adapter, "ce") if loss == "ce" else loss))
+    return list(dict.fromkeys(out).keys())
 
 
 def parse_scorings(items: list[str]) -> list[str]:
@@ -108,7 +125,8 @@ def parse_scorings(items: list[str]) -> list[str]:
 
 
 def method_name(adapter: str, loss: str, text_set: str) -> str:
-    return f"{adapter}{'' if loss == 'ce' else '+' + loss}:{text_set}"
+    """``ADAPTER:SET``, or ``ADAPTER+ot:SET`` with OTTER's soft labels; the adapter's canonical name, never an alias."""
+    return f"{adapter}{'+ot' if loss == 'ot' else ''}:{text_set}"
 
 
 @dataclass
@@ -135,6 +153,11 @@ class MethodResult:
     per_seed: list[Score]
 
     @property
+    def predicted(self) -> np.ndarray:
+        """(seeds, images): each seed's predicted class of every test image."""
+        return np.stack([s.predictions for s in self.per_seed])
+
+    @property
     def top1_std(self) -> float | None:
         return float(np.std([s.top1 for s in self.per_seed])) if len(self.per_seed) > 1 else None
 
@@ -152,24 +175,70 @@ def logit_scale(backbone: Backbone) -> float:
 # Training-free classifiers
 
 
-def _waffle_descriptors(rng: random.Random, vocabulary: list[str], n_pairs: int) -> list[str]:
-    """WaffleCLIP's random descriptors: n pairs of (random words, random characters of the same length)."""
-    out = []
-    for _ in range(n_pairs):
-        words = " ".join(rng.choice(vocabulary) for _ in range(2))
-        chars = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(len(words)))
-        out += [words, chars]
-    return out
+def which(descriptor: str) -> str:
+    """DCLIP's and WaffleCLIP's clause for a descriptor: "which is an X", "which has X", "which can X"."""
+    if descriptor.startswith("a") or descriptor.startswith("used"):  # "a"/"an" ..., "used for ...": is
+        return f"which is {descriptor}"
+    if descriptor.startswith(("has", "often", "typically", "may", "can")):
+        return f"which {descriptor}"
+    return f"which has {descriptor}"
 
 
-def _vocabulary(backbone: Backbone) -> list[str]:
-    """Real words for WaffleCLIP: the alphabetic whole words of the tokenizer's vocabulary, else a fallback list."""
-    encoder = getattr(backbone.tokenizer, "encoder", None)
-    if encoder:
-        words = sorted(w[:-4] for w in encoder if w.endswith("</w>") and w[:-4].isalpha() and 3 <= len(w) - 4 <= 10)
-        if len(words) > 100:
-            return words
-    return "red blue round square soft hard small large bright dark striped plain metal wood glass paper".split()
+@lru_cache(maxsize=1)
+def _waffle_vocabulary() -> tuple[tuple[str, ...], str]:
+    """The words and characters WaffleCLIP's descriptors are drawn from, as textadapt makes them.
+
+    WaffleCLIP's own word list is not redistributed here (docs/methods.md): textadapt takes the
+    ``WAFFLE_VOCABULARY`` most frequent whole words of CLIP's BPE vocabulary (two or more letters a-z, in
+    merge order, which follows frequency; shipped inside open_clip), sorted; the characters are ASCII
+    letters of both cases and digits. Both are the same on every machine with the same open_clip.
+    """
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tokens = sorted(SimpleTokenizer().encoder.items(), key=lambda kv: kv[1])
+    words = [t[:-4] for t, _ in tokens if t.endswith("</w>") and re.fullmatch(r"[a-z]{2,}", t[:-4])]
+    characters = "".join(sorted(string.ascii_letters + string.digits))
+    return tuple(sorted(dict.fromkeys(words[:WAFFLE_VOCABULARY]))), characters
+
+
+@lru_cache(maxsize=64)
+def waffle_descriptors(class_names: tuple[str, ...], seed: int, n_pairs: int = WAFFLE_PAIRS) -> tuple[str, ...]:
+    """WaffleCLIP's shared random descriptors for one draw: n_pairs (random words, random characters).
+
+    As its ``waffle`` mode builds them: words from its word list cut to the class names' mean word
+    length, as many as the names have words on average; characters from its character set in as
+    many comma-separated groups as the names have words, as long in all as their longest words.
+    Its code draws a set for every class, then keeps one class's set for all; the same calls on the
+    same NumPy stream (``RandomState(seed)``, as its ``seed_everything``) give the same set.
+    """
+    words, characters = _waffle_vocabulary()
+    names = [c.replace("_", " ") for c in class_names]  # its wordify; the character counts use the raw names
+    n_words = int(max(np.round(np.mean([len(c.split(" ")) for c in names])), 1))
+    word_length = int(np.round(np.mean([np.mean([len(w) for w in c.split(" ")]) for c in names])))
+    words = [w[:word_length] for w in words]
+    n_groups = int(np.round(np.mean([c.count(" ") for c in class_names]))) + 1
+    n_chars = int(np.ceil(np.mean([max(len(w) for w in c.split(" ")) for c in class_names])))
+    n_chars += n_groups - n_chars % n_groups
+    rng = np.random.RandomState(seed)
+    # Its np.random.choice(x, 1, replace=False)[0] is x[permutation(len(x))[0]] on the same stream (NumPy's legacy
+    # RandomState.choice); permutation skips choice's per-call checks, several times faster for the characters.
+    def pick(pool):
+        return pool[rng.permutation(len(pool))[0]]
+
+    drawn = []
+    for _ in class_names:
+        pairs = []
+        for _ in range(n_pairs):
+            pairs.append(" ".join(pick(words) for _ in range(n_words)))
+            pairs.append(", ".join("".join(pick(characters) for _ in range(n_chars // n_groups)) for _ in range(n_groups)))
+        drawn.append(tuple(pairs))
+    return drawn[rng.choice(len(class_names))]
+
+
+def waffle_texts(class_names: list[str], seed: int) -> list[str]:
+    """One WaffleCLIP draw's prompts, class-major: every class with the same descriptors."""
+    shared = waffle_descriptors(tuple(class_names), seed)
+    return [f"A photo of a {c.replace('_', ' ')}, {which(d)}." for c in class_names for d in shared]
 
 
 def zero_shot_prompts(spec: DatasetSpec) -> dict[str, list[str]]:
@@ -178,31 +247,7 @@ def zero_shot_prompts(spec: DatasetSpec) -> dict[str, list[str]]:
             for method, templates in BASELINES.items()}
 
 
-def waffle_texts(spec: DatasetSpec, vocabulary: list[str], seed: int) -> list[str]:
-    """WaffleCLIP's texts for one seed's draw, class-major."""
-    rng = random.Random(seed)
-    return [f"a photo of a {c}, which has {d}." for c in spec.classes for d in _waffle_descriptors(rng, vocabulary, WAFFLE_PAIRS)]
-
-
-def dclip_texts(spec: DatasetSpec, ts) -> list[str]:
-    """DCLIP's texts for a description set: "{class}, which has {descriptor}", one per description."""
-    return [f"{spec.classes[y]}, which has {_descriptor(t)}" for t, y in zip(ts.texts, ts.labels)]
-
-
-def texts_to_encode(backbone: Backbone, spec: DatasetSpec, sets: dict, dclip_sets: set[str], seeds: list[int]) -> list[str]:
-    """Every text ``training_free`` and ``adapted`` encode, so that a caller can embed them all up front in
-    parallel batches (then both find them in the cache): zero-shot prompts, WaffleCLIP's texts, the
-    description sets and DCLIP's texts."""
-    out = [t for prompts in zero_shot_prompts(spec).values() for t in prompts]
-    vocabulary = _vocabulary(backbone)
-    for seed in seeds:
-        out += waffle_texts(spec, vocabulary, seed)
-    for name, ts in sets.items():
-        out += ts.texts + (dclip_texts(spec, ts) if name in dclip_sets else [])
-    return list(dict.fromkeys(out))
-
-
-def training_free(backbone: Backbone, spec: DatasetSpec, store: Store, sets: dict, dclip_sets: set[str], seeds: list[int],
+def training_free(backbone: Backbone, spec: DatasetSpec, store: Store, sets: dict, dclip_sets: set[str],
                   batch_size: int = 256) -> tuple[list[Classifier], int]:
     """The zero-shot, WaffleCLIP, CuPL and DCLIP classifiers, and how many texts had to be encoded."""
     n, scale, encoded, out = len(spec.classes), logit_scale(backbone), 0, []
@@ -210,23 +255,56 @@ def training_free(backbone: Backbone, spec: DatasetSpec, store: Store, sets: dic
         emb, k = encode_texts(backbone, prompts, store, batch_size)
         encoded += k
         out.append(Classifier(method, "zero-shot", [scale * prototypes(emb, n)], [0]))
-    vocabulary, weights = _vocabulary(backbone), []
-    for seed in seeds:
-        emb, k = encode_texts(backbone, waffle_texts(spec, vocabulary, seed), store, batch_size)
+    weights = []
+    for seed in WAFFLE_SEEDS:
+        texts = waffle_texts(spec.classes, seed)
+        emb, k = encode_texts(backbone, texts, store, batch_size)
         encoded += k
-        weights.append(scale * prototypes(emb, n))
-    out.append(Classifier("waffle", "zero-shot", weights, list(seeds)))
+        weights.append(scale * mean_similarity_weights(emb, np.repeat(np.arange(n), len(texts) // n), n))
+    out.append(Classifier("waffle", "zero-shot", weights, list(WAFFLE_SEEDS)))
     for name, ts in sets.items():
         emb, k = encode_texts(backbone, ts.texts, store, batch_size)
         encoded += k
         out.append(Classifier(f"cupl:{name}", "descriptions", [scale * _class_means(emb, ts.labels, n)], [0], text_set=name,
                               n_texts=len(ts.texts)))
         if name in dclip_sets:
-            emb, k = encode_texts(backbone, dclip_texts(spec, ts), store, batch_size)
+            texts, labels = dclip_texts(spec.classes, ts.texts, ts.labels)
+            emb, k = encode_texts(backbone, texts, store, batch_size)
             encoded += k
-            out.append(Classifier(f"dclip:{name}", "descriptions", [_dclip(emb, ts.labels, n, scale)], [0], text_set=name,
-                                  n_texts=len(ts.texts)))
+            out.append(Classifier(f"dclip:{name}", "descriptions", [scale * mean_similarity_weights(emb, labels, n)], [0],
+                                  text_set=name, n_texts=len(ts.texts)))
     return out, encoded
+
+
+def training_free_texts(spec: DatasetSpec) -> list[str]:
+    """Every text the training-free classifiers embed besides the description sets (for embedding them in parallel)."""
+    zero_shot = [t for ps in zero_shot_prompts(spec).values() for t in ps]
+    return zero_shot + [t for seed in WAFFLE_SEEDS for t in waffle_texts(spec.classes, seed)]
+
+
+def texts_to_encode(spec: DatasetSpec, sets: dict, dclip_sets: set[str]) -> list[str]:
+    """Every text ``training_free`` and ``adapted`` encode through the cache, so that a caller can embed them all
+    up front in parallel batches (then both find them there): the zero-shot and WaffleCLIP prompts, the
+    description sets, and DCLIP's sentences for ``dclip_sets``."""
+    out = training_free_texts(spec)
+    for name, ts in sets.items():
+        out += ts.texts + (dclip_texts(spec.classes, ts.texts, ts.labels)[0] if name in dclip_sets else [])
+    return list(dict.fromkeys(out))
+
+
+def dclip_texts(class_names: list[str], descriptions: list[str], labels: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """DCLIP's sentences "{c}, which (is|has) {descriptor}" and their classes; a class with no
+    descriptor gets the empty one, as DCLIP's loader does (so it is scored, not left at zero)."""
+    texts = [f"{class_names[y]}, {which(_descriptor(t))}" for t, y in zip(descriptions, labels)]
+    missing = sorted(set(range(len(class_names))) - set(np.asarray(labels).tolist()))
+    texts += [f"{class_names[y]}, {which('')}" for y in missing]
+    return texts, np.concatenate([np.asarray(labels, dtype=np.int64), np.asarray(missing, dtype=np.int64)])
+
+
+def mean_similarity_weights(emb: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    """(classes, dim) weights whose logits are each class's mean similarity to its texts' normalised
+    embeddings (DCLIP's and WaffleCLIP's score): the unnormalised mean, since v . mean(e) = mean(v . e)."""
+    return _class_means(emb, labels, n, normalise=False)
 
 
 def _descriptor(text: str) -> str:
@@ -243,17 +321,12 @@ def _class_means(emb: np.ndarray, labels: np.ndarray, n: int, normalise: bool = 
     return means.astype(np.float32)
 
 
-def _dclip(emb: np.ndarray, labels: np.ndarray, n: int, scale: float) -> np.ndarray:
-    """DCLIP with a varying number of descriptors per class: the unnormalised mean per class."""
-    return scale * _class_means(emb, labels, n, normalise=False)
-
-
 # --------------------------------------------------------------------------------------------
 # Adapted classifiers
 
 
 def teacher_prototypes(training_free: list[Classifier]) -> np.ndarray:
-    """The normalised zero-shot ensemble prototypes: where zs-head and residual start, and the OT teacher."""
+    """The normalised zero-shot ensemble prototypes: where zs-head and tap-residual start."""
     w = next(c for c in training_free if c.method == "zero-shot:ensemble").weights[0]
     return w / np.linalg.norm(w, axis=1, keepdims=True)
 
@@ -262,10 +335,11 @@ def adapted(backbone: Backbone, spec: DatasetSpec, store: Store, sets: dict, tea
             batch_size: int = 256, log=print, progress=None) -> tuple[list[Classifier], int]:
     """Every (adapter, loss) of ``config.methods`` on every description set, once per seed.
 
-    ``teacher``: the normalised zero-shot prototypes (classes, dim) the zs-head and residual start
-    from and the OT loss's frozen teacher. ``progress(done, total)``: heads trained so far.
+    ``teacher``: the normalised zero-shot prototypes (classes, dim) that zs-head and tap-residual start from.
+    ``progress(done, total)``: heads trained so far.
     """
     n, scale, encoded, out = len(spec.classes), logit_scale(backbone), 0, []
+    base = None  # taskres's template features, computed once
     total = len(sets) * len(config.methods) * len(config.seeds)
     if progress:
         progress(0, total)
@@ -273,14 +347,25 @@ def adapted(backbone: Backbone, spec: DatasetSpec, store: Store, sets: dict, tea
         emb, k = encode_texts(backbone, ts.texts, store, batch_size)
         encoded += k
         for adapter, loss_name in config.methods:
+            if adapter == "taskres" and base is None:
+                base = taskres_base(backbone, spec.classes, taskres_templates(spec.name), batch_size)
             heads = []
             for seed in config.seeds:
-                loss = _loss(loss_name, teacher, backbone.device, config)
-                if adapter == "prompt":
-                    heads.append(_prompt(backbone, emb, ts.labels, spec.classes, config, seed, loss, scale))
+                loss = OTTERSoftLabels(config.ot_alpha, config.ot_eps, config.ot_iters) if loss_name == "ot" else None
+                if adapter in ("tap-coop", "protext"):
+                    heads.append(_prompt(adapter, backbone, emb, ts.labels, spec, config, seed, loss, scale))
+                elif adapter == "taskres":
+                    recipe = taskres_recipe(spec.name, seed)
+                    recipe.epochs = config.epochs or recipe.epochs
+                    heads.append(train_adapter(adapter, emb, ts.labels, n, recipe, base, scale, loss, backbone.device))
                 else:
                     recipe = TapRecipe(steps=config.steps, seed=seed)
                     heads.append(train_adapter(adapter, emb, ts.labels, n, recipe, teacher, scale, loss, backbone.device))
+                if loss is not None:
+                    mass = loss.labelled_mass()
+                    log(f"{method_name(adapter, loss_name, name)} seed {seed}: the OT plan gives the labelled class "
+                        f"{mass[0]:.3f} of a description's mass at the first step, {mass[-1]:.3f} at the last "
+                        f"(uniform: {1 / n:.3f})")
                 if progress:
                     progress(len(out) * len(config.seeds) + len(heads), total)
             method = method_name(adapter, loss_name, name)
@@ -291,18 +376,14 @@ def adapted(backbone: Backbone, spec: DatasetSpec, store: Store, sets: dict, tea
     return out, encoded
 
 
-def _loss(name: str, teacher: np.ndarray, device, config: HarnessConfig):
-    if name == "ce":
-        return CrossEntropy()
-    return OTSoftLabels(torch.as_tensor(teacher, device=device), alpha=config.ot_alpha, eps=config.ot_eps, iters=config.ot_iters,
-                        marginal=config.ot_marginal, teacher_kind=config.ot_teacher)
+def _prompt(adapter, backbone, emb, labels, spec, config, seed, loss, scale) -> TrainedHead:
+    from textadapt.prompt_learning import PromptRecipe, protext_recipe, train_prompt_learner
 
-
-def _prompt(backbone, emb, labels, class_names, config, seed, loss, scale) -> TrainedHead:
-    from textadapt.prompt_learning import PromptRecipe, train_prompt_learner
-
-    recipe = PromptRecipe(seed=seed) if config.prompt_steps is None else PromptRecipe(seed=seed, steps=config.prompt_steps)
-    head = train_prompt_learner(backbone, emb, labels, class_names, recipe, loss)
+    if adapter == "protext":
+        recipe = protext_recipe(spec.name, seed, config.epochs)
+    else:
+        recipe = PromptRecipe(seed=seed) if config.prompt_steps is None else PromptRecipe(seed=seed, steps=config.prompt_steps)
+    head = train_prompt_learner(backbone, emb, labels, spec.classes, recipe, loss)
     head.weight = scale * head.weight  # normalised class embeddings -> CLIP's logits, as zero-shot's
     return head
 
@@ -373,21 +454,47 @@ def save_classifiers(store: Store, run_id: str, spec: DatasetSpec, classifiers: 
                                   beta if scoring == "ig" else None)
 
 
-def save(store: Store, run_id: str, spec: DatasetSpec, results: list[MethodResult]) -> str:
-    """Store every method's scores and per-class deltas against the best training-free baseline; returns its name."""
+def gains(results: list[MethodResult], labels: np.ndarray, n_classes: int) -> stats.Differences:
+    """Every method's accuracy minus the best training-free baseline's (top-1, mean per class, each class), with 95%
+    intervals of a paired bootstrap over the test images; a method's correctness on an image is the mean over its seeds."""
+    best = best_baseline(results)
+    correct = np.stack([stats.correctness(r.predicted, labels) for r in results])
+    return stats.differences(correct, correct[results.index(best)], labels, n_classes, [r.method for r in results], best.method)
+
+
+def save(store: Store, run_id: str, spec: DatasetSpec, results: list[MethodResult], gains: stats.Differences | None = None,
+         images: ImageSet | None = None) -> str:
+    """Store every method's scores and per-class deltas against the best training-free baseline; returns its name.
+
+    With ``gains`` (``gains(results, ...)``) also the deltas' intervals; with ``images`` (the test images scored)
+    every method's per-image predictions, for ``textadapt compare``.
+    """
     best = best_baseline(results)
     ref = best.score.per_class
     for r in results:
         s, c = r.score, r.classifier
         per_class = [(i, spec.classes[i], int(s.n_per_class[i]), _num(s.per_class[i]), _num(s.per_class[i] - ref[i]))
                      for i in range(len(spec.classes))]
+        intervals = {}
+        if gains is not None:
+            m = gains.methods.index(r.method)
+            per_class = [(*row, _num(gains.per_class_low[m, i]), _num(gains.per_class_high[m, i]))
+                         for i, row in enumerate(per_class)]
+            intervals = dict(baseline=gains.reference, delta_top1=s.top1 - best.score.top1,
+                             delta_top1_low=_num(gains.top1_low[m]), delta_top1_high=_num(gains.top1_high[m]),
+                             delta_mean_per_class=s.mean_per_class - best.score.mean_per_class,
+                             delta_mean_per_class_low=_num(gains.mean_per_class_low[m]),
+                             delta_mean_per_class_high=_num(gains.mean_per_class_high[m]))
         store.save_result(
             run_id, r.method, c.kind, s.top1, s.mean_per_class, int(s.n_per_class.sum()), per_class,
             n_texts=c.n_texts, train_seconds=sum(h.seconds for h in c.heads) if c.heads else None,
             losses=c.heads[0].losses if c.heads else None, top5=s.top5, top1_std=r.top1_std,
             mean_per_class_std=r.mean_per_class_std, seeds=c.seeds if c.kind == "adapted" or len(c.seeds) > 1 else None,
             top1_per_seed=[p.top1 for p in r.per_seed], adapter=c.adapter, loss=c.loss, scoring=r.scoring, text_set=c.text_set,
+            **intervals,
         )
+    if images is not None:
+        store.save_predictions(run_id, images.keys(), images.labels, {r.method: r.predicted for r in results})
     return best.method
 
 

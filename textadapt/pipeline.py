@@ -431,7 +431,9 @@ def embed_texts(backbone: Backbone, texts: list[str], store: Store, batch_size: 
     """Embed the texts the cache lacks, a batch of ``batch_size`` at a time run by ``runner`` (default: this
     process), storing each batch as it completes; returns how many texts were encoded."""
     runner = runner or Runner()
-    todo = uncached_texts(backbone, texts, store)
+    # Texts of similar length share a batch: each batch is encoded only up to its longest end-of-text token
+    # (encoders.embed_texts is length-aware), so unsorted batches would each pay for their longest text.
+    todo = sorted(uncached_texts(backbone, texts, store), key=len)
     ref = BackboneRef.of(backbone) if runner.remote else backbone
     jobs = [dict(items=todo[i : i + batch_size], backbone=ref, batch_size=batch_size) for i in range(0, len(todo), batch_size)]
     done = [0]
@@ -455,8 +457,7 @@ def embed_images(backbone: Backbone, images: ImageSet, store: Store, batch_size:
     todo, keys = uncached_images(backbone, images, store)
     ref = BackboneRef.of(backbone) if runner.remote else backbone
     starts = range(0, len(todo), batch_size)
-    jobs = [dict(items=ImageSet(todo.images[i : i + batch_size], todo.labels[i : i + batch_size], todo.source),
-                 backbone=ref, batch_size=batch_size) for i in starts]
+    jobs = [dict(items=todo.take(range(i, min(i + batch_size, len(todo)))), backbone=ref, batch_size=batch_size) for i in starts]
     job_keys = {id(job): keys[i : i + batch_size] for job, i in zip(jobs, starts)}
     done = [0]
     if progress:

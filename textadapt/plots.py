@@ -67,6 +67,24 @@ def per_class_accuracy(classes: list[str], accuracy: dict[str, np.ndarray], refe
     return _png(fig)
 
 
+def gains(methods: list[str], delta: np.ndarray, low: np.ndarray, high: np.ndarray, reference: str) -> bytes:
+    """Each method's gain over ``reference`` (points) as a dot with its confidence interval as a bar, a line at 0;
+    green where the interval lies above 0, red below, grey where it holds 0."""
+    fig = Figure(figsize=(7.0, 0.3 * len(methods) + 1.4))
+    ax = fig.add_subplot()
+    y = np.arange(len(methods))
+    colours = np.where(low > 0, "#1a7f37", np.where(high < 0, "#c62828", "#777777"))
+    for i in range(len(methods)):
+        ax.errorbar(delta[i], y[i], xerr=[[delta[i] - low[i]], [high[i] - delta[i]]], fmt="o", color=colours[i], capsize=3, ms=4)
+    ax.axvline(0, color="#222222", lw=0.8)
+    ax.set_yticks(y, [_short(m, 36) for m in methods], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"top-1 minus {_short(reference, 36)} (points)")
+    ax.set_title("Gain over the best training-free baseline, with 95% intervals", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    return _png(fig)
+
+
 def confusion(classes: list[str], matrix: np.ndarray, title: str) -> bytes:
     """Heat map of a (true, predicted) count matrix, coloured by the share of each true class's images."""
     n = len(classes)

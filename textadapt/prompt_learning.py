@@ -1,36 +1,33 @@
-"""Prompt learning through the frozen text encoder (CoOp / ProText style), from text alone.
+"""Prompt learning through the frozen text encoder, from text alone: ``tap-coop`` and ``protext``.
 
 A few learned context vectors ``[V1 .. Vm]`` take the place of the words of an init prompt ("a photo
 of a") in the token-embedding sequence of ``"[V1 .. Vm] CLASSNAME."``; the sequence goes through
 CLIP's frozen text transformer, and the L2-normalised outputs, one per class, are the classifier.
-Only the context vectors get gradients: every parameter of the backbone stays as it was.
+Only the context vectors get gradients: every parameter of the backbone stays as it was. With
+``depth`` d > 1 (ProText's deep prompts, its IVLP text branch), layers 1 .. d-1 of the transformer
+each get their own m learned vectors too, which replace the outputs of the previous layer at the
+context positions before the layer runs (ProText clip/model.py, ``ResidualAttentionBlock_IVLP``).
 
-Two objectives (``PromptRecipe.objective``):
+Two recipes (the harness's adapters):
 
-- ``"classify"`` (default): CoOp's objective with the LLM descriptions in place of images, and TAP's
-  recipe around it. Each description embedding, with fresh Gaussian noise N(0, noise_std^2) at every
-  step (TAP's modality-gap noise, not renormalised), is classified against the prompted class
-  embeddings with ``logits = logit_scale * x @ class_emb.T`` and cross-entropy with label smoothing
-  0.1, or any ``loss(logits, labels, embeddings)`` the caller passes (e.g. OTTER soft labels). It is
-  the default because it is discriminative (it moves the classes apart where their descriptions
-  overlap) and shares its loss with every other adapter of the harness.
-- ``"match"``: ProText's objective (its reference trainer): each prompted class embedding is pulled
-  towards the embeddings of that class's descriptions, L1 (ProText's default) or L2 (mean squared
-  error) over (description, class) pairs. Other classes play no part, so with L2 the optimum is the
-  class's mean description direction: close to CuPL's averaged-description classifier.
-
-What differs from the papers: CoOp trains on labelled images with SGD (lr 2e-3, cosine); here the
-training data are text embeddings only, and AdamW (lr 2e-3, cosine to 0, no warm-up) is used;
-ProText uses AdamW with a cosine too (lr 0.0025 to 0.03, weight decay 0.1, 5 warm-up epochs).
-ProText also learns "deep" prompts in the first layers of the text transformer; here the context
-is shallow (input tokens only, as CoOp). n_ctx 4 from "a photo of a" is ProText's cross-dataset
-setting; CoOp's default and ProText's per-dataset settings use 16 random vectors.
+- ``tap-coop`` (``PromptRecipe()``): CoOp's shallow unified context (4 vectors from "a photo of a",
+  so step 0 is zero-shot CLIP with that prompt), trained with TAP's recipe around it: each description
+  embedding, with fresh Gaussian noise N(0, 0.1^2) at every step, is classified against the prompted
+  class embeddings (``logits = logit_scale * x @ class_emb.T``), cross-entropy with label smoothing
+  0.1 or any ``loss(logits, labels, clean embeddings)`` (e.g. OTTER's soft labels); AdamW lr 2e-3 with
+  a cosine to 0 over the steps; full batch. Not CoOp's recipe (SGD on labelled images) nor ProText's.
+- ``protext`` (``protext_recipe(dataset)``): ProText's recipe (muzairkhattak/ProText,
+  ``trainers/protext.py`` and ``configs/trainers/ProText/text_only_supervised``): the prompted
+  "a photo of a {c}." embedding of each description's class is pulled towards the frozen embedding of
+  the description by the L1 loss (mean over descriptions and dimensions); deep prompts of depth 9
+  (capped at the text tower's depth); no noise; AdamW (weight decay 0.1, betas 0.9/0.98), batches of
+  256, Dassl's schedule (5 warm-up epochs at lr 1e-5, then a cosine over the epochs); learning rate,
+  epochs and context length from ProText's config for the dataset (``PROTEXT_CONFIGS``).
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -42,36 +39,67 @@ from open_clip.transformer import TextTransformer, text_global_pool
 from torch.utils.checkpoint import checkpoint
 
 from textadapt import TextadaptError
-from textadapt.adapters import TrainedHead
+from textadapt.adapters import TrainedHead, dassl_lr, epoch_batches, fit, full_batch
 from textadapt.encoders import Backbone
+from textadapt.losses import CrossEntropy
 
 Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
 class PromptRecipe:
-    """How the context vectors are learned. Defaults: see the module docstring and README."""
+    """How the context vectors are learned. The defaults are ``tap-coop``'s; ``protext_recipe`` gives ProText's."""
 
-    steps: int = 200
-    # Context: CoOp's unified (shared) context; n_ctx 4 initialised from "a photo of a" (CoOp's
-    # initialised variant, ProText's cross-dataset setting), so step 0 is exactly zero-shot CLIP with
-    # that prompt. ctx_init None: n_ctx random N(0, 0.02^2) vectors (CoOp's default, with n_ctx 16).
+    steps: int = 200  # full-batch steps (TAP's schedule); unused when ``epochs`` is set
+    # Context: a unified (shared) context; n_ctx 4 initialised from "a photo of a" (CoOp's initialised
+    # variant, ProText's setting for n_ctx <= 4), so at depth 1 step 0 is exactly zero-shot CLIP with
+    # that prompt. ctx_init None: n_ctx random N(0, 0.02^2) vectors in "X X .. X CLASSNAME." (CoOp's
+    # default, ProText's for n_ctx > 4).
     n_ctx: int = 4
     ctx_init: str | None = "a photo of a"
+    depth: int = 1  # layers with learned context: 1 = the input only (CoOp); ProText's deep prompts: 9
     class_specific: bool = False  # CoOp's CSC variant: one context per class
     objective: Literal["classify", "match"] = "classify"
-    match_loss: Literal["l1", "l2"] = "l1"  # "match" only; ProText uses L1
+    match_loss: Literal["l1", "l2"] = "l1"  # "match" only; ProText uses L1 (L2: its L_TWO_NORM option)
+    optimizer: Literal["adamw"] = "adamw"
     lr: float = 2e-3
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
-    cosine: bool = True  # lr follows a cosine from lr to 0 over the steps (CoOp, ProText)
-    batch_size: int | None = None  # descriptions per step; None: all of them (TAP's full batch)
+    cosine: bool = True  # full-batch steps: lr follows a cosine from lr to 0 over the steps
+    epochs: int | None = None  # set: Dassl's schedule, ``batch_size`` descriptions per step in a new order every epoch
+    batch_size: int = 256  # with ``epochs`` only
+    warmup_epochs: int = 0  # with ``epochs``: constant warmup_lr first, then a cosine over the epochs
+    warmup_lr: float = 1e-5
     noise_std: float = 0.1  # "classify" only; averaged away in "match", so not applied there
     label_smoothing: float = 0.1
     logit_scale: float | None = None  # None: the backbone's own (exp of its learned logit scale)
     seed: int = 7777
     class_chunk: int = 256  # prompts per forward pass; above this, chunks are recomputed in backward
+    chunk: int | None = None  # descriptions per chunk of a step (adapters.fit); None: as many as CHUNK_BYTES allows
     amp: bool = True  # bfloat16 autocast through the tower on CUDA (never on CPU)
+
+
+# ProText's configs/trainers/ProText/text_only_supervised/*.yaml (its setting closest to textadapt's:
+# trained on LLM descriptions of the very classes it is tested on): learning rate, epochs, context length.
+PROTEXT_CONFIGS = {
+    "caltech101": (0.03, 30, 16), "dtd": (0.03, 200, 16), "eurosat": (0.0025, 300, 4), "fgvc-aircraft": (0.03, 200, 4),
+    "food101": (0.03, 30, 16), "imagenet1k": (0.0025, 200, 16), "flowers102": (0.0025, 300, 4), "oxford-pets": (0.03, 50, 4),
+    "stanford-cars": (0.03, 20, 8), "sun397": (0.03, 150, 16), "ucf101": (0.0025, 100, 8),
+}
+# Any other dataset: lr 0.03 (7 of those 11 configs, and ProText's cross-dataset config), 4 context
+# vectors from "a photo of a" (its cross-dataset config), 200 epochs (its most frequent count).
+PROTEXT_DEFAULT = (0.03, 200, 4)
+PROTEXT_DEPTH = 9
+
+
+def protext_recipe(dataset: str, seed: int = 7777, epochs: int | None = None) -> PromptRecipe:
+    """ProText's recipe for ``dataset`` (its config where it has one, else PROTEXT_DEFAULT); ``epochs`` overrides."""
+    lr, n_epochs, n_ctx = PROTEXT_CONFIGS.get(dataset, PROTEXT_DEFAULT)
+    return PromptRecipe(
+        n_ctx=n_ctx, ctx_init="a photo of a" if n_ctx <= 4 else None, depth=PROTEXT_DEPTH, objective="match", match_loss="l1",
+        lr=lr, betas=(0.9, 0.98), weight_decay=0.1, epochs=epochs or n_epochs, batch_size=256, warmup_epochs=5, warmup_lr=1e-5,
+        seed=seed,
+    )
 
 
 @dataclass
@@ -120,7 +148,8 @@ def _is_causal(mask: torch.Tensor | None) -> bool:
 
 
 class PromptedClasses(torch.nn.Module):
-    """The class embeddings of ``"[ctx] CLASSNAME."`` through the frozen tower; ``ctx`` is the only parameter."""
+    """The class embeddings of ``"[ctx] CLASSNAME."`` through the frozen tower; the context vectors (``ctx``,
+    and ``deep`` for layers 1 .. depth-1) are its only parameters; ``forward()`` gives them all, normalised."""
 
     def __init__(self, backbone: Backbone, class_names: list[str], recipe: PromptRecipe):
         super().__init__()
@@ -154,17 +183,41 @@ class PromptedClasses(torch.nn.Module):
             length = int(pooled_at.max()) + 1
         self.ids = ids[:, :length]
         self.mask = self.tower.attn_mask[:length, :length] if self.tower.attn_mask is not None else None
+        self.start, self.n_ctx = start, n_ctx
+        self.depth = max(1, min(recipe.depth, len(self.tower.transformer.resblocks)))
         with torch.no_grad():
             emb = self.tower.token_embedding(self.ids).float()
             self.prefix = emb[:, :start]  # start-of-text
             self.suffix = emb[:, start + n_ctx :]  # class name, period, end-of-text, (padding)
-            shape = ((len(class_names),) if recipe.class_specific else ()) + (n_ctx, self.prefix.shape[-1])
+            width = self.prefix.shape[-1]
+            shape = ((len(class_names),) if recipe.class_specific else ()) + (n_ctx, width)
             if recipe.ctx_init is not None:
                 ctx = self.tower.token_embedding(prefix_ids[start : start + n_ctx].to(device)).float().expand(shape)
             else:  # independent per class in the class-specific case, as CoOp's CSC
                 ctx = torch.randn(shape, generator=torch.Generator().manual_seed(recipe.seed)) * 0.02
+            # ProText's deeper layers start from N(0, 0.02^2) (nn.init.normal_ in ResidualAttentionBlock_IVLP)
+            deep = torch.randn((self.depth - 1, n_ctx, width), generator=torch.Generator().manual_seed(recipe.seed + 1)) * 0.02
         self.ctx = torch.nn.Parameter(ctx.clone().to(device))
+        self.deep = torch.nn.Parameter(deep.to(device)) if self.depth > 1 else None
         self.chunk = max(1, recipe.class_chunk)
+        self.autocast = device.type == "cuda" and recipe.amp
+
+    def _layers(self, x: torch.Tensor) -> torch.Tensor:
+        """The transformer's blocks on (B, L, W); before block i in 1 .. depth-1, the context positions get ``deep[i - 1]``."""
+        transformer = self.tower.transformer
+        if self.deep is None:
+            return transformer(x, attn_mask=self.mask)
+        first = getattr(transformer, "batch_first", True)
+        seq = 1 if first else 0
+        x = x if first else x.transpose(0, 1)
+        a, b = self.start, self.start + self.n_ctx
+        for i, block in enumerate(transformer.resblocks):
+            if 0 < i < self.depth:
+                deep = self.deep[i - 1].to(x.dtype)
+                deep = deep.unsqueeze(0).expand(x.shape[0], -1, -1) if first else deep.unsqueeze(1).expand(-1, x.shape[1], -1)
+                x = torch.cat([x.narrow(seq, 0, a), deep, x.narrow(seq, b, x.shape[seq] - b)], dim=seq)
+            x = block(x, attn_mask=self.mask)
+        return x if first else x.transpose(0, 1)
 
     def _encode(self, idx: torch.Tensor) -> torch.Tensor:
         tower = self.tower
@@ -172,24 +225,25 @@ class PromptedClasses(torch.nn.Module):
         ctx = self.ctx[idx] if self.ctx.dim() == 3 else self.ctx.unsqueeze(0).expand(len(idx), -1, -1)
         x = torch.cat([self.prefix[idx], ctx, self.suffix[idx]], dim=1).to(cast)
         x = x + tower.positional_embedding[: x.shape[1]].to(cast)
-        x = tower.transformer(x, attn_mask=self.mask)
+        x = self._layers(x)
         x = tower.ln_final(x)
         x = text_global_pool(x, self.ids[idx], tower.pool_type, eos_token_id=tower.eos_id)
         if tower.text_projection is not None:
             x = tower.text_projection(x) if isinstance(tower.text_projection, torch.nn.Module) else x @ tower.text_projection
         return F.normalize(x.float(), dim=-1)
 
-    def forward(self) -> torch.Tensor:
-        """(C, D) L2-normalised class embeddings; above ``class_chunk`` classes, activations are recomputed per chunk in backward."""
-        n = len(self.ids)
-        every = torch.arange(n, device=self.ids.device)
-        if n <= self.chunk:
-            return self._encode(every)
-        parts = []
-        for s in range(0, n, self.chunk):
-            idx = every[s : s + self.chunk]
-            parts.append(checkpoint(self._encode, idx, use_reentrant=False) if torch.is_grad_enabled() else self._encode(idx))
-        return torch.cat(parts)
+    def forward(self, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """(C, D) L2-normalised class embeddings (of ``classes`` only, if given); above ``class_chunk`` classes,
+        activations are recomputed per chunk in backward."""
+        every = torch.arange(len(self.ids), device=self.ids.device) if classes is None else classes.to(self.ids.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            if len(every) <= self.chunk:
+                return self._encode(every)
+            parts = []
+            for s in range(0, len(every), self.chunk):
+                idx = every[s : s + self.chunk]
+                parts.append(checkpoint(self._encode, idx, use_reentrant=False) if torch.is_grad_enabled() else self._encode(idx))
+            return torch.cat(parts)
 
 
 def _check(backbone: Backbone, embeddings: np.ndarray, labels: np.ndarray, class_names: list[str],
@@ -213,8 +267,10 @@ def _check(backbone: Backbone, embeddings: np.ndarray, labels: np.ndarray, class
         raise TextadaptError(f"prompt learning: match_loss must be 'l1' or 'l2', got {recipe.match_loss!r}")
     if recipe.objective == "match" and loss is not None:
         raise TextadaptError("prompt learning: a custom loss applies to objective 'classify' only; 'match' uses match_loss")
-    if recipe.batch_size is not None and recipe.batch_size < 1:
-        raise TextadaptError(f"prompt learning: batch_size must be >= 1 or None, got {recipe.batch_size}")
+    if recipe.batch_size < 1:
+        raise TextadaptError(f"prompt learning: batch_size must be >= 1, got {recipe.batch_size}")
+    if recipe.epochs is not None and recipe.epochs < 0:
+        raise TextadaptError(f"prompt learning: epochs must be >= 0 or None, got {recipe.epochs}")
 
 
 def train_prompt_learner(backbone: Backbone, embeddings: np.ndarray, labels: np.ndarray, class_names: list[str],
@@ -222,8 +278,8 @@ def train_prompt_learner(backbone: Backbone, embeddings: np.ndarray, labels: np.
     """Learn the context vectors on (N, D) L2-normalised description embeddings with labels in
     [0, len(class_names)); return the final L2-normalised class embeddings as the classifier.
 
-    ``loss(logits (B, C), labels (B,), embeddings (B, D) as classified, noise included)`` replaces
-    the default cross-entropy with label smoothing for objective "classify".
+    ``loss(logits (B, C), labels (B,), clean embeddings (B, D))`` replaces the default cross-entropy
+    with label smoothing for objective "classify" (the logits are computed on the noisy embeddings).
     """
     embeddings, labels = np.asarray(embeddings), np.asarray(labels)
     _check(backbone, embeddings, labels, class_names, recipe, loss)
@@ -238,45 +294,25 @@ def train_prompt_learner(backbone: Backbone, embeddings: np.ndarray, labels: np.
             x = torch.as_tensor(embeddings, dtype=torch.float32, device=device)
             y = torch.as_tensor(labels, dtype=torch.long, device=device)
             scale = recipe.logit_scale if recipe.logit_scale is not None else float(backbone.model.logit_scale.exp().clamp(max=100))
-            noise = torch.Generator(device=device).manual_seed(recipe.seed)
-            order = torch.Generator().manual_seed(recipe.seed)
-            opt = torch.optim.AdamW([prompts.ctx], lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
-            autocast = device.type == "cuda" and recipe.amp
-            losses: list[float] = []
-            batch = len(x) if recipe.batch_size is None else min(recipe.batch_size, len(x))
-            perm, at = torch.randperm(len(x), generator=order), 0
-            t0 = time.perf_counter()
-            for step in range(recipe.steps):
-                if recipe.cosine:
-                    for group in opt.param_groups:
-                        group["lr"] = 0.5 * recipe.lr * (1 + math.cos(math.pi * step / recipe.steps))
-                if batch == len(x):
-                    xb, yb = x, y
-                else:
-                    if at + batch > len(x):
-                        perm, at = torch.randperm(len(x), generator=order), 0
-                    take = perm[at : at + batch].to(device)
-                    at += batch
-                    xb, yb = x[take], y[take]
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    classes = prompts()
-                if recipe.objective == "classify":
-                    noisy = xb + torch.randn(xb.shape, generator=noise, device=device) * recipe.noise_std
-                    logits = scale * noisy @ classes.T
-                    value = (loss(logits, yb, noisy) if loss is not None
-                             else F.cross_entropy(logits, yb, label_smoothing=recipe.label_smoothing))
-                else:
-                    matched = classes[yb]
-                    value = F.l1_loss(matched, xb) if recipe.match_loss == "l1" else F.mse_loss(matched, xb)
-                opt.zero_grad(set_to_none=True)
-                value.backward()
-                opt.step()
-                if step % 10 == 0 or step == recipe.steps - 1:
-                    losses.append(value.item())
-            seconds = time.perf_counter() - t0
+            opt = torch.optim.AdamW(prompts.parameters(), lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
+            if recipe.epochs is not None:
+                lr = lambda epoch: dassl_lr(epoch, recipe.lr, recipe.epochs, recipe.warmup_epochs, recipe.warmup_lr)  # noqa: E731
+                schedule = epoch_batches(len(x), recipe.batch_size, recipe.epochs, lr, recipe.seed)
+            elif recipe.cosine:
+                schedule = ((0.5 * recipe.lr * (1 + math.cos(math.pi * step / recipe.steps)), None)
+                            for step in range(recipe.steps))
+            else:
+                schedule = full_batch(recipe.steps)
+            if recipe.objective == "classify":
+                losses, seconds = fit(prompts, x, y, loss or CrossEntropy(recipe.label_smoothing), opt, schedule,
+                                      noise_std=recipe.noise_std, seed=recipe.seed, chunk=recipe.chunk, scale=scale)
+            else:
+                match = F.l1_loss if recipe.match_loss == "l1" else F.mse_loss
+                losses, seconds = fit(prompts, x, y, None, opt, schedule, seed=recipe.seed, chunk=recipe.chunk,
+                                      batch_classes=True, objective=lambda w, noisy, yb, clean: match(w[yb], clean))
             with torch.no_grad():
-                weight = prompts().cpu().numpy()
+                weight = prompts().float().cpu().numpy()
     finally:
         for k, p in state.items():
             p.requires_grad_(was_grad[k])
-    return TrainedHead(weight, losses, seconds, str(device))
+    return TrainedHead(weight, losses, seconds, str(device), recipe.seed)

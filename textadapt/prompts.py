@@ -20,6 +20,14 @@ these variables:
 Filter ``article`` prefixes "a" or "an": ``{{ class_name | article }}``.
 The template's source hash is part of every generation's cache key, so editing one template
 regenerates exactly that template's rows.
+
+The shipped sets each vary one thing: ``generic`` asks TAP's five generic questions with no word
+about the dataset; ``targeted`` asks the same five with the dataset's domain; ``contrastive`` and
+``attributes`` (DCLIP-style feature lists) ask other kinds of question. A dataset spec may carry its
+own targeted questions (``[prompting] targeted = [...]``, TAP's per-dataset wording with the domain
+as the head noun): ``templates_for`` then makes them the dataset's ``targeted`` set, named
+``targeted/spec/0``, ``targeted/spec/1``, ..., each question's text being its template source (and
+so part of its cache key), asked with " Answer in one sentence." appended.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ class PromptTemplate:
     path: Path
     source: str  # Jinja source; for a meta-prompted question, the question with {} for the class
     question: bool = False  # written by the LLM from a ``parse: questions`` template
+    origin: str = ""  # for a question from a dataset spec: where it is ("dtd.toml: prompting.targeted[2]")
 
     @property
     def template_set(self) -> str:
@@ -69,6 +78,8 @@ class PromptTemplate:
     def intent(self) -> str:
         if self.question:
             return f"meta-prompted question from {self.path.name}"
+        if self.origin:
+            return f"the dataset's own targeted question ({self.origin})"
         return " ".join(" ".join(line for line in self._header() if not OPTION.match(line)).split())
 
     @property
@@ -128,6 +139,32 @@ def list_templates(root: Path, sets: list[str] | None = None) -> list[PromptTemp
         if empty:
             raise TextadaptError(f"template set(s) {empty} in {root} hold no .j2 file")
     return out
+
+
+SPEC_SET = "targeted"  # the set a spec's own questions stand in for
+
+
+def spec_questions(spec: DatasetSpec) -> list[PromptTemplate]:
+    """A spec's own targeted questions as templates ``targeted/spec/I`` (the question's text is the source)."""
+    out = []
+    for i, q in enumerate(spec.prompting.targeted):
+        where = f"{spec.path.name if spec.path else spec.name}: prompting.targeted[{i}]"
+        text = q.strip()
+        if not text.endswith(QUESTION_SUFFIX.strip()):
+            text += QUESTION_SUFFIX
+        path = Path(f"{spec.path or spec.name}#prompting.targeted[{i}]")
+        out.append(PromptTemplate(f"{SPEC_SET}/spec/{i}", path, text, origin=where))
+    return out
+
+
+def templates_for(root: Path, sets: list[str] | None, spec: DatasetSpec) -> list[PromptTemplate]:
+    """The templates a run of ``spec`` asks, sorted by name: ``list_templates``, with the spec's own targeted
+    questions (if it has any) as its ``targeted`` set instead of the files in ``root/targeted``."""
+    if not spec.prompting.targeted or (sets is not None and SPEC_SET not in sets):
+        return list_templates(root, sets)
+    others = None if sets is None else [s for s in sets if s != SPEC_SET]
+    files = [t for t in list_templates(root, others) if t.template_set != SPEC_SET] if others != [] else []
+    return sorted(files + spec_questions(spec), key=lambda t: t.name)
 
 
 def default_confusable(spec: DatasetSpec, class_name: str, k: int = 3) -> list[str]:

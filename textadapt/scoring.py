@@ -76,6 +76,7 @@ class Score:
     n_per_class: np.ndarray
     top5: float | None = None  # only where there are more than 5 classes
     confusion: np.ndarray | None = None  # (classes, classes) counts: row = true class, column = predicted (summed over seeds)
+    predictions: np.ndarray | None = None  # (images,) each test image's predicted class; None for a mean over seeds
 
 
 def confusion_matrix(predictions: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
@@ -90,7 +91,7 @@ def score(predictions: np.ndarray, labels: np.ndarray, n_classes: int, top5_hits
         per_class = np.where(n > 0, hits / np.maximum(n, 1), np.nan)
     top5 = float(top5_hits.mean()) if top5_hits is not None else None
     return Score(float((predictions == labels).mean()), float(np.nanmean(per_class)), per_class, n, top5,
-                 confusion_matrix(predictions, labels, n_classes))
+                 confusion_matrix(predictions, labels, n_classes), predictions)
 
 
 def score_logits(logits: np.ndarray, labels: np.ndarray, n_classes: int) -> Score:

@@ -31,7 +31,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from pydantic import BaseModel
 
-from textadapt import TextadaptError, captioner, datasets, encoders, harness, pipeline, prompts
+from textadapt import TextadaptError, captioner, checks, encoders, harness, pipeline, prompts
 from textadapt.config import RunOptions, Settings, option_default
 from textadapt.datasets import DatasetSpec, ImageSet
 from textadapt.encoders import Backbone
@@ -112,7 +112,7 @@ def adapt(**params) -> RunOutcome:
             text_calls += encoded  # 0 when texts_to_encode named every text the classifiers need
         with t("image embeddings"):
             image_emb, image_calls = embed_test_images(inputs, backbone, store, workers)
-        results, best = score(run_id, inputs, backbone, captioner_bb, classifiers, image_emb, store, t)
+        results, best, gains = score(run_id, inputs, backbone, captioner_bb, classifiers, image_emb, store, t)
         workers.log_where(logger)
         report = RunReport(
             run_id=run_id, spec=inputs.spec, backbone_spec=backbone.spec, backbone_id=backbone.id, untrained=backbone.untrained,
@@ -121,7 +121,7 @@ def adapt(**params) -> RunOutcome:
             heads={c.method: c.heads[0] for c in trained}, best_baseline=best, text_encoder_calls=text_calls,
             image_encoder_calls=image_calls, steps=inputs.config.steps, seed=options.seed, stage_seconds=t.seconds,
             examples=_examples(inputs.spec, sets), filled=filled, results=results, seeds=inputs.config.seeds,
-            llm_usage=store.llm_usage(run_id),
+            llm_usage=store.llm_usage(run_id), gains=gains,
         )
         path = write_report(report, settings.reports_dir)
         store.update_run(run_id, text_encoder_calls=text_calls, report_path=str(path))
@@ -165,29 +165,17 @@ class Inputs:
 
 
 def check_inputs(options: RunOptions, settings: Settings) -> Inputs:
-    """The dataset, its test images and the templates, every one checked (a bad one fails here, before any LLM call)."""
-    spec, images = load_dataset(options, settings)
-    templates = load_templates(options, settings, spec)
+    """The dataset, its test images and the templates, every one checked (``checks.preflight``: one error listing
+    every problem, here, before any model loads or any LLM call)."""
+    spec, images, templates = read_inputs(options, settings)
     config = harness.HarnessConfig.from_options(options, options.steps or spec.train.steps)
     return Inputs(options, settings, spec, images, templates, config, options.llm or settings.llm)
 
 
-@task(name="load dataset", **TASK)
-def load_dataset(options: RunOptions, settings: Settings) -> tuple[DatasetSpec, ImageSet | None]:
-    spec = datasets.find_spec(options.dataset, settings.dataset_search_path)
-    if options.train_only:
-        return datasets.restrict(spec, None, options.max_classes, None)
-    images = datasets.load_test_images(spec, settings.home)
-    return datasets.restrict(spec, images, options.max_classes, options.max_images)
-
-
-@task(name="check templates", **TASK)
-def load_templates(options: RunOptions, settings: Settings, spec: DatasetSpec) -> list[prompts.PromptTemplate]:
-    if not options.template_sets:
-        return []
-    templates = prompts.list_templates(settings.prompts_dir, options.template_sets)
-    prompts.check_templates(templates, spec)
-    return templates
+@task(name="check inputs", **TASK)
+def read_inputs(options: RunOptions, settings: Settings):
+    inputs = checks.run_inputs(options, settings)
+    return inputs.spec, inputs.images, inputs.templates
 
 
 def load_backbones(options: RunOptions, settings: Settings) -> tuple[Backbone, Backbone | None]:
@@ -257,7 +245,7 @@ def _dclip_sets(inputs: Inputs) -> set[str]:
 
 def embed_all_texts(inputs: Inputs, backbone: Backbone, sets: dict, store: Store, workers: Workers) -> int:
     """Every text the classifiers need (``harness.texts_to_encode``), embedded up front in parallel batches."""
-    texts = harness.texts_to_encode(backbone, inputs.spec, sets, _dclip_sets(inputs), inputs.config.seeds)
+    texts = harness.texts_to_encode(inputs.spec, sets, _dclip_sets(inputs))
     t0 = time.perf_counter()
     with stage_progress("encoding texts", get_run_logger(), _console()) as progress:
         n = pipeline.embed_texts(backbone, texts, store, inputs.options.batch_size, workers, progress)
@@ -268,15 +256,15 @@ def embed_all_texts(inputs: Inputs, backbone: Backbone, sets: dict, store: Store
 def train(inputs: Inputs, backbone: Backbone, sets: dict, store: Store):
     """The training-free classifiers, then every adapter on every description set; returns (all, the adapted, texts
     they had to encode themselves)."""
-    free, k = training_free(backbone, inputs.spec, store, sets, _dclip_sets(inputs), inputs.config.seeds, inputs.options.batch_size)
+    free, k = training_free(backbone, inputs.spec, store, sets, _dclip_sets(inputs), inputs.options.batch_size)
     trained, n = train_adapters(backbone, inputs.spec, store, sets, harness.teacher_prototypes(free), inputs.config,
                                 inputs.options.batch_size)
     return free + trained, trained, k + n
 
 
 @task(name="training-free classifiers", **TASK)
-def training_free(backbone, spec, store, sets, dclip_sets, seeds, batch_size) -> tuple[list[harness.Classifier], int]:
-    return harness.training_free(backbone, spec, store, sets, dclip_sets, seeds, batch_size)
+def training_free(backbone, spec, store, sets, dclip_sets, batch_size) -> tuple[list[harness.Classifier], int]:
+    return harness.training_free(backbone, spec, store, sets, dclip_sets, batch_size)
 
 
 @task(name="train adapters", **TASK)
@@ -300,21 +288,24 @@ def embed_test_images(inputs: Inputs, backbone: Backbone, store: Store, workers:
 
 
 def score(run_id: str, inputs: Inputs, backbone: Backbone, captioner_bb: Backbone | None, classifiers: list[harness.Classifier],
-          image_emb, store: Store, t: Timer) -> tuple[list[harness.MethodResult], str | None]:
-    """Keep every classifier, score each on the test images (and the captioner, if asked), store the results;
-    returns them and the best training-free baseline (None for --train-only: nothing is scored)."""
-    config = inputs.config
+          image_emb, store: Store, t: Timer):
+    """Keep every classifier, score each on the test images (and the captioner, if asked), with every gain's 95%
+    interval, and store the results; returns them, the best training-free baseline and the gains (for --train-only,
+    nothing is scored: [], None, None)."""
+    config, images = inputs.config, inputs.images
     content_free = harness.content_free_embedding(backbone, config.prior, store, image_emb) if "ig" in config.scorings else None
     harness.save_classifiers(store, run_id, inputs.spec, classifiers, config.scorings, content_free, config.beta)
-    if inputs.images is None:
-        return [], None
+    if images is None:
+        return [], None, None
     with t("scoring"):
-        results = harness.evaluate(classifiers, image_emb, inputs.images.labels, len(inputs.spec.classes), config.scorings,
+        results = harness.evaluate(classifiers, image_emb, images.labels, len(inputs.spec.classes), config.scorings,
                                    content_free, config.beta)
     if captioner_bb is not None:
         with t("captioner"):
-            results += caption_scores(captioner_bb, inputs.images, inputs.spec, config)
-    return results, harness.save(store, run_id, inputs.spec, results)
+            results += caption_scores(captioner_bb, images, inputs.spec, config)
+    with t("intervals"):  # every gain's 95% interval: a paired bootstrap over the test images
+        gains = harness.gains(results, images.labels, len(inputs.spec.classes))
+    return results, harness.save(store, run_id, inputs.spec, results, gains, images), gains
 
 
 @task(name="captioner", **TASK)

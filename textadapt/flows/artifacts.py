@@ -3,8 +3,8 @@
 Three Markdown artifacts per run, keyed by dataset so the UI keeps each dataset's history under one
 key (``textadapt-DATASET-gains``, ``-per-class``, ``-report``):
 
-- the gains per method: top-1, mean per-class accuracy, and both deltas against the best zero-shot
-  baseline (the same numbers as the ``results`` table and the report);
+- the gains per method: top-1, mean per-class accuracy, and both deltas against the best training-free
+  baseline with their 95% intervals (the same numbers as the ``results`` table and the report);
 - the per-class accuracy plot, as a PNG inside the Markdown (a ``data:`` URI). Prefect 3.8.8's
   image artifact takes only a URL and prints it under the image, and a run's files are not served
   anywhere; the UI's Markdown renderer shows a ``data:`` image as it is;
@@ -22,7 +22,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from textadapt.report import RunReport, gains_markdown, per_class_png
+from textadapt.report import RunReport, gains_markdown, markdown_blocks, per_class_png, untrained_warning
 
 
 def artifact_key(dataset: str, what: str) -> str:
@@ -34,7 +34,7 @@ def artifact_key(dataset: str, what: str) -> str:
 def _heading(report: RunReport) -> list[str]:
     out = [f"# {report.spec.title or report.spec.name}: run `{report.run_id}`", ""]
     if report.untrained:
-        out += [f"**UNTRAINED BACKBONE ({report.arch}, random weights): every accuracy here is noise.**", ""]
+        out += [markdown_blocks(untrained_warning(report.arch)), ""]
     return out
 
 
