@@ -140,7 +140,7 @@ def test_every_adapter_trains_through_the_harness(tiny_backbone, fmnist, home):
     store = Store(home / "textadapt.duckdb")
     options = RunOptions(dataset=spec.name, methods=["all"], seed=1, seeds=1)
     config = replace(harness.HarnessConfig.from_options(options, steps=6), prompt_steps=3, epochs=6)
-    free, _ = harness.training_free(tiny_backbone, spec, store, sets, set(), config.seeds)
+    free, _ = harness.training_free(tiny_backbone, spec, store, sets, set())
     logged = []
     trained, _ = harness.adapted(tiny_backbone, spec, store, sets, harness.teacher_prototypes(free), config, log=logged.append)
     assert [c.method for c in trained] == [method_name(a, loss, "generic") for a, loss in config.methods]

@@ -96,7 +96,7 @@ def test_docs_option_table_is_current():
     (["run", "fashion-mnist", "--methods", "tap-hed"], "unknown adapter 'tap-hed'"),
     (["run", "fashion-mnist", "--samples", "0"], "Invalid value for '--samples'"),
     (["run", "fashion-mnist", "--task-runner", "ray"], "Invalid value for '--task-runner'"),
-    (["schedule", "fashion-mnist", "--cron", "0 3 * * *", "--ot-marginal", "even"], "Invalid value for '--ot-marginal'"),
+    (["schedule", "fashion-mnist", "--cron", "0 3 * * *", "--prior", "none"], "Invalid value for '--prior'"),
     (["sql", "--format", "yaml", "SELECT 1"], "Invalid value for '--format'"),
     (["predict", "x.json", "y.png", "--format", "yaml"], "Invalid value for '--format'"),
 ])
