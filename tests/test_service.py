@@ -110,7 +110,8 @@ def test_schedule_registers_a_cron_deployment_that_serve_runs(prefect_api, llama
     assert limit.active_slots == 0  # every slot given back
 
     # `textadapt runs` lists it from the cache, with its gain over zero-shot.
-    [(run_id, status, options, flow_run_id)] = query(home / "textadapt.duckdb", "SELECT run_id, status, options, flow_run_id FROM runs")
+    [(run_id, status, options, flow_run_id)] = query(home / "textadapt.duckdb",
+                                                     "SELECT run_id, status, options, flow_run_id FROM runs")
     assert status == "completed"
     options = RunOptions.model_validate_json(options)
     assert (options.seeds, options.backbone, options.max_classes, options.llm) == (1, TINY, 2, "openai:smollm2")

@@ -81,7 +81,8 @@ def test_a_stage_draws_a_bar_on_a_terminal_and_logs_elsewhere():
     logger.addHandler(handler)
     try:
         # a console like Prefect's log handler's: a theme of its own, without Rich's default styles
-        terminal = Console(file=io.StringIO(), force_terminal=True, width=100, theme=Theme({"log.info_level": "cyan"}, inherit=False))
+        terminal = Console(file=io.StringIO(), force_terminal=True, width=100,
+                           theme=Theme({"log.info_level": "cyan"}, inherit=False))
         with stage_progress("generating", logger, terminal) as progress:
             for done in range(0, 41):
                 progress(done, 40)

@@ -34,7 +34,8 @@ def _version(value: bool) -> None:
 def main(
     home: Optional[Path] = typer.Option(None, help="Where the cache and reports live (env TEXTADAPT_HOME).", show_default=False),
     db: Optional[Path] = typer.Option(None, help="The DuckDB cache file (env TEXTADAPT_DB; default HOME/textadapt.duckdb).", show_default=False),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print textadapt's version and exit."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print textadapt's version and exit."),
 ) -> None:
     # Flags sit on top of env and config file; setting the env passes them on to the flow.
     if home:
@@ -88,7 +89,8 @@ def run_option_flags() -> list[inspect.Parameter]:
             default, annotation, is_list = option_default(name), field.annotation, get_origin(field.annotation) is list
             if is_list:  # a comma-separated list on the command line
                 default, annotation = ",".join(default), str
-            show_default = f"Settings.{meta.settings}" if meta.settings else bool(default) or default in (0, 0.0)  # see _RunOptionsCommand
+            # a Settings default is filled in when help is shown (_RunOptionsCommand)
+            show_default = f"Settings.{meta.settings}" if meta.settings else bool(default) or default in (0, 0.0)
             info = typer.Option(default, flag_name(name), help=help, show_default=show_default, callback=_check(name, is_list),
                                 metavar="A,B,..." if is_list else None)
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation))
@@ -324,7 +326,8 @@ def datasets_new(
 @datasets_app.command("check")
 def datasets_check(
     name: str = typer.Argument(..., help="Dataset name (see `textadapt datasets`)."),
-    templates: str = typer.Option(",".join(option_default("template_sets")), help="Template sets to render for every class (comma-separated)."),
+    templates: str = typer.Option(",".join(option_default("template_sets")),
+                                  help="Template sets to render for every class (comma-separated)."),
     workers: Optional[int] = typer.Option(None, help="Threads decoding images.", show_default="CPU cores + 2"),
 ) -> None:
     """Check a dataset before any run: every image decoded, the class folders, every template rendered (no LLM, no Prefect)."""
@@ -421,7 +424,8 @@ def prompts_render(
         _fail(e)
 
 
-descriptions_app = typer.Typer(help="Import and export descriptions as {class: \\[sentences]} JSON (the CuPL / DCLIP format).", no_args_is_help=True)
+descriptions_app = typer.Typer(help="Import and export descriptions as {class: \\[sentences]} JSON (the CuPL / DCLIP format).",
+                               no_args_is_help=True)
 app.add_typer(descriptions_app, name="descriptions")
 
 

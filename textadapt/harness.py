@@ -86,7 +86,8 @@ class HarnessConfig:
     def from_options(cls, options: RunOptions, steps: int) -> "HarnessConfig":
         """The harness's view of a run's options; ``steps``: the option's, else the dataset spec's."""
         if options.train_only and options.prior == "mean-image" and set(options.scoring) & {"ig", "all"}:
-            raise TextadaptError("--prior mean-image needs the test images, which --train-only skips; use empty-text or blank-image")
+            raise TextadaptError("--prior mean-image needs the test images, which --train-only skips; "
+                                 "use empty-text or blank-image")
         return cls(
             methods=parse_methods(options.methods), scorings=parse_scorings(options.scoring),
             seeds=[options.seed + i for i in range(options.seeds)], steps=steps, prior=options.prior, beta=options.ig_beta,

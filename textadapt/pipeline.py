@@ -274,7 +274,8 @@ def generate(plan: list[PlannedGeneration], backend: Backend, store: Store, spec
     return stats
 
 
-def _generation_failed(e: BatchFailures, asked: int, missing: list[PlannedGeneration], planned: int, tries: int) -> TextadaptError:
+def _generation_failed(e: BatchFailures, asked: int, missing: list[PlannedGeneration], planned: int,
+                       tries: int) -> TextadaptError:
     """One message for every failed batch of ``generate``: how many requests failed, where, why, and what is missing."""
     reasons: Counter = Counter()  # error -> requests it failed
     where, check = "", ""

@@ -117,7 +117,8 @@ def adapt(**params) -> RunOutcome:
         report = RunReport(
             run_id=run_id, spec=inputs.spec, backbone_spec=backbone.spec, backbone_id=backbone.id, untrained=backbone.untrained,
             arch=backbone.arch, llm=llm, image_source=inputs.images.source if inputs.images else "none (--train-only)",
-            n_images=len(inputs.images) if inputs.images else 0, generation=gen, sets=sets, scores={r.method: r.score for r in results},
+            n_images=len(inputs.images) if inputs.images else 0, generation=gen, sets=sets,
+            scores={r.method: r.score for r in results},
             heads={c.method: c.heads[0] for c in trained}, best_baseline=best, text_encoder_calls=text_calls,
             image_encoder_calls=image_calls, steps=inputs.config.steps, seed=options.seed, stage_seconds=t.seconds,
             examples=_examples(inputs.spec, sets), filled=filled, results=results, seeds=inputs.config.seeds,
@@ -182,7 +183,8 @@ def load_backbones(options: RunOptions, settings: Settings) -> tuple[Backbone, B
     """The run's backbone, and the CoCa captioner's if asked for: before any LLM call, so a missing one costs no generation."""
     backbone = load_backbone(options.backbone or settings.backbone, settings)
     if backbone.untrained:
-        get_run_logger().warning("backbone %s is UNTRAINED (random weights): the accuracies of this run mean nothing", backbone.arch)
+        get_run_logger().warning("backbone %s is UNTRAINED (random weights): the accuracies of this run mean nothing",
+                                 backbone.arch)
     captioner_bb = None
     if options.captioner and not options.train_only:
         captioner_bb = backbone if options.captioner == "same" else load_backbone(options.captioner, settings)
@@ -206,7 +208,8 @@ def generate_descriptions(inputs: Inputs, backbone: Backbone, backend: Backend |
     run = dict(store=store, spec=spec, runner=workers, llm_spec=inputs.llm_spec, settings=inputs.settings)
     try:
         # Meta-prompting first: the questions the LLM writes are then asked for every class.
-        meta = pipeline.resolve_rounds(pipeline.plan_meta(spec, inputs.templates, backend.identity, sampling), store, options.refresh)
+        meta = pipeline.plan_meta(spec, inputs.templates, backend.identity, sampling)
+        meta = pipeline.resolve_rounds(meta, store, options.refresh)
         gen = pipeline.GenerationStats(0, 0, 0)
         if meta:
             with stage_progress("writing questions", logger, _console()) as progress:
@@ -249,7 +252,8 @@ def embed_all_texts(inputs: Inputs, backbone: Backbone, sets: dict, store: Store
     t0 = time.perf_counter()
     with stage_progress("encoding texts", get_run_logger(), _console()) as progress:
         n = pipeline.embed_texts(backbone, texts, store, inputs.options.batch_size, workers, progress)
-    get_run_logger().info("text embedding: %d texts encoded, %d from the cache, in %.1f s", n, len(texts) - n, time.perf_counter() - t0)
+    get_run_logger().info("text embedding: %d texts encoded, %d from the cache, in %.1f s", n, len(texts) - n,
+                          time.perf_counter() - t0)
     return n
 
 
@@ -281,7 +285,7 @@ def embed_test_images(inputs: Inputs, backbone: Backbone, store: Store, workers:
     t0 = time.perf_counter()
     with stage_progress("encoding test images", get_run_logger(), _console()) as progress:
         n = pipeline.embed_images(backbone, inputs.images, store, inputs.options.batch_size, workers, progress)
-    emb, _ = encoders.encode_images(backbone, inputs.images, store, inputs.options.batch_size)  # every one cached now: read in order
+    emb, _ = encoders.encode_images(backbone, inputs.images, store, inputs.options.batch_size)  # all cached now: read in order
     get_run_logger().info("image embedding: %d images encoded, %d from the cache, in %.1f s", n, len(inputs.images) - n,
                           time.perf_counter() - t0)
     return emb, n

@@ -107,7 +107,8 @@ class Workers(Runner):
                 limit = client.read_global_concurrency_limit_by_name(LLM_LIMIT)
             except ObjectNotFound:
                 try:
-                    client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=LLM_LIMIT, limit=settings.llm_global_limit))
+                    client.create_global_concurrency_limit(
+                        GlobalConcurrencyLimitCreate(name=LLM_LIMIT, limit=settings.llm_global_limit))
                 except ObjectAlreadyExists:  # another run created it meanwhile
                     pass
                 limit = client.read_global_concurrency_limit_by_name(LLM_LIMIT)
