@@ -137,7 +137,7 @@ def test_every_adapter_trains_through_the_harness(tiny_backbone, fmnist, home):
     sets = pipeline.select(entries).sets
     store = Store(home / "textadapt.duckdb")
     config = harness.HarnessConfig(methods=parse_methods(["all"]), seeds=[1], steps=6, prompt_steps=3, epochs=6)
-    free, _ = harness.training_free(tiny_backbone, spec, store, sets, set(), config.seeds)
+    free, _ = harness.training_free(tiny_backbone, spec, store, sets, set())
     logged = []
     trained, _ = harness.adapted(tiny_backbone, spec, store, sets, harness.teacher_prototypes(free), config, log=logged.append)
     assert [c.method for c in trained] == [method_name(a, loss, "generic") for a, loss in config.methods]
