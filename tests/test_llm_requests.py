@@ -95,8 +95,8 @@ def test_a_list_template_gets_a_json_schema_from_llama_server(llama_server, fmni
     into the same items."""
     spec, _ = restrict(fmnist, None, 2, None)
     with FaultProxy(llama_server) as proxy, Store(tmp_path / "c.duckdb") as store:
-        b = http_backend(proxy.url)
-        plan = plan_generations(spec, [list_template()], b.identity, b.sampling(Sampling(max_tokens=60)), 1)
+        b = http_backend(proxy.url, llm_timeout=600)  # a grammar slows each token (several times over on a busy machine)
+        plan = plan_generations(spec, [list_template()], b.identity, b.sampling(Sampling(max_tokens=40)), 1)
         stats = generate(plan, b, store, spec)
         rows = store.sql("SELECT raw_text, description, rejected, params FROM generations")[1]
     assert stats.made == 2
@@ -151,11 +151,12 @@ class ReasoningStandIn:
                     stand_in.refused.append((error["param"] or error["message"].rsplit(" ", 1)[-1], error["code"]))
                     return self.send(400, {"error": error})
                 n = body.get("n") or 1
+                listed = "List" in body["messages"][0]["content"]
                 text = ('{"items": ["a soft sole", "two straps"]}' if body.get("response_format") else
-                        "- a soft sole\n- two straps" if "List" in body["messages"][0]["content"] else "A sandal has straps. And more")
+                        "- a soft sole\n- two straps" if listed else "A sandal has straps. And more")
                 self.send(200, {"id": "chatcmpl-1", "object": "chat.completion", "model": body["model"],
-                                "choices": [{"index": i, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
-                                            for i in range(n)],
+                                "choices": [{"index": i, "finish_reason": "stop",
+                                             "message": {"role": "assistant", "content": text}} for i in range(n)],
                                 "usage": {"prompt_tokens": 12, "completion_tokens": 40 * n, "total_tokens": 12 + 40 * n}})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -271,7 +272,8 @@ def test_structured_output_refused_falls_back_to_the_text_parser(stand_in, fmnis
     assert [body.get("response_format", {}).get("type") for body in stand_in.bodies[:2]] == ["json_schema", "json_object"]
     assert all("response_format" not in body for body in stand_in.bodies[2:])
     for description, rejected, params in rows:
-        assert description == "a soft sole\ntwo straps" and params["answer"] == "text" and not_sent(params) == {"answer": "json-list"}
+        assert description == "a soft sole\ntwo straps"
+        assert params["answer"] == "text" and not_sent(params) == {"answer": "json-list"}
 
 
 # -- a pinned identity ------------------------------------------------------------------------------------------
@@ -391,14 +393,14 @@ def test_vllm_engine_args_reach_the_engine_and_sampling_is_explicit(monkeypatch)
     fake = FakeVLLM()
     monkeypatch.setitem(sys.modules, "vllm", fake.vllm)
     monkeypatch.setitem(sys.modules, "vllm.sampling_params", fake.sp)
-    monkeypatch.setenv("TEXTADAPT_VLLM_ENGINE_ARGS", json.dumps({"tensor_parallel_size": 2, "gpu_memory_utilization": 0.85,
-                                                                  "max_model_len": 4096, "dtype": "bfloat16", "quantization": "awq"}))
+    args = {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.85, "max_model_len": 4096, "dtype": "bfloat16",
+            "quantization": "awq"}
+    monkeypatch.setenv("TEXTADAPT_VLLM_ENGINE_ARGS", json.dumps(args))
     b = make_backend("vllm:Qwen/Qwen2.5-7B-Instruct-AWQ")
     assert b.identity == 'vllm:Qwen/Qwen2.5-7B-Instruct-AWQ[{"dtype":"bfloat16","quantization":"awq"}]'
     sampling = b.sampling(TAP)
     got = list(b.generate([Request("a", "q", sampling, seed=3), Request("b", "q", sampling.for_template("list"), seed=4)]))
-    assert fake.llm_kwargs == [{"model": "Qwen/Qwen2.5-7B-Instruct-AWQ", "tensor_parallel_size": 2, "gpu_memory_utilization": 0.85,
-                                "max_model_len": 4096, "dtype": "bfloat16", "quantization": "awq"}]
+    assert fake.llm_kwargs == [{"model": "Qwen/Qwen2.5-7B-Instruct-AWQ", **args}]
     assert fake.params[0] == {"n": 1, "temperature": 0.99, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
                               "presence_penalty": 0.0, "frequency_penalty": 0.0, "max_tokens": 50, "stop": ["."], "seed": 3,
                               "structured_outputs": None}

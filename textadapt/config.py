@@ -86,7 +86,8 @@ class Settings(BaseSettings):
         "None: by name (OpenAI's o1, o3, o4-mini, gpt-5...).",
     )
     llm_reasoning_tokens: int = Field(
-        2048, ge=0, description="Reasoning models: tokens for their hidden reasoning, sent as max_completion_tokens = max_tokens + this."
+        2048, ge=0,
+        description="Reasoning models: tokens for their hidden reasoning; max_completion_tokens = max_tokens + this.",
     )
     llm_structured_output: bool = Field(
         True, description="Ask list and questions templates for a JSON list (JSON schema) where the backend can constrain it."

@@ -140,6 +140,7 @@ def with_stop_period(text: str, finish_reason: str | None, sampling: Sampling) -
 class Backend(ABC):
     identity: str
     structured_output: bool = True  # ask list and questions templates for LIST_SCHEMA (Settings.llm_structured_output)
+    notes: list[str] = []  # what of the recipe the LLM refused during this backend's life (for the report; never mutated here)
 
     def sampling(self, recipe: Sampling) -> Sampling:
         """The recipe as this backend sends it (its policy fields set): call before computing cache keys."""
@@ -314,10 +315,11 @@ def refused_param(exc: BaseException) -> str | None:
 
 
 def refused_connection(exc: BaseException) -> bool:
-    """Whether a failed request never reached a server: connection refused, or a host name that does not resolve."""
+    """Whether a failed request never reached a server: connection refused or not answered (httpx's
+    ConnectError, ConnectTimeout), or a host name that does not resolve."""
     seen, e = 0, exc
     while e is not None and seen < 10:
-        if isinstance(e, (ConnectionRefusedError, socket.gaierror)) or type(e).__name__ == "ConnectError":
+        if isinstance(e, (ConnectionRefusedError, socket.gaierror)) or type(e).__name__ in ("ConnectError", "ConnectTimeout"):
             return True
         e, seen = e.__cause__ or e.__context__, seen + 1
     return False
@@ -466,7 +468,8 @@ class OpenAIBackend(Backend):
             from openai import AsyncOpenAI
         except ImportError:
             raise TextadaptError("the openai package is not installed: `pip install 'openai>=1.40'`") from None
-        return AsyncOpenAI(api_key=self._key(), base_url=self._client_base_url, timeout=self.timeout, max_retries=self.max_retries)
+        return AsyncOpenAI(api_key=self._key(), base_url=self._client_base_url, timeout=self.timeout,
+                           max_retries=self.max_retries)
 
     def _scrub(self, text: str) -> str:
         """An error message as it may be shown: no key, no credentials of the URL, not too long."""
@@ -489,12 +492,11 @@ class OpenAIBackend(Backend):
         models = None
         try:
             models = client.models.list().data
-        except APITimeoutError as e:  # connected, but no answer in time (llama_cpp.server answers /models between completions)
-            if refused_connection(e) or "connect" in repr(e.__cause__).lower():
-                raise self._unreachable(e) from None
-            log.warning("%s: GET /models did not answer within %g s; the server's kind is not known", self.base_url, self.timeout)
         except APIConnectionError as e:
-            raise self._unreachable(e) from None
+            if not isinstance(e, APITimeoutError) or refused_connection(e):
+                raise self._unreachable(e) from None
+            # connected, but no answer in time (llama_cpp.server answers /models only between completions)
+            log.warning("%s: GET /models did not answer within %g s; the server's kind is not known", self.base_url, self.timeout)
         except APIStatusError as e:
             if e.status_code in (401, 403):
                 raise TextadaptError(f"the LLM server at {self.base_url} refused the API key (HTTP {e.status_code}): "
@@ -509,8 +511,8 @@ class OpenAIBackend(Backend):
                 self.server = OWNED_BY.get(str(owner), "other")
                 log.info("%s: %s server (owned_by %r)", self.base_url, self.server, owner)
             if self.server == "vllm" and served and self.model not in served:
-                raise TextadaptError(f"the vLLM server at {self.base_url} serves {', '.join(sorted(served))}, not {self.model!r}: "
-                                     f"use --llm openai:{next(iter(sorted(served)))} or serve {self.model}")
+                raise TextadaptError(f"the vLLM server at {self.base_url} serves {', '.join(sorted(served))}, not "
+                                     f"{self.model!r}: use --llm openai:{min(served)} or serve {self.model}")
         if self.server == "auto":
             self.server = "other"
         self._checked = True
@@ -542,10 +544,8 @@ class OpenAIBackend(Backend):
             if not extras:  # no way to say these: they hold only where the server has no such sampler (OpenAI)
                 off = {"top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
                 missing.update({k: getattr(s, k) for k in off if self.server != "openai" or getattr(s, k) != off[k]})
-        if s.answer == "json-list":
-            forms = JSON_FORMS[1:] if self.server == "llama.cpp" else JSON_FORMS  # llama_cpp.server takes only its own
-            if self.learned.json_refused < len(forms):
-                fields["response_format"] = forms[self.learned.json_refused]
+        if s.answer == "json-list" and self.learned.json_refused < len(self._json_forms()):
+            fields["response_format"] = self._json_forms()[self.learned.json_refused]
         for name in self.learned.dropped & set(fields):
             fields.pop(name)
             recipe = "repetition_penalty" if name == "repeat_penalty" else name
@@ -562,6 +562,9 @@ class OpenAIBackend(Backend):
                     del record[k]
         return fields, record
 
+    def _json_forms(self) -> tuple[dict, ...]:
+        return JSON_FORMS[1:] if self.server == "llama.cpp" else JSON_FORMS  # python -m llama_cpp.server takes only its own
+
     def _learn(self, exc: BaseException, fields: dict) -> bool:
         """Learn from a 400/422 that refuses a field this request sent; True: send it again without."""
         name = refused_param(exc)
@@ -574,9 +577,10 @@ class OpenAIBackend(Backend):
             note = (f"{self.model} refused max_tokens: treated as a reasoning model (only max_completion_tokens is sent; "
                     "set TEXTADAPT_LLM_REASONING=true to say so before the run)")
         elif name == "response_format":
-            if fields["response_format"] == (JSON_FORMS[1:] if self.server == "llama.cpp" else JSON_FORMS)[self.learned.json_refused]:
-                self.learned.json_refused += 1  # (not again for each request in flight that was refused the same form)
-            if self.learned.json_refused < len(JSON_FORMS) - (self.server == "llama.cpp"):
+            forms = self._json_forms()
+            if self.learned.json_refused < len(forms) and fields["response_format"] == forms[self.learned.json_refused]:
+                self.learned.json_refused += 1  # (once per form, however many requests in flight were refused it)
+            if self.learned.json_refused < len(forms):
                 return True
             note = f"{self.base_url} refused structured output (response_format): list answers are parsed from text"
         elif name in ("n", "seed"):
@@ -753,7 +757,8 @@ class OpenAIBackend(Backend):
                 if self._down is not None:
                     raise _NotSent(self._down)
                 fields, record = self.request_fields(sampling)
-                body: dict = dict(model=self.model, messages=[{"role": "user", "content": first.prompt}], seed=first.seed, **fields)
+                body: dict = dict(model=self.model, messages=[{"role": "user", "content": first.prompt}], seed=first.seed,
+                                  **fields)
                 if use_n and len(reqs) > 1:
                     body["n"] = len(reqs)
                 extra = {k: body.pop(k) for k in list(body) if k not in OPENAI_FIELDS}  # other servers' own fields

@@ -163,7 +163,8 @@ def answer(plan: list[PlannedGeneration], backend: Backend, spec: DatasetSpec) -
         description, rejected = clean(ans.text, p.template.parse, spec.prompting.category)
         yield Generation(
             key=p.key, dataset=spec.name, class_name=p.class_name, template=p.template.name,
-            template_hash=p.template.source_hash, model=backend.identity, prompt=p.prompt, params=ans.params or p.sampling.as_dict(),
+            template_hash=p.template.source_hash, model=backend.identity, prompt=p.prompt,
+            params=ans.params or p.sampling.as_dict(),  # what was sent: a server may have refused part of the planned request
             sample_index=p.sample_index, raw_text=stored_raw(ans.text), description=description, rejected=rejected,
             prompt_tokens=ans.prompt_tokens, completion_tokens=ans.completion_tokens, seconds=ans.seconds,
             base_key=p.base_key, refresh=p.refresh,
