@@ -190,7 +190,7 @@ def adapt(options: RunOptions) -> RunOutcome:
             zs_calls = 0
             gen, plan = pipeline.GenerationStats(0, 0, 0), []
             if backend:
-                sampling = Sampling(temperature=options.temperature, max_tokens=options.max_tokens)
+                sampling = backend.sampling(Sampling(temperature=options.temperature, max_tokens=options.max_tokens))
                 with stage("generation"):
                     try:
                         # Meta-prompting first: the questions the LLM writes are then asked for every class.

@@ -221,6 +221,7 @@ def generate(workers: Workers, plan: list[pipeline.PlannedGeneration], backend: 
     progress(0, len(todo))
     if not todo:
         return stats
+    backend.check()  # here, not in a task: an unreachable server fails the run in seconds, without task retries
     remote_server = isinstance(backend, OpenAIBackend)
     limit = llm_limit(settings) if remote_server else None
     if remote_server:  # requests to a server: bounded per run and, through Prefect, over all runs

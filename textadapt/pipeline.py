@@ -56,7 +56,7 @@ def generation_key(dataset: str, model: str, template_hash: str, prompt: str, pa
 
 
 def _sampling_for(template: PromptTemplate, sampling: Sampling) -> Sampling:
-    return replace(sampling, **template.sampling_overrides())
+    return sampling.for_template(template.parse, **template.sampling_overrides())
 
 
 def plan_generations(spec: DatasetSpec, templates: list[PromptTemplate], model: str, sampling: Sampling,
@@ -163,7 +163,8 @@ def answer(plan: list[PlannedGeneration], backend: Backend, spec: DatasetSpec) -
         description, rejected = clean(ans.text, p.template.parse, spec.prompting.category)
         yield Generation(
             key=p.key, dataset=spec.name, class_name=p.class_name, template=p.template.name,
-            template_hash=p.template.source_hash, model=backend.identity, prompt=p.prompt, params=p.sampling.as_dict(),
+            template_hash=p.template.source_hash, model=backend.identity, prompt=p.prompt,
+            params=ans.params or p.sampling.as_dict(),  # what was sent: a server may have refused part of the planned request
             sample_index=p.sample_index, raw_text=stored_raw(ans.text), description=description, rejected=rejected,
             prompt_tokens=ans.prompt_tokens, completion_tokens=ans.completion_tokens, seconds=ans.seconds,
             base_key=p.base_key, refresh=p.refresh,
@@ -178,6 +179,8 @@ def generate(plan: list[PlannedGeneration], backend: Backend, store: Store, spec
     stats = GenerationStats(planned=len(plan), cached=len(plan) - len(todo), made=0)
     if progress:
         progress(0, len(todo))
+    if todo:
+        backend.check()  # an unreachable server or a missing engine fails here, in seconds
     stored: set[str] = set()
     try:
         for row in answer(todo, backend, spec):
