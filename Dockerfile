@@ -2,25 +2,24 @@
 # textadapt's image: the library, its flows, prompts and dataset specs, for the Prefect worker of
 # docker-compose.yml (README: "Run it as a service (docker compose)").
 #
-# torch: the wheels pyproject.toml pins (torch==2.14.1, torchvision==0.29.1) from PyPI. On Linux
+# Every Python package at the version constraints.txt pins (the versions tested together). torch: on Linux
 # x86-64 that is a CUDA build: the worker encodes images and trains its heads on the GPU compose
 # gives it (TEXTADAPT_DEVICE=auto), and the same image runs on the CPU where there is none. The
 # price is size (the CUDA libraries are several GB); the GPU is what a service box is for.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-# 1. Every runtime dependency as a wheel, from pyproject.toml alone: rebuilt only when it changes.
+# 1. Every runtime dependency as a wheel, from pyproject.toml and constraints.txt alone: rebuilt only
+# when they change. (llama-cpp-python, the [llama-cpp] extra, is not among them: the service asks an
+# LLM server; the compilers stay for a source-only package.)
 FROM ${PYTHON_IMAGE} AS wheels
-# llama-cpp-python (the offline default LLM, a hard dependency) is source-only on PyPI: compile it
-# here, portably (any x86-64 CPU) and without the multimodal tools, as scripts/setup.sh does.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential cmake \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /build
-COPY pyproject.toml ./
+COPY pyproject.toml constraints.txt ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > requirements.txt \
-    && CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF" \
-       pip wheel --no-cache-dir --wheel-dir /wheels -r requirements.txt
+    && pip wheel --no-cache-dir --wheel-dir /wheels -c constraints.txt -r requirements.txt
 
 # 2. The runtime: no compilers; the wheels come in through a bind mount, not a layer.
 FROM ${PYTHON_IMAGE}

@@ -126,12 +126,14 @@ class Seen:
     at: float  # time.monotonic() when the request arrived
     prompt: str
     fault: str | None  # the Fault's kind, None if forwarded faithfully
+    body: dict | None = None  # the request's JSON body, as the server received it
 
 
 class FaultProxy:
     """A real HTTP server on 127.0.0.1 in front of an OpenAI-compatible server, which misbehaves on
     purpose. ``fault(n, body)`` is asked for the ``n``-th request (0-based, retries count) with its
-    JSON body and returns a ``Fault`` or None (forward faithfully); ``seen`` lists every request.
+    JSON body and returns a ``Fault`` or None (forward faithfully); ``seen`` lists every request (POST;
+    a GET, such as the backends' ``GET /models`` preflight, is forwarded faithfully and not listed).
     ``stop()`` closes its port (connections are refused), ``start()`` opens the same port again.
     Every response closes its connection (HTTP/1.0), so a stopped proxy refuses every later attempt."""
 
@@ -180,10 +182,10 @@ class FaultProxy:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _forward(self, path: str, body: bytes) -> tuple[int, bytes, str]:
+    def _forward(self, path: str, body: bytes | None, method: str = "POST") -> tuple[int, bytes, str]:
         con = http.client.HTTPConnection(*self.upstream, timeout=300)
         try:
-            con.request("POST", path, body, {"Content-Type": "application/json"})
+            con.request(method, path, body, {"Content-Type": "application/json"} if body is not None else {})
             resp = con.getresponse()
             return resp.status, resp.read(), resp.getheader("Content-Type", "application/json")
         finally:
@@ -207,13 +209,16 @@ class FaultProxy:
                 self.wfile.write(body if send is None else body[:send])
                 self.wfile.flush()
 
+            def do_GET(self) -> None:
+                self.reply(*proxy._forward(self.path, None, "GET"))
+
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 request = json.loads(body)
                 prompt = request["messages"][0]["content"] if request.get("messages") else ""
                 with proxy._lock:
                     fault = proxy.fault(len(proxy.seen), request)
-                    proxy.seen.append(Seen(time.monotonic(), prompt, fault.kind if fault else None))
+                    proxy.seen.append(Seen(time.monotonic(), prompt, fault.kind if fault else None, request))
                 if fault is None:
                     self.reply(*proxy._forward(self.path, body))
                 elif fault.kind == "status":

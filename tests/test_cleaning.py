@@ -33,6 +33,10 @@ def test_several_sentences_keep_the_first():
         "Here are five features:\n- long sleeves\n- a row of buttons\n2. a pointed collar\n- Long sleeves",
         '["long sleeves", "a row of buttons", "a pointed collar"]',
         '```json\n["long sleeves", "a row of buttons", "a pointed collar"]\n```',
+        # what a JSON schema (textadapt.llm.LIST_SCHEMA) asks for, as a grammar writes it
+        '{ "items" : [ "long sleeves", "a row of buttons", "a pointed collar" ] }',
+        # the same cut short at max_tokens: its complete strings
+        '{"items": ["long sleeves", "a row of buttons", "a pointed collar", "a zip with a bra',
     ],
 )
 def test_list_answers_become_one_item_per_line(raw):
@@ -41,6 +45,13 @@ def test_list_answers_become_one_item_per_line(raw):
 
 def test_list_without_items_is_rejected():
     assert clean("   \n - \n", "list") == (None, "no items")
+    assert clean('{"items": []}', "list") == (None, "no items")
+    assert clean('{"items": ["lo', "list") == (None, "no items")  # cut before its first item ended
+
+
+def test_json_questions_get_their_class_slot():
+    raw = '{"items": ["What does {} look like in a photo?", "How is the shirt \\"worn\\"?"]}'
+    assert clean(raw, "questions", category="shirt") == ('What does {} look like in a photo?\nHow is {} "worn"?', None)
 
 
 def test_questions_get_a_bare_class_slot():

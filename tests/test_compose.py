@@ -201,7 +201,8 @@ def test_the_worker_reaches_vllm_and_the_prefect_server(compose, monkeypatch):
 
 def test_images_match_the_pinned_versions(compose):
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    pins = dict(re.match(r"([A-Za-z0-9_.-]+)==(\S+)", d).groups() for d in project["dependencies"] if "==" in d)
+    pins = dict(re.match(r"([A-Za-z0-9_.-]+)==(\S+)", line).groups()
+                for line in (REPO / "constraints.txt").read_text().splitlines() if "==" in line and not line.startswith("#"))
     image = compose["services"]["prefect-server"]["image"]
     assert image.startswith(f"prefecthq/prefect:{pins['prefect']}-python"), "the server must run the Prefect the worker's client is"
     python = re.search(r"python:(\d+\.\d+)", DOCKERFILE.read_text()).group(1)

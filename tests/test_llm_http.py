@@ -11,7 +11,7 @@ from conftest import assert_secret_nowhere, free_port
 
 from textadapt import TextadaptError
 from textadapt.config import Settings
-from textadapt.llm import OpenAIBackend, Request, Sampling, make_backend, split_completion_tokens
+from textadapt.llm import LLMUnreachable, OpenAIBackend, Request, Sampling, make_backend, split_completion_tokens
 
 KEY = "sk-test-7f3a9c-not-a-real-key"
 SAMPLING = Sampling(temperature=0.99, max_tokens=20)
@@ -152,7 +152,7 @@ def test_requests_are_in_flight_at_once(llama_server):
         reqs = requests(["sneaker", "coat", "dress"], samples=2)
         got = list(b.generate(reqs))
     assert len(got) == len(reqs)
-    assert proxy.requests == len(reqs)
+    assert proxy.requests == 1 + len(reqs)  # the preflight GET /models, then the chat requests
     # Seen from outside: several requests awaited their response at the same moment, never more than allowed.
     assert 1 < proxy.max_in_flight <= 4
     assert 1 < b.max_in_flight <= 4
@@ -181,21 +181,20 @@ def test_one_failing_request_does_not_stop_the_others(llama_server):
     assert KEY not in msg
 
 
-def test_refused_connection_reports_count_and_url_without_the_key():
+def test_refused_connection_reports_the_url_without_the_key():
     port = free_port()  # nothing listens there
     b = make_backend("openai:smollm2", Settings(
         llm_base_url=f"http://127.0.0.1:{port}/v1", llm_api_key=KEY, llm_max_retries=1, llm_timeout=2,
     ))
     reqs = requests(["sandal"], samples=2) + requests(["shirt"], samples=1)
     got = []
-    with pytest.raises(TextadaptError) as err:
+    with pytest.raises(LLMUnreachable) as err:  # the preflight: no request is sent
         for pair in b.generate(reqs):
             got.append(pair)
-    assert got == []
+    assert got == [] and b.http_requests == 0
     msg = str(err.value)
-    assert "3 of 3 LLM requests failed" in msg
-    assert f"http://127.0.0.1:{port}/v1" in msg
-    assert "APIConnectionError" in msg
+    assert f"cannot reach the LLM server at http://127.0.0.1:{port}/v1" in msg
+    assert "APIConnectionError" in msg and "ConnectionRefusedError" in msg
     assert KEY not in msg
 
 
@@ -267,7 +266,8 @@ def test_a_flow_run_through_the_http_backend_keeps_requests_in_flight(llama_serv
             capture_output=True, text=True, env=os.environ.copy(), timeout=900, stdin=subprocess.DEVNULL,
         )
     assert p.returncode == 0, p.stdout + p.stderr
-    assert proxy.requests == 20 and 1 < proxy.max_in_flight <= 4  # 2 classes x 5 questions x 2 samples
+    # 2 classes x 5 questions x 2 samples, and the flow's preflight GET /models
+    assert proxy.requests == 1 + 20 and 1 < proxy.max_in_flight <= 4
     with Store(home / "textadapt.duckdb", read_only=True) as s:
         assert s.sql("SELECT count(*), count(DISTINCT model) FROM generations")[1] == [(20, 1)]
         assert s.sql("SELECT model FROM generations LIMIT 1")[1][0][0] == f"openai:smollm2@{proxy.url}"

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from textadapt import TextadaptError
-from textadapt.prompt_learning import PromptRecipe, train_prompt_learner
+from textadapt.prompt_learning import PromptedClasses, PromptRecipe, train_prompt_learner
 
 NAMES = ["t-shirt", "trouser", "pullover", "dress", "ankle boot", "sandal"]
 TINY_VISION = {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 8}
@@ -118,6 +118,23 @@ def test_chunked_classes_train_the_same(tiny_backbone):
     chunked = train_prompt_learner(tiny_backbone, x, y, NAMES, dataclasses.replace(recipe, class_chunk=4))
     np.testing.assert_allclose(chunked.weight, whole.weight, atol=1e-5)
     np.testing.assert_allclose(chunked.losses, whole.losses, rtol=1e-5)
+
+
+def test_each_chunk_of_classes_runs_only_up_to_its_longest_prompt(tiny_backbone):
+    """Classes are chunked by prompt length and each chunk is cut to its own longest prompt (the padding after a
+    causal tower's pooled token changes nothing): fewer positions run, the same class embeddings."""
+    names = ["dress", "bag", "sandal", "ankle boot with a very long and winding name of many words", "coat", "shirt"]
+    seen = []
+    with torch.no_grad():
+        whole = PromptedClasses(tiny_backbone, names, PromptRecipe())().numpy()
+    chunked = PromptedClasses(tiny_backbone, names, PromptRecipe(class_chunk=2))
+    hook = chunked.tower.transformer.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    try:
+        with torch.no_grad():
+            np.testing.assert_allclose(chunked().numpy(), whole, atol=1e-6)
+    finally:
+        hook.remove()
+    assert len(seen) == 3 and max(seen) == chunked.ids.shape[1] and min(seen) < max(seen) / 2
 
 
 @pytest.mark.parametrize("match_loss", ["l1", "l2"])

@@ -4,7 +4,9 @@
 
 - ``sentence``: one description; list markers, quotes and markup are stripped, and where the
   answer holds several sentences only the first is kept (the templates ask for one);
-- ``list``: one descriptor per line, or a JSON list; each item is cleaned like a sentence;
+- ``list``: one descriptor per line, or JSON (``{"items": [...]}`` where the backend was asked for a JSON
+  schema, a bare list, or a JSON answer cut short at max_tokens: its complete strings); each item is
+  cleaned like a sentence;
 - ``questions``: question templates with ``{}`` where the class goes (meta-prompting); the class
   is put in with its article ("a shirt", "an ankle boot").
 
@@ -67,16 +69,37 @@ def _sentence(raw: str) -> tuple[str | None, str | None]:
     return text, None
 
 
-def _items(raw: str) -> list[str]:
-    stripped = raw.strip()
-    if stripped.startswith("```"):
-        stripped = stripped.strip("`").removeprefix("json").strip()
+JSON_STRING = re.compile(r'"(?:[^"\\\n]|\\.)*"(?!\s*:)')  # a complete JSON string that is not an object's key
+
+
+def _json_items(raw: str) -> list[str] | None:
+    """The items of a JSON answer: ``{"items": [...]}`` (what a JSON schema asks for), a bare list, or any
+    object holding a list; of one cut short at max_tokens, its complete strings. None: not JSON."""
+    text = raw.strip()
+    if text.startswith("```"):
+        text = text.strip("`").removeprefix("json").strip()
+    if not text.startswith(("{", "[")):
+        return None
     try:
-        parsed = json.loads(stripped)
-        if isinstance(parsed, dict):
-            parsed = next((v for v in parsed.values() if isinstance(v, list)), [])
-        lines = [str(x) for x in parsed] if isinstance(parsed, list) else raw.splitlines()
-    except (json.JSONDecodeError, ValueError):
+        parsed = json.loads(text)
+    except ValueError:  # cut short (or broken): the complete strings of its list
+        start = text.find("[")
+        items = []
+        for m in JSON_STRING.finditer(text, start if start >= 0 else len(text)):
+            try:
+                items.append(json.loads(m.group(0)))
+            except ValueError:
+                pass
+        return items
+    if isinstance(parsed, dict):
+        parsed = next((v for v in parsed.values() if isinstance(v, list)), [])
+    return [str(x) for x in parsed] if isinstance(parsed, list) else None
+
+
+def _items(raw: str) -> list[str]:
+    """The items of a list answer: JSON (structured output, or a model that wrote JSON), else one per line."""
+    lines = _json_items(raw)
+    if lines is None:
         lines = raw.splitlines()
     items, seen = [], set()
     for line in lines:

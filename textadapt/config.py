@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -73,6 +73,34 @@ class Settings(BaseSettings):
     llm_n_per_request: bool | None = Field(
         None,
         description="Whether the HTTP LLM server honours `n` (several samples per request); None: probe it once.",
+    )
+    llm_name: str | None = Field(
+        None,
+        description="A name for the HTTP LLM server, used in the cache identity instead of its URL (openai:MODEL@NAME): the "
+        "same server reached by two URLs shares its cache. Two different servers given one name share it too: name one "
+        "server (model, weights, quantisation) per name.",
+    )
+    llm_server: Literal["auto", "openai", "vllm", "llama.cpp", "other"] = Field(
+        "auto",
+        description="Which OpenAI-compatible server it is, for the sampling fields only it knows (top_k, min_p, repetition "
+        "penalty); auto: OpenAI by host, else GET /models' owned_by.",
+    )
+    llm_reasoning: bool | None = Field(
+        None,
+        description="Whether the model is a reasoning model (only max_completion_tokens, no temperature/top_p/stop); "
+        "None: by name (OpenAI's o1, o3, o4-mini, gpt-5...).",
+    )
+    llm_reasoning_tokens: int = Field(
+        2048, ge=0,
+        description="Reasoning models: tokens for their hidden reasoning; max_completion_tokens = max_tokens + this.",
+    )
+    llm_structured_output: bool = Field(
+        True, description="Ask list and questions templates for a JSON list (JSON schema) where the backend can constrain it."
+    )
+    vllm_engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description='Arguments for vllm.LLM (--llm vllm:MODEL), a JSON object, e.g. {"tensor_parallel_size": 2, '
+        '"gpu_memory_utilization": 0.85, "max_model_len": 4096, "dtype": "bfloat16", "quantization": "awq"}.',
     )
 
     # Running as a service: Prefect's global concurrency limit on LLM requests, and the Dask cluster.

@@ -35,7 +35,7 @@ from textadapt.datasets import DatasetSpec, ImageSet
 from textadapt.encoders import Backbone, encode_texts, text_key, uncached_images, uncached_texts
 from textadapt.encoders import embed_images as embed_images_now
 from textadapt.encoders import embed_texts as embed_texts_now
-from textadapt.llm import Backend, OpenAIBackend, Request, RequestsFailed, Sampling, make_backend
+from textadapt.llm import Backend, LLMUnreachable, OpenAIBackend, Request, RequestsFailed, Sampling, make_backend
 from textadapt.prompts import PromptTemplate, questions_from, render
 from textadapt.scoring import class_prompts
 from textadapt.store import Generation, Store
@@ -88,7 +88,7 @@ def generation_key(dataset: str, model: str, template_hash: str, prompt: str, pa
 
 
 def _sampling_for(template: PromptTemplate, sampling: Sampling) -> Sampling:
-    return replace(sampling, **template.sampling_overrides())
+    return sampling.for_template(template.parse, **template.sampling_overrides())
 
 
 def plan_generations(spec: DatasetSpec, templates: list[PromptTemplate], model: str, sampling: Sampling,
@@ -195,7 +195,8 @@ def answer(plan: list[PlannedGeneration], backend: Backend, spec: DatasetSpec) -
         description, rejected = clean(ans.text, p.template.parse, spec.prompting.category)
         yield Generation(
             key=p.key, dataset=spec.name, class_name=p.class_name, template=p.template.name,
-            template_hash=p.template.source_hash, model=backend.identity, prompt=p.prompt, params=p.sampling.as_dict(),
+            template_hash=p.template.source_hash, model=backend.identity, prompt=p.prompt,
+            params=ans.params or p.sampling.as_dict(),  # what was sent: a server may have refused part of the planned request
             sample_index=p.sample_index, raw_text=stored_raw(ans.text), description=description, rejected=rejected,
             prompt_tokens=ans.prompt_tokens, completion_tokens=ans.completion_tokens, seconds=ans.seconds,
             base_key=p.base_key, refresh=p.refresh,
@@ -243,6 +244,7 @@ def generate(plan: list[PlannedGeneration], backend: Backend, store: Store, spec
         progress(0, len(todo))
     if not todo:
         return stats
+    backend.check()  # an unreachable server or a missing engine fails here, in seconds, before any batch
     server = isinstance(backend, OpenAIBackend)
     if server:  # requests to a server: bounded per run by the backend and, through the runner, over all runs
         limit = runner.llm_limit(settings or Settings())
@@ -288,7 +290,9 @@ def _generation_failed(e: BatchFailures, asked: int, missing: list[PlannedGenera
     shown = "; ".join(f"{err} ({n} request{'s' * (n > 1)})" for err, n in list(reasons.items())[:3])
     more = f"; {len(reasons) - 3} other errors" if len(reasons) > 3 else ""
     tried = f", each tried {tries} times" if tries > 1 else ""
-    return TextadaptError(
+    # a server that came to refuse connections keeps its error's kind (LLMUnreachable: not worth asking again at once)
+    kind = LLMUnreachable if any(isinstance(error, LLMUnreachable) for _, error in e.failures) else TextadaptError
+    return kind(
         f"{len(missing)} of {asked} LLM requests failed{where}: {shown}{more}. {len(e.failures)} of {e.total} (class, question) "
         f"batches failed{tried}.\n{missing_summary(missing, planned)} Running again asks only for the rest{check}."
     )

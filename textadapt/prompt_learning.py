@@ -173,14 +173,18 @@ class PromptedClasses(torch.nn.Module):
                 raise TextadaptError(f"class name {name!r}: the tokenizer merges it with the context {init!r}; "
                                      f"cannot place the context tokens in front of it")
         ids = ids.to(device)
-        # With a causal mask, tokens after the pooled one do not change it: cut the padding off.
-        length = ids.shape[1]
+        # With a causal mask, tokens after the pooled one do not change it: cut the padding off, for all classes
+        # here and, per chunk of classes, down to the chunk's own longest prompt (``_encode``; the same length-aware
+        # idea as textadapt.text_tower, which cannot take the deep prompts inserted between layers).
+        self.lengths = torch.full((len(ids),), ids.shape[1], dtype=torch.long)
         if _is_causal(self.tower.attn_mask) and self.tower.pool_type in ("argmax", "eos"):
             if self.tower.pool_type == "argmax":
                 pooled_at = ids.argmax(dim=-1)
             else:
                 pooled_at = (ids == self.tower.eos_id).int().argmax(dim=-1)
-            length = int(pooled_at.max()) + 1
+            self.lengths = pooled_at + 1
+        length = int(self.lengths.max())
+        self.lengths = self.lengths.to(device)
         self.ids = ids[:, :length]
         self.mask = self.tower.attn_mask[:length, :length] if self.tower.attn_mask is not None else None
         self.start, self.n_ctx = start, n_ctx
@@ -202,11 +206,11 @@ class PromptedClasses(torch.nn.Module):
         self.chunk = max(1, recipe.class_chunk)
         self.autocast = device.type == "cuda" and recipe.amp
 
-    def _layers(self, x: torch.Tensor) -> torch.Tensor:
+    def _layers(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """The transformer's blocks on (B, L, W); before block i in 1 .. depth-1, the context positions get ``deep[i - 1]``."""
         transformer = self.tower.transformer
         if self.deep is None:
-            return transformer(x, attn_mask=self.mask)
+            return transformer(x, attn_mask=mask)
         first = getattr(transformer, "batch_first", True)
         seq = 1 if first else 0
         x = x if first else x.transpose(0, 1)
@@ -216,18 +220,19 @@ class PromptedClasses(torch.nn.Module):
                 deep = self.deep[i - 1].to(x.dtype)
                 deep = deep.unsqueeze(0).expand(x.shape[0], -1, -1) if first else deep.unsqueeze(1).expand(-1, x.shape[1], -1)
                 x = torch.cat([x.narrow(seq, 0, a), deep, x.narrow(seq, b, x.shape[seq] - b)], dim=seq)
-            x = block(x, attn_mask=self.mask)
+            x = block(x, attn_mask=mask)
         return x if first else x.transpose(0, 1)
 
     def _encode(self, idx: torch.Tensor) -> torch.Tensor:
         tower = self.tower
         cast = tower.transformer.get_cast_dtype()
         ctx = self.ctx[idx] if self.ctx.dim() == 3 else self.ctx.unsqueeze(0).expand(len(idx), -1, -1)
-        x = torch.cat([self.prefix[idx], ctx, self.suffix[idx]], dim=1).to(cast)
-        x = x + tower.positional_embedding[: x.shape[1]].to(cast)
-        x = self._layers(x)
+        length = int(self.lengths[idx].max())  # the longest prompt of these classes: the rest is padding they never see
+        x = torch.cat([self.prefix[idx], ctx, self.suffix[idx]], dim=1)[:, :length].to(cast)
+        x = x + tower.positional_embedding[:length].to(cast)
+        x = self._layers(x, None if self.mask is None else self.mask[:length, :length])
         x = tower.ln_final(x)
-        x = text_global_pool(x, self.ids[idx], tower.pool_type, eos_token_id=tower.eos_id)
+        x = text_global_pool(x, self.ids[idx, :length], tower.pool_type, eos_token_id=tower.eos_id)
         if tower.text_projection is not None:
             x = tower.text_projection(x) if isinstance(tower.text_projection, torch.nn.Module) else x @ tower.text_projection
         return F.normalize(x.float(), dim=-1)
@@ -239,11 +244,13 @@ class PromptedClasses(torch.nn.Module):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             if len(every) <= self.chunk:
                 return self._encode(every)
+            # Chunks of classes with prompts of similar length, each cut to its own longest; then the given order back.
+            order = torch.argsort(self.lengths[every], descending=True, stable=True)
             parts = []
             for s in range(0, len(every), self.chunk):
-                idx = every[s : s + self.chunk]
+                idx = every[order[s : s + self.chunk]]
                 parts.append(checkpoint(self._encode, idx, use_reentrant=False) if torch.is_grad_enabled() else self._encode(idx))
-            return torch.cat(parts)
+            return torch.cat(parts)[torch.argsort(order)]
 
 
 def _check(backbone: Backbone, embeddings: np.ndarray, labels: np.ndarray, class_names: list[str],

@@ -204,7 +204,7 @@ def generate_descriptions(inputs: Inputs, backbone: Backbone, backend: Backend |
     if backend is None:
         return pipeline.GenerationStats(0, 0, 0), [], 0
     options, spec, logger = inputs.options, inputs.spec, get_run_logger()
-    sampling = Sampling(temperature=options.temperature, max_tokens=options.max_tokens)
+    sampling = backend.sampling(Sampling(temperature=options.temperature, max_tokens=options.max_tokens))
     run = dict(store=store, spec=spec, runner=workers, llm_spec=inputs.llm_spec, settings=inputs.settings)
     try:
         # Meta-prompting first: the questions the LLM writes are then asked for every class.

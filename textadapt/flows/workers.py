@@ -32,14 +32,26 @@ from prefect.tasks import exponential_backoff
 from textadapt import TextadaptError, pipeline
 from textadapt.batches import BatchResult, Done, Runner, here
 from textadapt.config import Settings
+from textadapt.llm import LLMUnreachable
 
 TASK = dict(cache_policy=NO_CACHE, persist_result=False)
 LLM_LIMIT = "textadapt-llm"
 LLM_RETRIES = 3  # after the HTTP client's own retries: a batch asked again 2, 4, 8 s later (with jitter)
 
 
+def _worth_asking_again(task, task_run, state) -> bool:
+    """A batch is asked again unless the server refuses connections (``LLMUnreachable``): the run then fails in seconds."""
+    try:
+        state.result()
+    except LLMUnreachable:
+        return False
+    except Exception:  # noqa: BLE001 - any other failure: ask again
+        return True
+    return True
+
+
 @task(name="generate batch", retries=LLM_RETRIES, retry_delay_seconds=exponential_backoff(backoff_factor=2),
-      retry_jitter_factor=0.5, **TASK)
+      retry_jitter_factor=0.5, retry_condition_fn=_worth_asking_again, **TASK)
 def generate_batch(batch, spec, llm, settings, slots: int, identity: str, limit: str | None) -> BatchResult:
     """``pipeline.answer_batch`` holding ``slots`` slots of the global concurrency limit ``limit`` (None: none)."""
     with concurrency(limit, occupy=slots) if slots and limit else nullcontext():
