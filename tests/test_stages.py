@@ -119,4 +119,5 @@ def test_generate_keeps_requests_in_flight_on_the_library_runner(llama_server, f
         again = pipeline.generate(plan, backend, store, spec)
         rows = store.sql("SELECT count(*), count(DISTINCT key) FROM generations")[1]
     assert (first.made, first.cached, again.made, again.cached) == (12, 0, 0, 12)  # 2 classes x 3 questions x 2 samples
-    assert proxy.requests == 12 and 1 < proxy.max_in_flight <= 4 and rows == [(12, 12)]
+    # 12 answers, and the one GET /models of the backend's check before the first batch
+    assert proxy.requests == 13 and 1 < proxy.max_in_flight <= 4 and rows == [(12, 12)]
