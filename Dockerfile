@@ -38,8 +38,8 @@ RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
 RUN useradd --create-home --uid 10001 --user-group textadapt \
     && mkdir -p /data/textadapt/reports /data/hf /datasets /app \
     && chown -R textadapt:textadapt /data /app
-# The source last (it changes most): /app is where `prefect deploy` runs and the worker finds
-# the flows' entrypoints (flows/adapt.py:adapt); textadapt itself is installed from it.
+# The source last (it changes most): /app is where `prefect deploy` runs; the worker imports the
+# flow's entrypoint (textadapt.flows.adapt.adapt) from textadapt, which is installed from it.
 WORKDIR /app
 COPY --chown=textadapt:textadapt . /app
 RUN pip install --no-cache-dir --no-deps /app

@@ -77,7 +77,7 @@ def machine() -> dict:
 def git_commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "textadapt", "flows", "prompts"], cwd=REPO,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "textadapt", "prompts"], cwd=REPO,
                                capture_output=True, text=True).stdout.strip()
         return sha + ("+uncommitted-changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):

@@ -1,5 +1,10 @@
 """The two sides of the generation benchmarks: textadapt's generation stage, and bare ``openai`` loops
-sending the very same requests (prompt, temperature, max_tokens, seed) to the same server."""
+sending the very same requests (prompt, temperature, max_tokens, seed) to the same server.
+
+textadapt's side is ``pipeline.generate``, the function ``textadapt run``'s flow calls: the same
+resolution against the cache, (class x template) batches, rows written as each batch completes. Here
+its batches run on the library's default runner (threads of this process); the flow hands it its
+Prefect workers instead (each batch a task)."""
 
 from __future__ import annotations
 
@@ -40,8 +45,8 @@ def workload(base_url: str, classes: int, samples: int, max_tokens: int, templat
 
 
 def textadapt_side(w: Workload, base_url: str, concurrency: int) -> tuple[float, int, int]:
-    """textadapt's generation stage (pipeline.generate, the OpenAI HTTP backend) into a fresh DuckDB file,
-    so every planned generation is a cache miss. Returns (seconds, completion tokens, answers)."""
+    """textadapt's generation stage (pipeline.generate, as in `textadapt run`, with the OpenAI HTTP backend) into a
+    fresh DuckDB file, so every planned generation is a cache miss. Returns (seconds, completion tokens, answers)."""
     with tempfile.TemporaryDirectory(prefix="bench-gen-") as tmp, Store(Path(tmp) / "cache.duckdb") as store:
         backend = OpenAIBackend(w.model, base_url, concurrency=concurrency)
         t0 = time.perf_counter()

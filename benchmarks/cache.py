@@ -28,7 +28,7 @@ EDITED = "targeted/look.j2"
 def startup_seconds(env: dict) -> float:
     """What any run pays before doing work: a Python process importing textadapt's flow (torch, open_clip, Prefect)."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import flows.adapt, open_clip"], env=env, check=True, cwd=_common.REPO)
+    subprocess.run([sys.executable, "-c", "import textadapt.flows.adapt, open_clip"], env=env, check=True, cwd=_common.REPO)
     return time.perf_counter() - t0
 
 
@@ -98,7 +98,7 @@ def main() -> None:
     print(f"\nunchanged re-run / cold: command wall {wall_ratio:.3f}, all stages {stage_ratio:.3f}, "
           f"stages that do work (generation, training, zero-shot, images, scoring) {work_ratio:.3f}; "
           f"0 LLM and encoder calls: {zero}")
-    print(f"a bare `python -c 'import flows.adapt, open_clip'` takes {startup:.1f} s of every command's wall time")
+    print(f"a bare `python -c 'import textadapt.flows.adapt, open_clip'` takes {startup:.1f} s of every command's wall time")
     _common.write_results(NAME, {"command": "textadapt " + " ".join(run_args), "llm_threads": args.llm_threads or "all cores", "llm": "llama-cpp:smollm2 (in-process)",
                                  "edited_template": EDITED, "repeats": repeats},
                           {"median": med, "startup_s": startup, "rerun_over_cold_wall": wall_ratio,

@@ -117,7 +117,7 @@ def cache(d: dict) -> list[str]:
         table(["", *labels], rows), "",
         f"Unchanged re-run / cold: **{_f(100 * f['rerun_over_cold_work_stages'], 1)}%** over the stages that do work, "
         f"{_f(100 * f['rerun_over_cold_stages'], 1)}% over all stages, {_f(100 * f['rerun_over_cold_wall'], 1)}% of the command's "
-        f"wall time; 0 LLM and encoder calls: **{f['rerun_zero_calls']}**. A bare `python -c 'import flows.adapt, open_clip'` "
+        f"wall time; 0 LLM and encoder calls: **{f['rerun_zero_calls']}**. A bare `python -c 'import textadapt.flows.adapt, open_clip'` "
         f"takes {_f(f['startup_s'], 1)} s.",
     ]
 

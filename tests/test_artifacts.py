@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from conftest import TINY
-from flows.artifacts import artifact_key
+from textadapt.flows.artifacts import artifact_key
 from textadapt.store import Store
 
 CLI = str(Path(sys.executable).parent / "textadapt")
@@ -55,7 +55,11 @@ def test_a_run_shows_its_gains_plot_and_report_paths_as_artifacts(prefect_server
     assert set(by_key) == {artifact_key("fashion-mnist", w) for w in ("gains", "per-class", "report")}
     assert all(a.type == "markdown" and run_id in a.data for a in artifacts)
     [flow_run] = runs.values()  # all three belong to this run's flow run, which the server saw complete
-    assert flow_run.state.is_completed() and flow_run.parameters["options"]["dataset"] == "fashion-mnist"
+    assert flow_run.state.is_completed() and flow_run.parameters["dataset"] == "fashion-mnist"
+    # the flow run is named after the run, and the run records the flow run's id
+    assert flow_run.name == run_id
+    with Store(home / "textadapt.duckdb", read_only=True) as s:
+        assert s.sql(f"SELECT flow_run_id FROM runs WHERE run_id = '{run_id}'")[1] == [(str(flow_run.id),)]
 
     # The gains table holds exactly DuckDB's results for this run, every method the harness scored.
     with Store(home / "textadapt.duckdb", read_only=True) as s:

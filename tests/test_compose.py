@@ -107,7 +107,7 @@ def _settings_env_names() -> set[str]:
 
     prefix = Settings.model_config["env_prefix"]
     names = {f"{prefix}{field}".upper() for field in Settings.model_fields}
-    for path in [*(REPO / "textadapt").rglob("*.py"), *(REPO / "flows").rglob("*.py")]:
+    for path in (REPO / "textadapt").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             arg = None
             if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("get", "getenv"):
@@ -253,6 +253,7 @@ def test_dockerfile_copies_files_that_exist_and_are_in_the_context():
     for mount in re.findall(r"--mount=\S*from=(\w+)", text):
         assert mount in stages
     # What the image installs from "." must be in the context: the package, its flows and assets.
-    for needed in ("pyproject.toml", "README.md", "textadapt/config.py", "flows/adapt.py", "prompts/targeted", "data/datasets"):
+    for needed in ("pyproject.toml", "README.md", "textadapt/config.py", "textadapt/flows/adapt.py", "prompts/targeted",
+                   "data/datasets"):
         assert (REPO / needed).exists() and not _ignored(needed, rules), needed
     assert _ignored(".venv", rules) and _ignored("tests/test_compose.py", rules)

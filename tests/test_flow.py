@@ -31,8 +31,13 @@ def query(home: Path, sql: str) -> list[tuple]:
 
 
 def test_run_caches_everything_and_reports_every_method(home, tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_LOGGING_LEVEL", "INFO")  # a user's console (the tests' default is WARNING)
     first = textadapt("run", "fashion-mnist", *SMALL)
     assert "UNTRAINED BACKBONE" in first.stderr
+    # the console: one line per stage, no per-task chatter (Prefect's task states are at DEBUG)
+    assert "Task run" not in first.stderr.replace("Task run 'train adapters", "") and "Traceback" not in first.stderr
+    for stage in ("generation: 60 LLM calls", "text embedding: ", "image embedding: 300 images encoded", "report: "):
+        assert first.stderr.count(stage) == 1, (stage, first.stderr)
     report = Path(re.search(r"report: (\S+\.md)", first.stdout).group(1))
     text = report.read_text()
     assert text.startswith("**UNTRAINED BACKBONE")
@@ -121,6 +126,7 @@ def test_strict_backbone_fails_before_any_llm_call(home):
     p = textadapt("run", "fashion-mnist", "--backbone", "ViT-B-32:openai", "--max-classes", "2", check=False)
     assert p.returncode == 2
     assert "Ways out" in p.stderr and "ViT-B-32:auto" in p.stderr
+    assert p.stderr.count("Ways out") == 1 and "Traceback" not in p.stderr  # the error once, as the CLI's "error:" line
     assert query(home, "SELECT count(*) FROM generations") == [(0,)]
     [(status, error)] = query(home, "SELECT status, error FROM runs")
     assert status == "failed" and "ViT-B-32:openai" in error
@@ -146,7 +152,7 @@ def test_a_run_killed_mid_generation_loses_only_what_was_in_flight(home, tmp_pat
 
     args = ["run", "fashion-mnist", "--backbone", TINY, "--templates", "targeted", "--max-classes", "2", "--samples", "3",
             "--max-images", "200", "--steps", "20"]  # 2 classes x 5 questions x 3 samples = 30 generations
-    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "INFO"}  # the progress lines say when generation is under way
+    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "DEBUG"}  # the progress lines (at DEBUG) say when generation is under way
     proc = subprocess.Popen([CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, stdin=subprocess.DEVNULL)
     killed_at = None
     for line in proc.stdout:

@@ -2,6 +2,7 @@
 synthetic embeddings whose right answer is known."""
 
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import ot
@@ -10,6 +11,7 @@ import torch
 
 from textadapt import TextadaptError
 from textadapt.adapters import TapRecipe, train_adapter
+from textadapt.config import RunOptions
 from textadapt.harness import method_name, parse_methods, parse_scorings
 from textadapt.losses import sinkhorn
 from textadapt.scoring import ig_logits, predict, score, score_logits
@@ -136,7 +138,8 @@ def test_every_adapter_trains_through_the_harness(tiny_backbone, fmnist, home):
     entries = [("generic", f"{c}-{k}", spec.classes.index(c), t, None) for c, ts in texts.items() for k, t in enumerate(ts)]
     sets = pipeline.select(entries).sets
     store = Store(home / "textadapt.duckdb")
-    config = harness.HarnessConfig(methods=parse_methods(["all"]), seeds=[1], steps=6, prompt_steps=3, epochs=6)
+    options = RunOptions(dataset=spec.name, methods=["all"], seed=1, seeds=1)
+    config = replace(harness.HarnessConfig.from_options(options, steps=6), prompt_steps=3, epochs=6)
     free, _ = harness.training_free(tiny_backbone, spec, store, sets, set())
     logged = []
     trained, _ = harness.adapted(tiny_backbone, spec, store, sets, harness.teacher_prototypes(free), config, log=logged.append)

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from textadapt import harness, pipeline, plots
+from textadapt.config import RunOptions
 from textadapt.datasets import load_test_images, restrict
 from textadapt.encoders import encode_images
 from textadapt.report import RunReport, best_adapted, html_path, render_html, render_markdown, write_report
@@ -94,7 +95,8 @@ def scored_run(tmp_path_factory, tiny_backbone, fmnist):
                 entries.append((set_name, key, spec.classes.index(class_name), text, None))
     selection = pipeline.select(entries)
     store.link_generations(run_id, selection.links)
-    config = harness.HarnessConfig(methods=[("tap-head", "ce"), ("zs-head", "ce")], seeds=[1, 2], steps=20)
+    options = RunOptions(dataset="fashion-mnist", methods=["tap-head", "zs-head"], seed=1, seeds=2, steps=20)
+    config = harness.HarnessConfig.from_options(options, steps=20)
     free, _ = harness.training_free(tiny_backbone, spec, store, selection.sets, set())
     trained, _ = harness.adapted(tiny_backbone, spec, store, selection.sets, harness.teacher_prototypes(free), config,
                                  log=lambda *_: None)

@@ -61,8 +61,9 @@ def test_schedule_registers_a_cron_deployment_that_serve_runs(prefect_api, llama
     with get_client(sync_client=True) as client:
         first = client.read_deployment_by_name("textadapt-adapt/fashion-mnist")
         assert [s.schedule.cron for s in first.schedules] == ["0 3 * * *"]
-        options = RunOptions.model_validate(first.parameters["options"])
+        options = RunOptions.parse(first.parameters)  # one parameter per run option given
         assert (options.max_classes, options.samples, options.template_sets, options.llm) == (2, 1, ["targeted"], "openai:smollm2")
+        assert "seeds" not in first.parameters  # an option left at its default is not pinned in the deployment
     # Scheduling again updates the same deployment: one schedule, the new cron.
     textadapt("schedule", "fashion-mnist", "--cron", "30 4 * * 1", "--timezone", "Europe/Paris", *SUBSET, "--llm", "openai:smollm2")
     with get_client(sync_client=True) as client:
@@ -77,7 +78,7 @@ def test_schedule_registers_a_cron_deployment_that_serve_runs(prefect_api, llama
     # `textadapt serve` runs a triggered run of the deployment to completion.
     with CountingProxy(llama_server) as proxy:
         env = {**os.environ, "TEXTADAPT_LLM_BASE_URL": proxy.url, "TEXTADAPT_LLM_CONCURRENCY": "4",
-               "PREFECT_LOGGING_LEVEL": "INFO"}
+               "PREFECT_LOGGING_LEVEL": "DEBUG"}  # the progress lines ("generating: 0/10") are at DEBUG
         log = home / "serve.log"
         home.mkdir(parents=True, exist_ok=True)
         with open(log, "wb") as f:
@@ -86,34 +87,67 @@ def test_schedule_registers_a_cron_deployment_that_serve_runs(prefect_api, llama
             deadline = time.monotonic() + 600
             # Something else holds both slots of the limit: the run gets as far as generation, and waits.
             with concurrency("textadapt-llm", occupy=2, strict=True):
-                run = run_deployment("textadapt-adapt/fashion-mnist", timeout=0)
+                # one option overridden for this run: the deployment's others stay
+                run = run_deployment("textadapt-adapt/fashion-mnist", parameters={"seeds": 1}, timeout=0)
                 while "generating: 0/10" not in log.read_text():
                     assert server.poll() is None, log.read_text()[-3000:]
                     assert time.monotonic() < deadline, log.read_text()[-3000:]
                     time.sleep(1)
                 time.sleep(5)
-                assert proxy.requests == 0
+                assert proxy.requests == 1  # the backend's check (GET /models), which holds no slot; no generation
             with get_client(sync_client=True) as client:
                 while not (state := client.read_flow_run(run.id).state).is_final():
                     assert server.poll() is None, log.read_text()[-3000:]
                     assert time.monotonic() < deadline, f"flow run still {state.name}\n{log.read_text()[-3000:]}"
                     time.sleep(2)
                 limit = client.read_global_concurrency_limit_by_name("textadapt-llm")
+                flow_run = client.read_flow_run(run.id)
         finally:
             server.terminate()
             server.wait(timeout=60)
     assert state.is_completed(), f"{state.name}: {state.message}\n{log.read_text()[-5000:]}"
-    assert proxy.requests == 10 and 1 <= proxy.max_in_flight <= 2  # the limit's 2 slots, not the run's 4
+    assert proxy.requests == 1 + 10 and 1 <= proxy.max_in_flight <= 2  # the limit's 2 slots, not the run's 4
     assert limit.active_slots == 0  # every slot given back
 
     # `textadapt runs` lists it from the cache, with its gain over zero-shot.
-    [(run_id, status)] = query(home / "textadapt.duckdb", "SELECT run_id, status FROM runs")
+    [(run_id, status, options, flow_run_id)] = query(home / "textadapt.duckdb",
+                                                     "SELECT run_id, status, options, flow_run_id FROM runs")
     assert status == "completed"
+    options = RunOptions.model_validate_json(options)
+    assert (options.seeds, options.backbone, options.max_classes, options.llm) == (1, TINY, 2, "openai:smollm2")
+    assert (flow_run.name, str(flow_run.id)) == (run_id, flow_run_id)  # the flow run is named after the run, which records its id
     monkeypatch.setenv("COLUMNS", "200")
     listed = textadapt("runs").stdout
     row = next(line for line in listed.splitlines() if run_id in line)
     assert "completed" in row and "tap-head:targeted" in row and re.search(r"[+-]\d+\.\d\*", row)
     assert "untrained backbone" in listed
+
+
+def test_a_partial_override_keeps_the_deployments_other_parameters(prefect_api):
+    """On a real Prefect server: a run of a deployment that overrides one run option keeps the deployment's
+    others (the backbone above all), and the server shows each option as a parameter of its own."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from textadapt.flows.adapt import adapt
+
+    textadapt("schedule", "fashion-mnist", "--cron", "0 3 * * *", "--name", "override", "--backbone", TINY, "--max-classes", "2",
+              "--prior", "blank-image")
+    run = run_deployment("textadapt-adapt/override", parameters={"max_classes": 3}, timeout=0)  # as the UI's "custom run"
+    with get_client(sync_client=True) as client:
+        parameters = client.read_flow_run(run.id).parameters
+        schema = client.read_deployment_by_name("textadapt-adapt/override").parameter_openapi_schema
+    assert parameters == {"dataset": "fashion-mnist", "backbone": TINY, "max_classes": 3, "prior": "blank-image"}
+    # what the flow makes of them when the run starts: the override, the deployment's options, the defaults
+    options = RunOptions.parse(adapt.validate_parameters(parameters))
+    assert (options.backbone, options.max_classes, options.prior, options.samples) == (TINY, 3, "blank-image", 5)
+    # the UI's form: every run option, with its type, default and description
+    props = schema["properties"]
+    assert list(props) == list(RunOptions.model_fields) and schema["required"] == ["dataset"]
+    for name, field in RunOptions.model_fields.items():
+        assert props[name]["description"] == field.description, name
+    assert props["samples"]["default"] == 5 and props["samples"]["minimum"] == 1
+    assert props["prior"]["enum"] == ["empty-text", "blank-image", "mean-image"]
 
 
 def test_dask_runner_gives_the_same_generations_and_metrics(llama_server, prefect_server, tmp_path):
@@ -172,7 +206,7 @@ def test_the_cache_never_travels_to_another_process(home):
             pickle.dumps(store)
 
 
-def test_prefect_yaml_declares_valid_scheduled_deployments():
+def test_prefect_yaml_declares_valid_scheduled_deployments(monkeypatch, tmp_path):
     from prefect.cli.deploy._models import PrefectYamlModel, RawScheduleConfig
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.flows import load_flow_from_entrypoint
@@ -180,17 +214,17 @@ def test_prefect_yaml_declares_valid_scheduled_deployments():
     raw = yaml.safe_load((REPO / "prefect.yaml").read_text())
     model = PrefectYamlModel.model_validate(raw)  # prefect deploy's own model of the file
     assert model.deployments
+    monkeypatch.chdir(tmp_path)  # a module path: the flow loads from the installed package, wherever the worker runs
     for d, raw_d in zip(model.deployments, raw["deployments"]):
         assert d.work_pool and d.work_pool.name == "textadapt", d.name
-        options = d.parameters["options"]
-        assert set(options) <= set(RunOptions.model_fields), d.name  # every option is a real run option
-        RunOptions.model_validate(options)
+        assert set(d.parameters) <= set(RunOptions.model_fields), d.name  # every parameter is a real run option
+        RunOptions.parse(d.parameters)
         for s in raw_d["schedules"]:
             RawScheduleConfig.model_validate(s)
             CronSchedule(cron=s["cron"], timezone=s.get("timezone"))
-        path, _, name = d.entrypoint.partition(":")
-        flow = load_flow_from_entrypoint(f"{REPO / path}:{name}")
+        flow = load_flow_from_entrypoint(d.entrypoint)  # as `prefect deploy` and the worker load it
         assert flow.name == "textadapt-adapt"
+        flow.validate_parameters(d.parameters)  # what the worker does with them before the run
 
 
 class FailingFirst:
@@ -242,10 +276,10 @@ class FailingFirst:
 def test_a_failed_batch_is_retried_and_cached_answers_are_not_asked_again(llama_server, prefect_api, fmnist, home):
     from prefect import flow
 
-    from flows import parallel
     from textadapt import pipeline
     from textadapt.config import Settings
     from textadapt.llm import Sampling, make_backend
+    from textadapt.flows.workers import Workers
     from textadapt.prompts import list_templates
 
     with FailingFirst(llama_server, fail=2) as proxy:
@@ -259,9 +293,9 @@ def test_a_failed_batch_is_retried_and_cached_answers_are_not_asked_again(llama_
 
         @flow
         def generate(first_n: int):
-            with parallel.Workers.open(RunOptions(dataset=spec.name), settings) as workers:
-                return parallel.generate(workers, plan[:first_n], backend, "openai:smollm2", spec, store, settings,
-                                         lambda done, total: seen.append((done, total)))
+            with Workers.open("threads", settings) as workers:
+                return pipeline.generate(plan[:first_n], backend, store, spec, lambda done, total: seen.append((done, total)),
+                                         runner=workers, llm_spec="openai:smollm2", settings=settings)
 
         with Store(home / "textadapt.duckdb") as store:
             first = generate(4)  # 2 batches (class 0 x 2 templates x 2 samples); the first 2 requests fail

@@ -1,7 +1,8 @@
 """textadapt: adapt CLIP to a new dataset from text alone.
 
 The library is a set of stage functions (see ``textadapt.pipeline``); the Prefect flow in
-``flows/`` wraps them as tasks, and ``textadapt.cli`` is a thin command line over both.
+``textadapt.flows`` (the only part that imports Prefect) runs them, and ``textadapt.cli`` is a thin
+command line over both.
 """
 
 __version__ = "0.1.0"

@@ -3,28 +3,39 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional, get_origin
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
+from rich.table import Column, Table
 
-from textadapt import TextadaptError
-from textadapt.config import RunOptions, Settings
+from textadapt import TextadaptError, __version__
+from textadapt.config import RunOptions, Settings, cli_meta, flag_name, option_default, validation_message
 
-app = typer.Typer(help="Adapt CLIP to a new dataset from text alone.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(help="Adapt CLIP to a new dataset from text alone.", no_args_is_help=True, pretty_exceptions_enable=False)
 out, err = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
+Format = Literal["table", "csv", "json"]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"textadapt {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
 def main(
     home: Optional[Path] = typer.Option(None, help="Where the cache and reports live (env TEXTADAPT_HOME).", show_default=False),
     db: Optional[Path] = typer.Option(None, help="The DuckDB cache file (env TEXTADAPT_DB; default HOME/textadapt.duckdb).", show_default=False),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print textadapt's version and exit."),
 ) -> None:
     # Flags sit on top of env and config file; setting the env passes them on to the flow.
     if home:
@@ -39,41 +50,86 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(2)
 
 
-@app.command()
-def run(
-    dataset: str = typer.Argument(..., help="Dataset name: a spec data/datasets/NAME.toml (see `textadapt datasets`)."),
-    backbone: Optional[str] = typer.Option(None, help="open_clip spec ARCH:WEIGHTS: ViT-B-32:openai, hf-hub:ORG/REPO, ARCH:/path.pt, ARCH:random, ARCH:auto [default: ViT-B-32:openai]."),
-    llm: Optional[str] = typer.Option(None, help="LLM spec [default: llama-cpp:smollm2]."),
-    templates: str = typer.Option(",".join(RunOptions.model_fields["template_sets"].default_factory()), help="Comma-separated template sets of prompts/ (see `textadapt prompts list`); one head per set. \"\" for none."),
-    sources: str = typer.Option("", help="Comma-separated imported description sources to train on too (see `textadapt descriptions import`)."),
-    refresh: bool = typer.Option(False, "--refresh", help="Regenerate every description on purpose; older ones stay in the cache."),
-    train_only: bool = typer.Option(False, "--train-only", help="Train the heads without scoring them (no images needed)."),
-    samples: int = typer.Option(5, help="Samples per question (TAP: 5)."),
-    temperature: float = typer.Option(0.99, help="Sampling temperature (TAP: 0.99)."),
-    max_tokens: int = typer.Option(50, help="Longest answer in tokens (TAP: 50)."),
-    steps: Optional[int] = typer.Option(None, help="Training steps [default: the dataset spec's]."),
-    seed: int = typer.Option(7777, help="Training seed (TAP: 7777)."),
-    max_classes: Optional[int] = typer.Option(None, help="Only the first N classes (smoke runs)."),
-    max_images: Optional[int] = typer.Option(None, help="Score on the first N test images only."),
-    batch_size: int = typer.Option(256, help="Encoder batch size."),
-    methods: str = typer.Option("tap-head", help="Adapters trained on every description set, comma-separated ADAPTER[+ot]: tap-head, zs-head, tap-residual, taskres, tap-coop, protext; +ot for OTTER soft labels (not protext); or all."),
-    scoring: str = typer.Option("plain", help="plain, ig (information gain: minus the log prior of a content-free input) or all."),
-    seeds: int = typer.Option(3, help="Train every adapter with this many seeds (seed, seed+1, ...); the report gives mean and spread."),
-    prior: str = typer.Option("empty-text", help="IG scoring's content-free input: empty-text, blank-image or mean-image."),
-    ig_beta: float = typer.Option(1.0, help="IG scoring: logits - beta * log prior."),
-    ot_alpha: float = typer.Option(0.5, help="OT soft labels: weight of the one-hot target (OTTER: 0.5)."),
-    ot_eps: float = typer.Option(0.15, help="OT soft labels: Sinkhorn's entropic regularisation (OTTER: 0.15)."),
-    ot_iters: int = typer.Option(5, help="OT soft labels: Sinkhorn iterations (OTTER: 5)."),
-    captioner: Optional[str] = typer.Option(None, help="Also score a CoCa captioner (coca_ViT-B-32:laion2b_s13b_b90k, or 'same' for --backbone): caption likelihood, and its IG form with --scoring all."),
-    task_runner: str = typer.Option("threads", help="Where generation and embedding batches run: threads, or dask (TEXTADAPT_DASK_ADDRESS, else a local cluster)."),
-) -> None:
-    """Generate descriptions, train text-only adapters, and score them against zero-shot CLIP."""
-    options = _options_from_flags(locals())
-    _prefect_env()
-    from flows.adapt import adapt  # Prefect is imported only for commands that run flows
+# --- the run options as flags: one per RunOptions field (textadapt/config.py) ------------------------
 
+
+def _settings_default(name: str) -> str:
+    """The effective default of a run option that comes from Settings, for --help (env and config file included)."""
     try:
-        outcome = adapt(options)
+        return str(getattr(Settings(), name))
+    except Exception:  # noqa: BLE001 - a broken config file is reported by the command that reads it, not by --help
+        return f"Settings.{name}"
+
+
+def _check(name: str, is_list: bool):
+    """A flag's callback: split a comma-separated list, then validate the value as the run would, naming the flag."""
+
+    def check(value):
+        if value is None:
+            return None
+        if is_list:
+            value = [t.strip() for t in value.split(",") if t.strip()]
+        try:
+            return RunOptions.check(name, value)
+        except ValidationError as e:
+            raise typer.BadParameter(validation_message(e).split(": ", 1)[-1]) from None
+
+    return check
+
+
+def run_option_flags() -> list[inspect.Parameter]:
+    """`run`'s (and `schedule`'s) parameters: the dataset argument and one flag per other RunOptions field, each with
+    the field's type (choices checked as the command line is read), description and default."""
+    params = []
+    for name, field in RunOptions.model_fields.items():
+        meta, help = cli_meta()[name], escape(field.description or "")  # help is Rich markup: "[...]" must stay text
+        if meta.argument:
+            info, annotation = typer.Argument(..., help=help, show_default=False, metavar=name.upper()), field.annotation
+        else:
+            default, annotation, is_list = option_default(name), field.annotation, get_origin(field.annotation) is list
+            if is_list:  # a comma-separated list on the command line
+                default, annotation = ",".join(default), str
+            # a Settings default is filled in when help is shown (_RunOptionsCommand)
+            show_default = f"Settings.{meta.settings}" if meta.settings else bool(default) or default in (0, 0.0)
+            info = typer.Option(default, flag_name(name), help=help, show_default=show_default, callback=_check(name, is_list),
+                                metavar="A,B,..." if is_list else None)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation))
+    return params
+
+
+class _RunOptionsCommand(typer.core.TyperCommand):
+    """A command with the run options' flags: its help shows the Settings-backed defaults (backbone, llm) as they
+    are when help is asked for (environment, config file, --home)."""
+
+    def format_help(self, ctx, formatter) -> None:
+        for p in self.params:
+            meta = cli_meta().get(p.name)
+            if meta is not None and meta.settings:
+                p.show_default = _settings_default(meta.settings)
+        super().format_help(ctx, formatter)
+
+
+def _takes_run_options(fn):
+    fn.__signature__ = inspect.Signature(run_option_flags())
+    fn.__annotations__ = {p.name: p.annotation for p in fn.__signature__.parameters.values()}
+    return fn
+
+
+@app.command(cls=_RunOptionsCommand)
+@_takes_run_options
+def run(**flags) -> None:
+    """Generate descriptions, train text-only adapters, and score them against zero-shot CLIP.
+
+    Every option is a field of textadapt.config.RunOptions (docs/options.md); the same are the
+    parameters of the Prefect flow and of `textadapt schedule`.
+    """
+    options = _run_options(flags)
+    _prefect_env()
+    from textadapt.flows.adapt import adapt, quiet_console  # Prefect is imported only for commands that run flows
+
+    quiet_console(caller_shows_errors=True)
+    try:
+        outcome = adapt(**options.model_dump())
     except TextadaptError as e:
         _fail(e)
     if outcome.untrained_backbone:
@@ -92,37 +148,26 @@ def run(
         for m, top1 in outcome.results.items():
             table.add_row(m, f"{100 * top1:.1f}")
         out.print(table)
-    out.print(f"report: {outcome.report_path}")
-
-
-def _options_from_flags(flags: dict) -> RunOptions:
-    """RunOptions from `run`'s flags (comma-separated lists split), or a clear error naming the flag."""
-    fields = dict(flags)
-    for flag, field in (("templates", "template_sets"), ("sources", "sources"), ("methods", "methods"), ("scoring", "scoring")):
-        fields[field] = _names(fields.pop(flag))
-    return _run_options(fields)
-
-
-def _run_options(fields: dict) -> RunOptions:
-    """RunOptions from the flags, or a clear error naming the flag."""
-    try:
-        return RunOptions(**fields)
-    except ValidationError as e:
-        flag = {"template_sets": "templates"}
-        if not e.errors()[0]["loc"]:  # a check of the options together
-            _fail(TextadaptError(e.errors()[0]["msg"].removeprefix("Value error, ")))
-        _fail(TextadaptError("; ".join(f"--{flag.get(str(x['loc'][0]), str(x['loc'][0])).replace('_', '-')}: {x['msg']}" for x in e.errors())))
+    out.print(f"report: {outcome.report_path}", markup=False)
 
 
 def _names(csv_list: str) -> list[str]:
     return [t.strip() for t in csv_list.split(",") if t.strip()]
 
 
+def _run_options(flags: dict) -> RunOptions:
+    """RunOptions from the flags (each checked already), or a clear error (a check of the options together)."""
+    try:
+        return RunOptions.parse(flags, flags=True)
+    except TextadaptError as e:
+        _fail(e)
+
+
 @app.command()
 def sql(
     query: str = typer.Argument(..., help="A DuckDB SQL statement, e.g. \"SELECT class_name, count(*) FROM descriptions GROUP BY ALL\"."),
     write: bool = typer.Option(False, "--write", help="Open the cache for writing (default: read-only)."),
-    format: str = typer.Option("table", "--format", help="table, csv or json."),
+    format: Format = typer.Option("table", "--format", help="How to print the rows."),
 ) -> None:
     """Query the cache (schema: docs/schema.md)."""
     from textadapt.store import Store
@@ -142,22 +187,32 @@ def sql(
     except TextadaptError as e:
         _fail(e)
     if format == "csv":
-        w = csv.writer(sys.stdout)
+        w = csv.writer(sys.stdout, lineterminator="\n")
         w.writerow(columns)
         w.writerows(rows)
     elif format == "json":
         print(json.dumps([dict(zip(columns, r)) for r in rows], default=str, indent=1))
     else:
-        table = Table(*columns)
+        table = Table(*(_column(c, [r[i] for r in rows]) for i, c in enumerate(columns)))
         for r in rows:
             table.add_row(*("NULL" if v is None else str(v) for v in r))
         out.print(table)
 
 
+def _column(name: str, values: list) -> Column:
+    """A table column that never cuts a value: identifiers (run ids, keys: no spaces) stay whole on one line, the
+    rest wrap."""
+    shown = [str(v) for v in values if v is not None]
+    if shown and max(map(len, shown)) <= 80 and not any(c.isspace() for v in shown for c in v):
+        return Column(name, no_wrap=True, min_width=max(len(name), *map(len, shown)))
+    return Column(name, overflow="fold")
+
+
 @app.command("export")
 def export_classifier(
     run_id: str = typer.Argument(..., help="A run id (`textadapt sql \"SELECT run_id, dataset, status FROM runs\"`)."),
-    method: Optional[str] = typer.Option(None, help="Which classifier, e.g. tap-head:targeted or zs-head+ot:targeted/ig [default: the run's best adapted method]."),
+    method: Optional[str] = typer.Option(None, help="Which classifier, e.g. tap-head:targeted or zs-head+ot:targeted/ig.",
+                                  show_default="the run's best adapted method"),
     out_dir: Path = typer.Option(Path("."), "--out", help="Folder to write NAME.safetensors and NAME.json in."),
 ) -> None:
     """Write a run's adapted classifier as safetensors plus JSON metadata, for `textadapt predict`."""
@@ -184,7 +239,7 @@ def predict(
     paths: list[Path] = typer.Argument(..., metavar="PATH...", help="Image files or folders (searched recursively)."),
     top_k: int = typer.Option(5, "--top-k", "-k", help="Classes to print per image."),
     batch_size: int = typer.Option(64, help="Images per encoder batch."),
-    format: str = typer.Option("table", "--format", help="table, csv or json."),
+    format: Format = typer.Option("table", "--format", help="How to print the classes."),
 ) -> None:
     """Print the top-k classes of images with an exported classifier (the backbone is loaded once)."""
     from textadapt import classifier, encoders
@@ -200,11 +255,11 @@ def predict(
     if format == "json":
         print(json.dumps([{"path": str(f), "top": [{"class": c, "p": p} for c, p in b]} for f, b in zip(files, best)], indent=1))
     elif format == "csv":
-        w = csv.writer(sys.stdout)
+        w = csv.writer(sys.stdout, lineterminator="\n")
         w.writerow(["path", "rank", "class", "p"])
         w.writerows([str(f), r + 1, c, f"{p:.6f}"] for f, b in zip(files, best) for r, (c, p) in enumerate(b))
     else:
-        table = Table("image", *(f"#{r + 1}" for r in range(min(top_k, len(clf.classes)))))
+        table = Table(Column("image", overflow="fold"), *(f"#{r + 1}" for r in range(min(top_k, len(clf.classes)))))
         for f, b in zip(files, best):
             table.add_row(str(f), *(f"{c} ({100 * p:.0f}%)" for c, p in b))
         out.print(table)
@@ -245,8 +300,10 @@ def datasets_list() -> None:
 def datasets_new(
     name: str = typer.Argument(..., help="Name of the new dataset (the spec is NAME.toml)."),
     from_folder: Path = typer.Option(..., "--from-folder", help="An ImageFolder: DIR/<class>/*.png, or DIR/test/<class>/*.png."),
-    split: Optional[str] = typer.Option(None, "--split", help="Folder of the test split inside DIR; \"\" for none [default: test if DIR/test holds class folders, else none].", show_default=False),
-    out_path: Optional[Path] = typer.Option(None, "--out", help="Folder (or NAME.toml file) to write the spec to [default: $TEXTADAPT_HOME/datasets].", show_default=False),
+    split: Optional[str] = typer.Option(None, "--split", help="Folder of the test split inside DIR; \"\" for none.",
+                                        show_default="test if DIR/test holds class folders, else none"),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Folder (or NAME.toml file) to write the spec to.",
+                                            show_default="$TEXTADAPT_HOME/datasets"),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing spec file."),
 ) -> None:
     """Write a dataset spec from an image folder: classes from the folder names, the wording to fill in."""
@@ -269,8 +326,9 @@ def datasets_new(
 @datasets_app.command("check")
 def datasets_check(
     name: str = typer.Argument(..., help="Dataset name (see `textadapt datasets`)."),
-    templates: str = typer.Option(",".join(RunOptions.model_fields["template_sets"].default_factory()), help="Template sets to render for every class (comma-separated)."),
-    workers: Optional[int] = typer.Option(None, help="Threads decoding images [default: CPU cores + 2].", show_default=False),
+    templates: str = typer.Option(",".join(option_default("template_sets")),
+                                  help="Template sets to render for every class (comma-separated)."),
+    workers: Optional[int] = typer.Option(None, help="Threads decoding images.", show_default="CPU cores + 2"),
 ) -> None:
     """Check a dataset before any run: every image decoded, the class folders, every template rendered (no LLM, no Prefect)."""
     from textadapt.checks import check_dataset
@@ -336,7 +394,7 @@ def prompts_show(name: str = typer.Argument(..., help="SET/NAME, e.g. targeted/l
 def prompts_render(
     name: str = typer.Argument(..., help="SET/NAME, e.g. targeted/look."),
     dataset: str = typer.Option(..., "--dataset", help="Dataset name."),
-    class_name: Optional[str] = typer.Option(None, "--class", help="Class name [default: every class]."),
+    class_name: Optional[str] = typer.Option(None, "--class", help="Class name.", show_default="every class"),
 ) -> None:
     """Print exactly what would be sent to the LLM, with the sampling settings.
 
@@ -366,13 +424,14 @@ def prompts_render(
         _fail(e)
 
 
-descriptions_app = typer.Typer(help="Import and export descriptions as {class: [sentences]} JSON (the CuPL / DCLIP format).", no_args_is_help=True)
+descriptions_app = typer.Typer(help="Import and export descriptions as {class: \\[sentences]} JSON (the CuPL / DCLIP format).",
+                               no_args_is_help=True)
 app.add_typer(descriptions_app, name="descriptions")
 
 
 @descriptions_app.command("import")
 def descriptions_import(
-    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="A JSON file {class name: [sentences]}."),
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="A JSON file {class name: \\[sentences]}."),
     dataset: str = typer.Option(..., "--dataset", help="The dataset whose classes the file describes."),
     source: str = typer.Option(..., "--source", help="A short name for this collection, e.g. cupl; train on it with --sources."),
     key: Optional[str] = typer.Option(None, "--key", help="For a file holding several datasets: which one."),
@@ -404,9 +463,9 @@ def descriptions_export(
     dataset: Optional[str] = typer.Option(None, "--dataset"),
     template: Optional[str] = typer.Option(None, "--template", help="A template (targeted/look), a set (targeted) or import/SOURCE."),
     run_id: Optional[str] = typer.Option(None, "--run", help="Only what this run trained on."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="File to write [default: stdout]."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="File to write.", show_default="stdout"),
 ) -> None:
-    """Write accepted descriptions as {class name: [sentences]} JSON."""
+    """Write accepted descriptions as {class name: \\[sentences]} JSON."""
     from textadapt.descriptions import export_descriptions
     from textadapt.store import Store
 
@@ -430,6 +489,7 @@ def _prefect_env() -> None:
     """Environment for commands that run or talk to Prefect; call before importing it."""
     # Prefect's usage analytics would only fail without network; textadapt runs offline by design.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")  # the client's telemetry too (and its notice on a terminal)
     # Prefect's temporary API gets 20 s to start by default; a busy 2-core machine can need more.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # Prefect creates PREFECT_HOME without its parents, and its temporary API then cannot open its
@@ -438,26 +498,37 @@ def _prefect_env() -> None:
         Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def schedule(
-    ctx: typer.Context,
-    dataset: str = typer.Argument(..., help="Dataset name (see `textadapt datasets`)."),
-    cron: str = typer.Option(..., "--cron", help="When to run, e.g. \"0 3 * * *\" (03:00 every day)."),
-    timezone: Optional[str] = typer.Option(None, "--timezone", help="Time zone of the cron schedule, e.g. Europe/Paris (default: UTC)."),
-    name: Optional[str] = typer.Option(None, "--name", help="Deployment name (default: the dataset's name)."),
-) -> None:
+def _schedule_flags(fn):
+    """`schedule`'s parameters: the dataset, when to run, and then every run option's flag, as for `run`."""
+    dataset, *options = run_option_flags()
+    when = [
+        inspect.Parameter("cron", inspect.Parameter.KEYWORD_ONLY, annotation=str, default=typer.Option(
+            ..., "--cron", help="When to run, e.g. \"0 3 * * *\" (03:00 every day).", rich_help_panel="Schedule")),
+        inspect.Parameter("timezone", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
+            None, "--timezone", help="Time zone of the cron schedule, e.g. Europe/Paris.", show_default="UTC",
+            rich_help_panel="Schedule")),
+        inspect.Parameter("name", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
+            None, "--name", help="Deployment name.", show_default="the dataset's name", rich_help_panel="Schedule")),
+    ]
+    fn.__signature__ = inspect.Signature([dataset, *when, *options])
+    fn.__annotations__ = {p.name: p.annotation for p in fn.__signature__.parameters.values()}
+    return fn
+
+
+@app.command(cls=_RunOptionsCommand)
+@_schedule_flags
+def schedule(**flags) -> None:
     """Create or update the Prefect deployment that runs DATASET on a cron schedule.
 
-    Every other option is a run option, exactly as for `textadapt run` (see `textadapt run --help`),
-    e.g. `textadapt schedule fashion-mnist --cron "0 3 * * *" --max-classes 4 --task-runner dask`.
-    Needs a Prefect server (PREFECT_API_URL); `textadapt serve` then runs the scheduled runs.
+    Its run options are the flags of `textadapt run`, e.g. `textadapt schedule fashion-mnist
+    --cron "0 3 * * *" --max-classes 4 --task-runner dask`; each becomes one parameter of the
+    deployment. Needs a Prefect server (PREFECT_API_URL); `textadapt serve` then runs the scheduled runs.
     """
-    run_command = typer.main.get_command(app).commands["run"]
-    with run_command.make_context("run", [dataset, *ctx.args], parent=ctx) as run_ctx:
-        flags = dict(run_ctx.params)
-    options = _options_from_flags(flags)
+    cron, timezone, name = flags.pop("cron"), flags.pop("timezone"), flags.pop("name")
+    dataset = flags["dataset"]
+    options = _run_options(flags)
     _prefect_env()
-    from flows.deployments import schedule as make_schedule
+    from textadapt.flows.deployments import schedule as make_schedule
 
     try:
         deployment_id = make_schedule(options, cron, timezone, name)
@@ -474,7 +545,7 @@ def serve(limit: int = typer.Option(1, min=1, help="Most flow runs at once. Runs
     A run due while another runs waits for it; schedules stay as they are when this stops.
     """
     _prefect_env()
-    from flows.deployments import serve as serve_deployments
+    from textadapt.flows.deployments import serve as serve_deployments
 
     try:
         serve_deployments(limit)
@@ -498,7 +569,9 @@ def runs(
     if not rows:
         out.print(f"no runs{f' of {dataset}' if dataset else ''} in {Settings().db_path}", markup=False)
         return
-    table = Table("run", "status", "best adapted, top-1 %", "best training-free baseline, top-1 %", "gain (points)")
+    run_width = max(len(r.run_id) for r in rows)  # a run id is never cut: the other columns wrap instead
+    table = Table(Column("run", no_wrap=True, min_width=run_width), "status", "best adapted, top-1 %",
+                  "best training-free baseline, top-1 %", "gain (points)")
     best = lambda method, top1: "-" if top1 is None else f"{method} {100 * top1:.1f}"  # noqa: E731
     for r in rows:
         gain = "-" if r.gain is None else f"{100 * r.gain:+.1f}" + ("*" if r.untrained else "")
@@ -513,9 +586,9 @@ def runs(
 def compare(
     a: str = typer.Argument(..., metavar="A", help="RUN_ID (its best adapted method, or --method) or RUN_ID:METHOD."),
     b: str = typer.Argument(..., metavar="B", help="The other side, the same way; every difference is B minus A."),
-    method: Optional[str] = typer.Option(None, help="The method of a side given as a bare RUN_ID "
-                                                    "[default: its best adapted method]."),
-    format: str = typer.Option("table", "--format", help="table, json or csv."),
+    method: Optional[str] = typer.Option(None, help="The method of a side given as a bare RUN_ID.",
+                                         show_default="its best adapted method"),
+    format: Format = typer.Option("table", "--format", help="How to print the differences."),
 ) -> None:
     """Is B better than A? Top-1 and per-class differences on the same test images, with 95% intervals (paired
     bootstrap) and McNemar's exact test. E.g. the same method before and after a template edit: two runs."""
@@ -525,8 +598,6 @@ def compare(
     from textadapt.store import Store
 
     try:
-        if format not in ("table", "json", "csv"):
-            raise TextadaptError(f"--format: unknown format {format!r}; known: table, json, csv")
         with Store(Settings().db_path, read_only=True) as store:
             c = compare_sides(store, a, b, method)
     except TextadaptError as e:

@@ -46,10 +46,11 @@ from PIL import Image
 from textadapt import TextadaptError, stats
 from textadapt.adapters import (ADAPTERS, TapRecipe, TrainedHead, taskres_base, taskres_recipe, taskres_templates,
                                 train_adapter)
+from textadapt.config import RunOptions
 from textadapt.datasets import DatasetSpec, ImageSet
 from textadapt.encoders import Backbone, encode_texts
 from textadapt.losses import OTTERSoftLabels
-from textadapt.scoring import (BASELINES, PRIORS, Score, class_prompts, ig_logits, log_softmax, mean_score,
+from textadapt.scoring import (BASELINES, PRIORS, SCORINGS, Score, class_prompts, ig_logits, log_softmax, mean_score,
                                openclip_imagenet_templates, prototypes, score_logits)
 from textadapt.store import Store
 
@@ -58,8 +59,6 @@ LOSSES = ("ce", "ot")  # what ``+LOSS`` may name: ce, the adapter's own recipe l
 OWN_LOSS = {"protext": "l1"}  # an adapter's own loss, as stored in results.loss, where it is not a cross-entropy
 NO_OT = ("protext",)  # adapters without logits to put soft labels on
 ALIASES = {"tap": "tap-head", "residual": "tap-residual", "prompt": "tap-coop"}  # short and old names
-SCORINGS = ("plain", "ig")
-DEFAULT_METHODS = ["tap-head"]
 # WaffleCLIP (ExplainableML/WaffleCLIP@7a1b8ee): README.md's command `base_main.py --mode=waffle --waffle_count=15
 # --reps=7`, and base_main.py seeds repetition r with seed_everything(r) (line 118): draws 0..6.
 WAFFLE_PAIRS = 15
@@ -69,19 +68,31 @@ WAFFLE_VOCABULARY = 4330  # random words to draw from: as many as WaffleCLIP's o
 
 @dataclass
 class HarnessConfig:
-    """What to train and how to score it; ``RunOptions`` fills it in."""
+    """What to train and how to score it: a run's options as the harness needs them (``from_options``)."""
 
-    methods: list[tuple[str, str]] = field(default_factory=lambda: [("tap-head", "ce")])  # (adapter, loss)
-    scorings: list[str] = field(default_factory=lambda: ["plain"])
-    seeds: list[int] = field(default_factory=lambda: [7777])
-    steps: int = 400
-    prior: str = "empty-text"
-    beta: float = 1.0
-    ot_alpha: float = 0.5
-    ot_eps: float = 0.15
-    ot_iters: int = 5
+    methods: list[tuple[str, str]]  # (adapter, loss)
+    scorings: list[str]
+    seeds: list[int]
+    steps: int
+    prior: str
+    beta: float
+    ot_alpha: float
+    ot_eps: float
+    ot_iters: int
     prompt_steps: int | None = None  # tap-coop's full-batch steps; None: the prompt learner's own default
     epochs: int | None = None  # taskres's and protext's epochs; None: each recipe's own
+
+    @classmethod
+    def from_options(cls, options: RunOptions, steps: int) -> "HarnessConfig":
+        """The harness's view of a run's options; ``steps``: the option's, else the dataset spec's."""
+        if options.train_only and options.prior == "mean-image" and set(options.scoring) & {"ig", "all"}:
+            raise TextadaptError("--prior mean-image needs the test images, which --train-only skips; "
+                                 "use empty-text or blank-image")
+        return cls(
+            methods=parse_methods(options.methods), scorings=parse_scorings(options.scoring),
+            seeds=[options.seed + i for i in range(options.seeds)], steps=steps, prior=options.prior, beta=options.ig_beta,
+            ot_alpha=options.ot_alpha, ot_eps=options.ot_eps, ot_iters=options.ot_iters,
+        )
 
 
 def parse_methods(items: list[str]) -> list[tuple[str, str]]:
@@ -272,6 +283,16 @@ def training_free_texts(spec: DatasetSpec) -> list[str]:
     return zero_shot + [t for seed in WAFFLE_SEEDS for t in waffle_texts(spec.classes, seed)]
 
 
+def texts_to_encode(spec: DatasetSpec, sets: dict, dclip_sets: set[str]) -> list[str]:
+    """Every text ``training_free`` and ``adapted`` encode through the cache, so that a caller can embed them all
+    up front in parallel batches (then both find them there): the zero-shot and WaffleCLIP prompts, the
+    description sets, and DCLIP's sentences for ``dclip_sets``."""
+    out = training_free_texts(spec)
+    for name, ts in sets.items():
+        out += ts.texts + (dclip_texts(spec.classes, ts.texts, ts.labels)[0] if name in dclip_sets else [])
+    return list(dict.fromkeys(out))
+
+
 def dclip_texts(class_names: list[str], descriptions: list[str], labels: np.ndarray) -> tuple[list[str], np.ndarray]:
     """DCLIP's sentences "{c}, which (is|has) {descriptor}" and their classes; a class with no
     descriptor gets the empty one, as DCLIP's loader does (so it is scored, not left at zero)."""
@@ -312,13 +333,17 @@ def teacher_prototypes(training_free: list[Classifier]) -> np.ndarray:
 
 
 def adapted(backbone: Backbone, spec: DatasetSpec, store: Store, sets: dict, teacher: np.ndarray, config: HarnessConfig,
-            batch_size: int = 256, log=print) -> tuple[list[Classifier], int]:
+            batch_size: int = 256, log=print, progress=None) -> tuple[list[Classifier], int]:
     """Every (adapter, loss) of ``config.methods`` on every description set, once per seed.
 
     ``teacher``: the normalised zero-shot prototypes (classes, dim) that zs-head and tap-residual start from.
+    ``progress(done, total)``: heads trained so far.
     """
     n, scale, encoded, out = len(spec.classes), logit_scale(backbone), 0, []
     base = None  # taskres's template features, computed once
+    total = len(sets) * len(config.methods) * len(config.seeds)
+    if progress:
+        progress(0, total)
     for name, ts in sets.items():
         emb, k = encode_texts(backbone, ts.texts, store, batch_size)
         encoded += k
@@ -342,6 +367,8 @@ def adapted(backbone: Backbone, spec: DatasetSpec, store: Store, sets: dict, tea
                     log(f"{method_name(adapter, loss_name, name)} seed {seed}: the OT plan gives the labelled class "
                         f"{mass[0]:.3f} of a description's mass at the first step, {mass[-1]:.3f} at the last "
                         f"(uniform: {1 / n:.3f})")
+                if progress:
+                    progress(len(out) * len(config.seeds) + len(heads), total)
             method = method_name(adapter, loss_name, name)
             log(f"{method}: trained {len(heads)} seed(s) in {sum(h.seconds for h in heads):.1f} s, "
                 f"last loss {np.mean([h.losses[-1] for h in heads]):.3f}")

@@ -137,6 +137,20 @@ def with_stop_period(text: str, finish_reason: str | None, sampling: Sampling) -
     return text
 
 
+class RequestsFailed(TextadaptError):
+    """Requests of one ``generate`` call failed after their retries: ``where`` (the server, model and retry
+    settings), ``reasons`` (error -> requests it failed) and what to check, so that a caller can sum the
+    failures of several calls into one message."""
+
+    def __init__(self, message: str, where: str, reasons: dict[str, int], check: str):
+        super().__init__(message)
+        self.where, self.reasons, self.check = where, reasons, check
+
+
+class ServerDown(RequestsFailed, LLMUnreachable):
+    """``RequestsFailed`` where the server came to refuse connections (asking again at once will not help)."""
+
+
 class Backend(ABC):
     identity: str
     structured_output: bool = True  # ask list and questions templates for LIST_SCHEMA (Settings.llm_structured_output)
@@ -663,13 +677,13 @@ class OpenAIBackend(Backend):
         shown = "; ".join(f"{err} ({n} request{'s' * (n > 1)})" for err, n in list(kinds.items())[:3])
         more = f"; {len(kinds) - 3} other errors" if len(kinds) > 3 else ""
         retries = f"{self.max_retries} retr{'y' if self.max_retries == 1 else 'ies'}"
+        where = f"at {self.base_url} (model {self.model}; {retries} each, timeout {self.timeout:g} s)"
+        check = "check the server, TEXTADAPT_LLM_BASE_URL, the API key, TEXTADAPT_LLM_TIMEOUT, TEXTADAPT_LLM_MAX_RETRIES"
         down = (" The server stopped accepting connections: the requests after the first that found it so were not sent."
                 if self._down is not None else "")
-        return (LLMUnreachable if self._down is not None else TextadaptError)(
-            f"{failed} of {total} LLM requests failed at {self.base_url} (model {self.model}; {retries} each, "
-            f"timeout {self.timeout:g} s): {shown}{more}.{down} The {answered} answers that came back were handed on to "
-            "be stored; running again asks only for the rest (check the server, TEXTADAPT_LLM_BASE_URL, the API "
-            "key, TEXTADAPT_LLM_TIMEOUT, TEXTADAPT_LLM_MAX_RETRIES)."
+        return (ServerDown if self._down is not None else RequestsFailed)(
+            f"{failed} of {total} LLM requests failed {where}: {shown}{more}.{down} The {answered} answers that came back "
+            f"were handed on to be stored; running again asks only for the rest ({check}).", where, kinds, check,
         )
 
     # -- the event loop side -----------------------------------------------------------------------

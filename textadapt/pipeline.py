@@ -3,9 +3,13 @@
     plan_meta -> resolve_rounds -> generate -> questions            (meta-prompting, if asked for)
     confusable_classes -> plan_generations -> resolve_rounds -> generate
     training_sets (+ imported sources) -> fill_missing
-    then harness.py: training_free + adapted -> encode_images -> evaluate -> save -> report
+    embed_texts (harness.texts_to_encode) -> harness.py: training_free + adapted
+    embed_images -> harness.evaluate -> harness.save -> report.py
 
-``flows/adapt.py`` runs them in this order as Prefect tasks; tests and notebooks call them directly.
+``textadapt/flows/adapt.py`` runs them in this order (``textadapt run``); tests, benchmarks and
+notebooks call the same functions. ``generate``, ``embed_texts`` and ``embed_images`` run their
+batches through a runner (``batches.py``): threads of this process by default, Prefect tasks in
+the flow. ``record_run`` keeps a run's row in the ``runs`` table.
 """
 
 from __future__ import annotations
@@ -13,23 +17,51 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import secrets
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from typing import Callable, Iterator
 
 import numpy as np
 
 from textadapt import TextadaptError
+from textadapt.batches import BackboneRef, BatchFailures, BatchResult, Runner, here
 from textadapt.cleaning import clean, stored_raw
-from textadapt.datasets import DatasetSpec
-from textadapt.encoders import Backbone, encode_texts
-from textadapt.llm import Backend, Request, Sampling
+from textadapt.config import Settings
+from textadapt.datasets import DatasetSpec, ImageSet
+from textadapt.encoders import Backbone, encode_texts, text_key, uncached_images, uncached_texts
+from textadapt.encoders import embed_images as embed_images_now
+from textadapt.encoders import embed_texts as embed_texts_now
+from textadapt.llm import Backend, LLMUnreachable, OpenAIBackend, Request, RequestsFailed, Sampling, make_backend
 from textadapt.prompts import PromptTemplate, questions_from, render
 from textadapt.scoring import class_prompts
 from textadapt.store import Generation, Store
 
 Progress = Callable[[int, int], None]
+
+# --------------------------------------------------------------------------------------------
+# The run's record
+
+
+def new_run_id(dataset: str) -> str:
+    """A run's id: the dataset, the UTC time and 4 random hex digits (also the Prefect flow run's name)."""
+    return f"{dataset}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+@contextmanager
+def record_run(store: Store, run_id: str, options: dict) -> Iterator[None]:
+    """The run's row in ``runs``: running during the block, then completed, or failed with the error it raised."""
+    store.start_run(run_id, options["dataset"], options)
+    try:
+        yield
+    except BaseException as e:
+        store.finish_run(run_id, "failed", f"{type(e).__name__}: {e}")
+        raise
+    store.finish_run(run_id, "completed")
+
 
 # --------------------------------------------------------------------------------------------
 # Generation
@@ -171,29 +203,99 @@ def answer(plan: list[PlannedGeneration], backend: Backend, spec: DatasetSpec) -
         )
 
 
-def generate(plan: list[PlannedGeneration], backend: Backend, store: Store, spec: DatasetSpec,
-             progress: Progress | None = None) -> GenerationStats:
-    """Ask the LLM for every planned generation not in the cache; store each answer as it arrives."""
+def answer_batch(batch: list[PlannedGeneration], spec: DatasetSpec, llm: Backend | str, settings: Settings | None,
+                 slots: int, identity: str) -> BatchResult:
+    """Ask the LLM for one batch and return its cleaned rows (the caller writes them): what one batch of
+    ``generate`` runs, in this process or another. ``llm`` is the caller's backend, or its spec where the
+    batch runs in another process (built here with ``slots`` requests in flight, from ``settings``)."""
+    if isinstance(llm, Backend):
+        backend = llm
+    else:
+        backend = make_backend(llm, (settings or Settings()).model_copy(update={"llm_concurrency": max(slots, 1)}))
+        if backend.identity != identity:
+            backend.close()
+            raise TextadaptError(f"LLM {llm!r} is {backend.identity} on {here()} but {identity} in the flow: "
+                                 "give the workers the same model file or TEXTADAPT_LLM_BASE_URL")
+    try:
+        rows = list(answer(batch, backend, spec))
+    finally:
+        if backend is not llm:
+            backend.close()
+    return BatchResult(rows, here())
+
+
+def generate(plan: list[PlannedGeneration], backend: Backend, store: Store, spec: DatasetSpec, progress: Progress | None = None,
+             *, runner: Runner | None = None, llm_spec: str | None = None, settings: Settings | None = None) -> GenerationStats:
+    """Ask the LLM for every planned generation the cache lacks, in (class x template) batches, and store
+    each batch's rows as it completes: the generation stage of ``textadapt run``, and of everything else.
+
+    ``runner`` runs the batches: threads of this process by default; the flow passes its Prefect
+    workers (tasks with retries, threads or Dask). A runner whose batches run in other processes
+    rebuilds the backend there from ``llm_spec`` and ``settings``. Requests to an LLM server stay
+    within the backend's concurrency (and the runner's ``llm_limit``); a model inside the process
+    answers one batch at a time per process. Failed batches stop nothing: the rest are stored, and
+    one ``TextadaptError`` then says how many requests failed, why, and which are missing.
+    """
     t0 = time.perf_counter()
+    runner = runner or Runner()
     todo = uncached(plan, store)
     stats = GenerationStats(planned=len(plan), cached=len(plan) - len(todo), made=0)
     if progress:
         progress(0, len(todo))
-    if todo:
-        backend.check()  # an unreachable server or a missing engine fails here, in seconds
+    if not todo:
+        return stats
+    backend.check()  # an unreachable server or a missing engine fails here, in seconds, before any batch
+    server = isinstance(backend, OpenAIBackend)
+    if server:  # requests to a server: bounded per run by the backend and, through the runner, over all runs
+        limit = runner.llm_limit(settings or Settings())
+        capacity = min(backend.concurrency, limit or backend.concurrency)
+    else:  # a model in the process that runs the batch: one batch at a time per process
+        capacity = runner.slots if runner.remote else 1
+    if runner.remote and not llm_spec:
+        raise ValueError("a runner whose batches run in other processes needs llm_spec, to build the LLM there")
+    llm = llm_spec if runner.remote else backend
+    jobs = [dict(batch=b, spec=spec, llm=llm, settings=settings, slots=min(len(b), capacity) if server else 0,
+                 identity=backend.identity) for b in batches(todo)]
     stored: set[str] = set()
+
+    def write(job: dict, result: BatchResult) -> None:
+        store.add_generations(result.rows)
+        stored.update(r.key for r in result.rows)
+        stats.made += len(result.rows)
+        stats.completion_tokens += sum(r.completion_tokens or 0 for r in result.rows)
+        if progress:
+            progress(stats.made, len(todo))
+
     try:
-        for row in answer(todo, backend, spec):
-            store.add_generation(row)
-            stored.add(row.key)
-            stats.made += 1
-            stats.completion_tokens += row.completion_tokens or 0
-            if progress:
-                progress(stats.made, len(todo))
-    except TextadaptError as e:  # the backend's requests failed after their retries: say which generations are missing
-        raise TextadaptError(f"{e}\n{missing_summary([p for p in todo if p.key not in stored], len(plan))}") from e
-    stats.seconds = time.perf_counter() - t0
+        runner.map(answer_batch, jobs, write, capacity=capacity, weight=lambda job: max(job["slots"], 1), label="generation")
+    except BatchFailures as e:
+        missing = [p for p in todo if p.key not in stored]
+        raise _generation_failed(e, len(todo), missing, len(plan), 1 + runner.retries) from None
+    finally:
+        stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def _generation_failed(e: BatchFailures, asked: int, missing: list[PlannedGeneration], planned: int,
+                       tries: int) -> TextadaptError:
+    """One message for every failed batch of ``generate``: how many requests failed, where, why, and what is missing."""
+    reasons: Counter = Counter()  # error -> requests it failed
+    where, check = "", ""
+    for job, error in e.failures:
+        if isinstance(error, RequestsFailed):
+            reasons.update(error.reasons)
+            where, check = where or f" {error.where}", check or f" ({error.check})"
+        else:
+            reasons[str(error) if isinstance(error, TextadaptError) else f"{type(error).__name__}: {error}"] += len(job["batch"])
+    shown = "; ".join(f"{err} ({n} request{'s' * (n > 1)})" for err, n in list(reasons.items())[:3])
+    more = f"; {len(reasons) - 3} other errors" if len(reasons) > 3 else ""
+    tried = f", each tried {tries} times" if tries > 1 else ""
+    # a server that came to refuse connections keeps its error's kind (LLMUnreachable: not worth asking again at once)
+    kind = LLMUnreachable if any(isinstance(error, LLMUnreachable) for _, error in e.failures) else TextadaptError
+    return kind(
+        f"{len(missing)} of {asked} LLM requests failed{where}: {shown}{more}. {len(e.failures)} of {e.total} (class, question) "
+        f"batches failed{tried}.\n{missing_summary(missing, planned)} Running again asks only for the rest{check}."
+    )
 
 
 def missing_summary(missing: list[PlannedGeneration], planned: int) -> str:
@@ -315,3 +417,70 @@ def confusable_classes(backbone: Backbone, spec: DatasetSpec, store: Store, k: i
     np.fill_diagonal(sims, -np.inf)
     nearest = {c: [spec.classes[j] for j in np.argsort(-sims[i], kind="stable")[:k]] for i, c in enumerate(spec.classes)}
     return {c: spec.prompting.confusable.get(c) or nearest[c] for c in spec.classes}, encoded
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding
+
+
+def embed_batch(items: list[str] | ImageSet, backbone: Backbone | BackboneRef, batch_size: int) -> BatchResult:
+    """Embed one batch of texts or images and return the matrix (the caller writes it): what one batch of
+    ``embed_texts`` / ``embed_images`` runs, in this process or another (``backbone`` a ``BackboneRef`` there)."""
+    bb = backbone.load() if isinstance(backbone, BackboneRef) else backbone
+    emb = embed_images_now(bb, items, batch_size) if isinstance(items, ImageSet) else embed_texts_now(bb, items, batch_size)
+    return BatchResult(emb, here())
+
+
+def embed_texts(backbone: Backbone, texts: list[str], store: Store, batch_size: int = 256, runner: Runner | None = None,
+                progress: Progress | None = None) -> int:
+    """Embed the texts the cache lacks, a batch of ``batch_size`` at a time run by ``runner`` (default: this
+    process), storing each batch as it completes; returns how many texts were encoded."""
+    runner = runner or Runner()
+    # Texts of similar length share a batch: each batch is encoded only up to its longest end-of-text token
+    # (encoders.embed_texts is length-aware), so unsorted batches would each pay for their longest text.
+    todo = sorted(uncached_texts(backbone, texts, store), key=len)
+    ref = BackboneRef.of(backbone) if runner.remote else backbone
+    jobs = [dict(items=todo[i : i + batch_size], backbone=ref, batch_size=batch_size) for i in range(0, len(todo), batch_size)]
+    done = [0]
+    if progress:
+        progress(0, len(todo))
+
+    def write(job: dict, result: BatchResult) -> None:
+        store.put_embeddings("text", backbone.id, [text_key(t) for t in job["items"]], result.rows, job["items"])
+        done[0] += len(job["items"])
+        if progress:
+            progress(done[0], len(todo))
+
+    _embed(runner, jobs, write, "text embedding")
+    return len(todo)
+
+
+def embed_images(backbone: Backbone, images: ImageSet, store: Store, batch_size: int = 256, runner: Runner | None = None,
+                 progress: Progress | None = None) -> int:
+    """Embed the images the cache lacks, as ``embed_texts`` does texts; returns how many images were encoded."""
+    runner = runner or Runner()
+    todo, keys = uncached_images(backbone, images, store)
+    ref = BackboneRef.of(backbone) if runner.remote else backbone
+    starts = range(0, len(todo), batch_size)
+    jobs = [dict(items=todo.take(range(i, min(i + batch_size, len(todo)))), backbone=ref, batch_size=batch_size) for i in starts]
+    job_keys = {id(job): keys[i : i + batch_size] for job, i in zip(jobs, starts)}
+    done = [0]
+    if progress:
+        progress(0, len(todo))
+
+    def write(job: dict, result: BatchResult) -> None:
+        store.put_embeddings("image", backbone.id, job_keys[id(job)], result.rows)
+        done[0] += len(job["items"])
+        if progress:
+            progress(done[0], len(todo))
+
+    _embed(runner, jobs, write, "image embedding")
+    return len(todo)
+
+
+def _embed(runner: Runner, jobs: list[dict], write, label: str) -> None:
+    # torch uses every core of a process already: one embedding batch at a time per process
+    try:
+        runner.map(embed_batch, jobs, write, capacity=runner.slots if runner.remote else 1, label=label)
+    except BatchFailures as e:
+        raise TextadaptError(f"{len(e.failures)} of {e.total} {label} batches failed: {e.failures[0][1]}") from None

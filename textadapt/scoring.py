@@ -50,6 +50,7 @@ def prototypes(prompt_embeddings: np.ndarray, n_classes: int) -> np.ndarray:
     return per_class / np.linalg.norm(per_class, axis=1, keepdims=True)
 
 
+SCORINGS = ("plain", "ig")  # plain logits, and information gain (``ig_logits``)
 PRIORS = ("empty-text", "blank-image", "mean-image")
 
 

@@ -172,6 +172,10 @@ MIGRATIONS: list[str] = [
     ALTER TABLE class_results ADD COLUMN delta_low DOUBLE;      -- delta's 95% interval: paired bootstrap over the class's images
     ALTER TABLE class_results ADD COLUMN delta_high DOUBLE;
     """,
+    # 4 -> 5: the Prefect flow run behind each run (the flow run is named after run_id)
+    """
+    ALTER TABLE runs ADD COLUMN flow_run_id VARCHAR;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -1,9 +1,10 @@
 """Scheduled runs: one Prefect deployment of the adaptation flow per dataset.
 
 ``textadapt schedule DATASET --cron ...`` creates or updates the deployment ``textadapt-adapt/DATASET``
-(its parameters are the run's ``RunOptions``); ``textadapt serve`` runs the scheduled (and manually
-triggered) runs of every such deployment from this machine. ``prefect.yaml`` at the repository root
-declares the same kind of deployment for a work pool instead (``prefect deploy``).
+(its parameters are the run options given, one flow parameter each: a run triggered with other
+values for some keeps the rest); ``textadapt serve`` runs the scheduled (and manually triggered)
+runs of every such deployment from this machine. ``prefect.yaml`` at the repository root declares
+the same kind of deployment for a work pool instead (``prefect deploy``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTag
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
-from flows.adapt import adapt
 from textadapt import TextadaptError
 from textadapt.config import RunOptions
+from textadapt.flows.adapt import adapt
 
 TAG = "textadapt"  # on every deployment `textadapt schedule` makes: what `textadapt serve` serves
 
@@ -46,7 +47,7 @@ def runner_deployment(options: RunOptions, schedule: CronSchedule | None, name: 
     return adapt.to_deployment(
         name=name or options.dataset,
         schedules=[schedule] if schedule else None,
-        parameters={"options": options.model_dump(mode="json")},
+        parameters=options.model_dump(mode="json", exclude_defaults=True) | {"dataset": options.dataset},
         tags=[TAG, options.dataset],
         description=f"textadapt: adapt CLIP to {options.dataset} from text alone",
         entrypoint_type=EntrypointType.MODULE_PATH,
@@ -70,7 +71,9 @@ def scheduled() -> list[RunnerDeployment]:
     for d in found:
         if d.work_pool_name:  # run by a worker of its pool (prefect.yaml), not served from here
             continue
-        options = RunOptions.model_validate(d.parameters["options"])
+        # Deployments made before the flow took one parameter per option had them all in one `options`.
+        parameters = d.parameters.get("options", d.parameters)
+        options = RunOptions.parse(parameters)
         dep = runner_deployment(options, None, d.name)
         # as they are on the server (cron, timezone, active): serving re-applies the deployment
         dep.schedules = [DeploymentScheduleCreate(schedule=s.schedule, active=s.active) for s in d.schedules]

@@ -1,1 +1,0 @@
-"""Prefect flows over the textadapt library."""
