@@ -369,23 +369,58 @@ def test_the_llm_identity_is_pinned_so_a_laptop_shares_the_cache(compose, monkey
     assert make_backend(s.llm, s).identity != worker.identity
 
 
+def fake_prefect(folder: Path, real: str | None = None) -> Path:
+    """A `prefect` command in ``folder`` that logs its arguments (one JSON list a line, to ``folder``/calls) and, for
+    `worker start`, stops there. Other commands: the ``real`` prefect, else success (and "no such pool" for inspect)."""
+    folder.mkdir(exist_ok=True)
+    script = folder / "prefect"
+    script.write_text(f"""#!{sys.executable}
+import json, os, sys
+args = sys.argv[1:]
+with open({str(folder / "calls")!r}, "a") as log:
+    log.write(json.dumps(args) + "\\n")
+if args[:2] == ["worker", "start"]:
+    sys.exit(0)
+if {real!r}:
+    os.execv({real!r}, [{real!r}, *args])
+sys.exit(1 if args[:2] == ["work-pool", "inspect"] else 0)
+""")
+    script.chmod(0o755)
+    return folder / "calls"
+
+
 def test_one_variable_names_the_work_pool(raw, tmp_path):
-    """PREFECT_DEFAULT_WORK_POOL_NAME, set for `docker compose`, is the pool the worker polls and the pool of every
-    prefect.yaml deployment that `prefect deploy` registers in the worker's container; no other name is written."""
-    stub = tmp_path / "bin" / "prefect"  # the worker's command runs through sh: see what it would start
-    stub.parent.mkdir()
-    stub.write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
-    stub.chmod(0o755)
-    for shell in ({}, {"PREFECT_DEFAULT_WORK_POOL_NAME": "gpu box"}):
+    """PREFECT_DEFAULT_WORK_POOL_NAME, set for `docker compose`, is the pool the worker creates, limits to one flow run
+    at a time and polls, and the pool of every prefect.yaml deployment that `prefect deploy` registers in the worker's
+    container; no other name is written."""
+    for i, shell in enumerate(({}, {"PREFECT_DEFAULT_WORK_POOL_NAME": "gpu box"})):
         compose = interpolate(raw, shell)
         env = worker_env(compose)
         pool = env["PREFECT_DEFAULT_WORK_POOL_NAME"]
         assert pool == shell.get("PREFECT_DEFAULT_WORK_POOL_NAME", "textadapt")
-        run = subprocess.run(compose["services"]["worker"]["command"], capture_output=True, text=True, timeout=30,
-                             env={**env, "PATH": f"{stub.parent}:{os.environ['PATH']}"})
-        argv = json.loads(run.stdout)
-        assert argv[:2] == ["worker", "start"] and argv[argv.index("--pool") + 1] == pool
+        calls = fake_prefect(tmp_path / str(i))  # the worker's command runs through sh: see what it asks Prefect
+        run = subprocess.run(compose["services"]["worker"]["command"], capture_output=True, text=True, timeout=60,
+                             env={**env, "PATH": f"{calls.parent}:{os.environ['PATH']}"})
+        assert run.returncode == 0, run.stderr
+        assert [json.loads(line) for line in calls.read_text().splitlines()] == [
+            ["work-pool", "inspect", pool],
+            ["work-pool", "create", pool, "--type", "process"],
+            ["work-pool", "set-concurrency-limit", pool, "1"],  # one writer, however many workers poll the pool
+            ["worker", "start", "--pool", pool, "--type", "process"],
+        ]
         assert {d["work_pool"]["name"] for d in deployments(env)} == {pool}
+
+
+def test_each_deployment_runs_one_flow_run_at_a_time():
+    """The one-writer rule as a deployment concurrency limit (prefect deploy's own model of the file reads it)."""
+    from prefect.cli.deploy._models import PrefectYamlModel
+
+    raw = yaml.safe_load(PREFECT_YAML.read_text())
+    model = PrefectYamlModel.model_validate(raw)
+    for d, raw_d in zip(model.deployments, raw["deployments"]):
+        limit = raw_d.get("concurrency_limit")
+        assert (limit.get("limit") if isinstance(limit, dict) else limit) == 1, d.name
+        assert not isinstance(limit, dict) or limit.get("collision_strategy", "ENQUEUE") == "ENQUEUE", d.name
 
 
 def test_prefect_yaml_templates_only_what_the_worker_provides(compose):
@@ -401,31 +436,45 @@ def test_prefect_yaml_templates_only_what_the_worker_provides(compose):
     assert not leftover, leftover
 
 
-def test_prefect_deploy_in_the_worker_registers_what_the_stack_runs(raw, prefect_server, tmp_path):
-    """`prefect deploy --all`, run as the README says (in the worker's container, /app, its environment) against a
-    real Prefect server: each deployment lands in the pool the worker polls and leaves the LLM to the worker."""
+def test_the_worker_and_prefect_deploy_set_up_what_the_stack_runs(raw, prefect_server, tmp_path):
+    """Against a real Prefect server, with the worker's environment: the worker's command (real `prefect` calls, up to
+    `worker start`) creates the pool and limits it to one flow run; run again (a restart) it keeps it so; then
+    `prefect deploy --all`, as the README runs it in the worker's container (/app), registers every deployment in that
+    pool with its concurrency limit and without an LLM of its own."""
     compose = interpolate(raw, {"PREFECT_DEFAULT_WORK_POOL_NAME": "gpu-box"})
-    env = {**os.environ, **worker_env(compose), "PREFECT_API_URL": prefect_server,
-           "TEXTADAPT_HOME": str(tmp_path / "home"), "HF_HOME": str(tmp_path / "hf")}  # the container's paths, here
     prefect = str(Path(sys.executable).parent / "prefect")
+    calls = fake_prefect(tmp_path / "bin", real=prefect)
+    env = {**os.environ, **worker_env(compose), "PREFECT_API_URL": prefect_server, "PATH": f"{calls.parent}:{os.environ['PATH']}",
+           "TEXTADAPT_HOME": str(tmp_path / "home"), "HF_HOME": str(tmp_path / "hf")}  # the container's paths, here
 
-    def cli(*args):
-        p = subprocess.run([prefect, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-                           stdin=subprocess.DEVNULL)
-        assert p.returncode == 0, f"prefect {' '.join(args)} exited {p.returncode}\n{p.stdout}\n{p.stderr}"
-        return p.stdout
+    def api(path: str, body: dict | None = None):
+        req = urllib.request.Request(f"{prefect_server}{path}", data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.load(r)
 
-    cli("work-pool", "create", "gpu-box", "--type", "process")  # what the worker's start does when the pool is missing
-    cli("deploy", "--all")
-    body = json.dumps({"deployments": {"name": {"any_": [d["name"] for d in deployments(env)]}}}).encode()
-    req = urllib.request.Request(f"{prefect_server}/deployments/filter", data=body, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        registered = {d["name"]: d for d in json.load(r)}
+    for start in range(2):  # the first start creates the pool; a restart finds it
+        run = subprocess.run(compose["services"]["worker"]["command"], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=300, stdin=subprocess.DEVNULL)
+        assert run.returncode == 0, f"the worker's command exited {run.returncode}\n{run.stdout}\n{run.stderr}"
+        pool = api("/work_pools/gpu-box")
+        assert (pool["type"], pool["concurrency_limit"]) == ("process", 1)
+    made = [json.loads(line)[:2] for line in calls.read_text().splitlines()]
+    assert made.count(["work-pool", "create"]) == 1 and made.count(["worker", "start"]) == 2
+
+    p = subprocess.run([prefect, "deploy", "--all"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+                       stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, f"prefect deploy --all exited {p.returncode}\n{p.stdout}\n{p.stderr}"
     declared = yaml.safe_load(PREFECT_YAML.read_text())["deployments"]
+    names = {"deployments": {"name": {"any_": [d["name"] for d in declared]}}}
+    registered = {d["name"]: d for d in api("/deployments/filter", names)}
     assert set(registered) == {d["name"] for d in declared}
     for d in declared:
         got = registered[d["name"]]
         assert got["work_pool_name"] == "gpu-box", got["work_pool_name"]
+        limit = got["global_concurrency_limit"] or {}  # a deployment's concurrency limit (`concurrency_limit` is deprecated)
+        assert limit.get("limit") == 1 and limit.get("active"), limit
+        assert (got["concurrency_options"] or {}).get("collision_strategy", "ENQUEUE") == "ENQUEUE", got["concurrency_options"]
         assert got["parameters"] == d["parameters"] and "llm" not in got["parameters"]
         assert got["entrypoint"] == "textadapt.flows.adapt.adapt"
 
