@@ -12,7 +12,7 @@ from textadapt.store import SCHEMA_VERSION, Store
 
 def test_new_file_gets_the_current_schema(tmp_path):
     with Store(tmp_path / "c.duckdb") as s:
-        assert s.sql("SELECT value FROM textadapt_meta")[1] == [(str(SCHEMA_VERSION),)]
+        assert s.sql("SELECT value FROM textadapt_meta WHERE key = 'schema_version'")[1] == [(str(SCHEMA_VERSION),)]
         tables = {r[0] for r in s.sql("SELECT table_name FROM information_schema.tables")[1]}
     assert {"generations", "descriptions", "text_embeddings", "image_embeddings", "runs", "run_generations", "results", "class_results"} <= tables
 
@@ -75,7 +75,7 @@ def test_migration_from_version_1_keeps_every_row(tmp_path):
     con.execute("INSERT INTO run_generations VALUES ('r1', 'k1', 8)")
     con.close()
     with Store(path) as s:
-        assert s.sql("SELECT value FROM textadapt_meta")[1] == [(str(SCHEMA_VERSION),)]
+        assert s.sql("SELECT value FROM textadapt_meta WHERE key = 'schema_version'")[1] == [(str(SCHEMA_VERSION),)]
         assert s.sql("SELECT key, base_key, refresh, description FROM generations")[1] == [("k1", "k1", 0, "a bag with handles.")]
         assert s.sql("SELECT run_id, key, class_index, excluded FROM run_generations")[1] == [("r1", "k1", 8, None)]
         assert s.sql("SELECT description FROM descriptions")[1] == [("a bag with handles.",)]

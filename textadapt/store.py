@@ -1,20 +1,51 @@
-"""The cache: one DuckDB file holding every generation, embedding, run and result.
+"""The cache: one DuckDB file holding every generation, embedding, run and result, readable while a run writes.
 
-The schema is a user interface (``docs/schema.md`` documents it; users query it with
-``textadapt sql`` or the ``duckdb`` shell). It is versioned: ``MIGRATIONS[i]`` takes a file from
-version i to i+1, and opening a file applies the missing ones in one transaction. Rows are
-written as they arrive, so a crash loses only what was in flight.
+The schema is a user interface (``docs/schema.md``, generated from this module by ``render_schema_doc``;
+users query it with ``textadapt sql`` or any DuckDB client). It is versioned: ``MIGRATIONS[i]`` takes a
+file from version i to i+1, and opening a file for writing applies the missing ones in one transaction.
+
+DuckDB locks a file for a connection's whole life: a read-write connection shuts every other process
+out, and read-only ones shut a writer out. A run writes for minutes to hours, exactly when users want
+to look. So the writer never keeps the file open for writing. Beside the cache file ``CACHE``:
+
+    CACHE             the stored rows (tables in schema ``stored``) and what users query (views in ``main``)
+    CACHE.staging/    the rows written since the last fold, as Parquet files: one folder per batch
+    CACHE.lock        held (POSIX lock) by the one process that writes; its pid and run are inside
+
+The writer opens ``CACHE`` read-only, like any reader, and publishes each batch of rows atomically as
+a new folder of Parquet files (written in ``staging/tmp``, then renamed). Each table users query
+(``generations``, ``runs``, ...) is a view: the stored rows plus the staged ones, one row per primary
+key, so every client sees each batch as soon as it is published. When no other process has the file
+open, at the writer's start and end (or ``fold()``), the writer takes DuckDB's write lock for as long
+as it takes to move the staged rows into the stored tables in one transaction, and removes them. It
+never waits for a reader: what it cannot fold now is folded later. Meanwhile it merges staged batches
+(16 into 1, per level) to keep the number of files small, removing the merged ones only while no
+other process has the file open. Readers wait (``wait`` seconds) only while a fold holds the lock.
+A crash loses at most the batch being written; a fold cut short is redone (the views and the fold
+keep one row per key, so nothing is counted twice).
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import os
+import shutil
+import socket
+import struct
+import sys
+import textwrap
+import threading
+import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from textadapt import TextadaptError
 
@@ -148,8 +179,318 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (run_id, method)
     );
     """,
+    # 3 -> 4: the stored rows move to schema `stored`, and the names users query become views (installed by
+    # Store: the stored rows plus the staged ones). New: generations.run_id (the run that asked the LLM; for
+    # older rows, the run that was writing when the row was stored and used it, where there is one: only one
+    # process wrote at a time), runs.flow_run_id, run_generations.excluded_items. Column meanings: TABLE_DOCS.
+    """
+    DROP VIEW descriptions;
+    CREATE SCHEMA stored;
+    CREATE TABLE stored.generations (
+        key VARCHAR PRIMARY KEY, dataset VARCHAR NOT NULL, class_name VARCHAR NOT NULL, template VARCHAR NOT NULL,
+        template_hash VARCHAR NOT NULL, model VARCHAR NOT NULL, prompt VARCHAR NOT NULL, params JSON NOT NULL,
+        sample_index INTEGER NOT NULL, raw_text VARCHAR, description VARCHAR, rejected VARCHAR, prompt_tokens INTEGER,
+        completion_tokens INTEGER, seconds DOUBLE, created_at TIMESTAMP DEFAULT current_timestamp, base_key VARCHAR,
+        refresh INTEGER DEFAULT 0, run_id VARCHAR
+    );
+    INSERT INTO stored.generations BY NAME
+        SELECT g.*, w.run_id FROM main.generations g LEFT JOIN (
+            SELECT rg.key, arg_max(r.run_id, r.started_at) AS run_id
+            FROM main.run_generations rg JOIN main.runs r USING (run_id) JOIN main.generations x USING (key)
+            WHERE x.template NOT LIKE 'import/%' AND x.created_at >= r.started_at
+              AND (r.finished_at IS NULL OR x.created_at <= r.finished_at)
+            GROUP BY rg.key
+        ) w USING (key);
+    CREATE TABLE stored.backbones (
+        backbone VARCHAR PRIMARY KEY, spec VARCHAR NOT NULL, arch VARCHAR NOT NULL, weights VARCHAR NOT NULL,
+        untrained BOOLEAN NOT NULL, created_at TIMESTAMP DEFAULT current_timestamp
+    );
+    INSERT INTO stored.backbones BY NAME SELECT * FROM main.backbones;
+    CREATE TABLE stored.text_embeddings (
+        backbone VARCHAR NOT NULL, text_hash VARCHAR NOT NULL, text VARCHAR NOT NULL, embedding FLOAT[] NOT NULL,
+        created_at TIMESTAMP DEFAULT current_timestamp, PRIMARY KEY (backbone, text_hash)
+    );
+    INSERT INTO stored.text_embeddings BY NAME SELECT * FROM main.text_embeddings;
+    CREATE TABLE stored.image_embeddings (
+        backbone VARCHAR NOT NULL, image_hash VARCHAR NOT NULL, embedding FLOAT[] NOT NULL,
+        created_at TIMESTAMP DEFAULT current_timestamp, PRIMARY KEY (backbone, image_hash)
+    );
+    INSERT INTO stored.image_embeddings BY NAME SELECT * FROM main.image_embeddings;
+    CREATE TABLE stored.runs (
+        run_id VARCHAR PRIMARY KEY, dataset VARCHAR NOT NULL, status VARCHAR NOT NULL, options JSON NOT NULL,
+        backbone VARCHAR, llm VARCHAR, llm_calls INTEGER, cached_generations INTEGER, text_encoder_calls INTEGER,
+        report_path VARCHAR, error VARCHAR, started_at TIMESTAMP DEFAULT current_timestamp, finished_at TIMESTAMP,
+        flow_run_id VARCHAR
+    );
+    INSERT INTO stored.runs BY NAME SELECT * FROM main.runs;
+    CREATE TABLE stored.run_generations (
+        run_id VARCHAR NOT NULL, key VARCHAR NOT NULL, class_index INTEGER NOT NULL, excluded VARCHAR,
+        excluded_items INTEGER[], PRIMARY KEY (run_id, key)
+    );
+    INSERT INTO stored.run_generations BY NAME SELECT * FROM main.run_generations;
+    CREATE TABLE stored.results (
+        run_id VARCHAR NOT NULL, method VARCHAR NOT NULL, kind VARCHAR NOT NULL, top1 DOUBLE NOT NULL,
+        mean_per_class DOUBLE NOT NULL, n_images INTEGER NOT NULL, n_texts INTEGER, train_seconds DOUBLE, losses DOUBLE[],
+        top5 DOUBLE, top1_std DOUBLE, mean_per_class_std DOUBLE, seeds INTEGER[], top1_per_seed DOUBLE[], adapter VARCHAR,
+        loss VARCHAR, scoring VARCHAR, text_set VARCHAR, PRIMARY KEY (run_id, method)
+    );
+    INSERT INTO stored.results BY NAME SELECT * FROM main.results;
+    CREATE TABLE stored.class_results (
+        run_id VARCHAR NOT NULL, method VARCHAR NOT NULL, class_index INTEGER NOT NULL, class_name VARCHAR NOT NULL,
+        n_images INTEGER NOT NULL, accuracy DOUBLE, delta DOUBLE, PRIMARY KEY (run_id, method, class_index)
+    );
+    INSERT INTO stored.class_results BY NAME SELECT * FROM main.class_results;
+    CREATE TABLE stored.classifiers (
+        run_id VARCHAR NOT NULL, method VARCHAR NOT NULL, seed INTEGER NOT NULL, n_classes INTEGER NOT NULL,
+        dim INTEGER NOT NULL, classes VARCHAR[] NOT NULL, weight FLOAT[] NOT NULL, log_prior FLOAT[], beta DOUBLE,
+        PRIMARY KEY (run_id, method)
+    );
+    INSERT INTO stored.classifiers BY NAME SELECT * FROM main.classifiers;
+    DROP TABLE main.generations; DROP TABLE main.backbones; DROP TABLE main.text_embeddings; DROP TABLE main.image_embeddings;
+    DROP TABLE main.runs; DROP TABLE main.run_generations; DROP TABLE main.results; DROP TABLE main.class_results;
+    DROP TABLE main.classifiers;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass(frozen=True)
+class StagedTable:
+    """A stored table that writers stage rows for, and how one row per primary key is chosen."""
+
+    key: tuple[str, ...]
+    keep: str  # "first": content-addressed, the row stored first stays (INSERT OR IGNORE); "last": a newer row replaces it
+
+
+TABLES: dict[str, StagedTable] = {
+    "generations": StagedTable(("key",), "first"),
+    "backbones": StagedTable(("backbone",), "first"),
+    "text_embeddings": StagedTable(("backbone", "text_hash"), "first"),
+    "image_embeddings": StagedTable(("backbone", "image_hash"), "first"),
+    "runs": StagedTable(("run_id",), "last"),
+    "run_generations": StagedTable(("run_id", "key"), "first"),
+    "results": StagedTable(("run_id", "method"), "last"),
+    "class_results": StagedTable(("run_id", "method", "class_index"), "last"),
+    "classifiers": StagedTable(("run_id", "method"), "last"),
+}
+
+# What each table and column means: written into the file (COMMENT ON) and into docs/schema.md.
+TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
+    "generations": ("Every LLM sample, accepted or not, and every imported description.", {
+        "key": "content address: sha256 of dataset, LLM identity, template hash, prompt, sampling parameters and sample index "
+               "(round r of --refresh: sha256(base_key + ':refresh:' + r)); imports: sha256 of dataset, source, file hash, class, position",
+        "dataset": "dataset spec name",
+        "class_name": "the class asked about ('' for a meta-prompting stage-1 row, template meta/questions)",
+        "template": "prompt template SET/NAME (targeted/look); meta/questions/N: a question the LLM wrote; import/SOURCE: an imported file",
+        "template_hash": "sha256 of the template's source (of the file, for imports): editing a template changes it",
+        "model": "LLM identity, e.g. llama-cpp:SmolLM2-135M-Instruct.Q4_1.gguf@sha256:...; import:SOURCE for imports",
+        "prompt": "the exact text sent to the LLM ('' for imports)",
+        "params": "sampling parameters (temperature, max tokens, stop strings)",
+        "sample_index": "0 .. samples-1",
+        "raw_text": "the answer as received (bytes that were not UTF-8 as U+FFFD; an answer over 20,000 characters is cut there "
+                    "and ends with [... cut: N characters in all])",
+        "description": "the cleaned answer, one item per line for parse: list and parse: questions templates; NULL when rejected",
+        "rejected": "why it is not used (empty, refusal, too short, too long, no answer, no items, no questions ...); NULL: accepted",
+        "prompt_tokens": "prompt tokens, as the LLM server counted them",
+        "completion_tokens": "completion tokens, as the LLM server counted them",
+        "seconds": "time the LLM took for this answer",
+        "created_at": "when it was stored",
+        "base_key": "the key of refresh round 0 (equal to key unless refreshed)",
+        "refresh": "the refresh round: 0, then 1, 2 ... for each --refresh",
+        "run_id": "the run that asked the LLM for it; NULL for imports, and for rows stored before schema 4 by no run that used them",
+    }),
+    "backbones": ("Every image/text encoder a run used; its identity keys the embedding cache.", {
+        "backbone": "identity: ARCH@sha256 of the weights (every tensor) and the image preprocessing",
+        "spec": "as asked for, e.g. ViT-B-32:openai",
+        "arch": "open_clip architecture",
+        "weights": "pretrained tag, hub id, file, or random",
+        "untrained": "random weights: accuracies measured with it mean nothing",
+        "created_at": "when it was first stored",
+    }),
+    "text_embeddings": ("Cached text embeddings, by backbone and text.", {
+        "backbone": "backbones.backbone",
+        "text_hash": "sha256 of the text",
+        "text": "the text encoded",
+        "embedding": "L2-normalised",
+        "created_at": "when it was stored",
+    }),
+    "image_embeddings": ("Cached image embeddings, by backbone and image bytes.", {
+        "backbone": "backbones.backbone",
+        "image_hash": "sha256 of the image's bytes",
+        "embedding": "L2-normalised",
+        "created_at": "when it was stored",
+    }),
+    "runs": ("One row per textadapt run.", {
+        "run_id": "DATASET-YYYYMMDD-HHMMSS-xxxx (also the report's file name)",
+        "dataset": "dataset spec name",
+        "status": "running, completed, failed, or interrupted (the process stopped: the next writer marks it, as it holds the "
+                  "cache's writer lock, so no other run is alive)",
+        "options": "every run option",
+        "backbone": "backbones.backbone",
+        "llm": "LLM identity ('none (no template set)' when no LLM was needed)",
+        "llm_calls": "generations this run asked the LLM for (0: all from the cache)",
+        "cached_generations": "generations served from the cache",
+        "text_encoder_calls": "texts this run had to encode (0: all from the cache)",
+        "report_path": "the Markdown report (the HTML page is beside it: same name, .html)",
+        "error": "why it failed",
+        "started_at": "when it started",
+        "finished_at": "when it completed or failed",
+        "flow_run_id": "the Prefect flow run's id",
+    }),
+    "run_generations": ("Which generations a run used, as which class; any past run can be reproduced from these rows.", {
+        "run_id": "runs.run_id",
+        "key": "generations.key (the refresh round the run used)",
+        "class_index": "the class in the dataset spec's order (-1: a meta-prompting question row); labels always come from the spec",
+        "excluded": "why the run trained on none of it: 'duplicate of KEY' when every item repeats, after normalising case and "
+                    "punctuation, an earlier description of the same class and template set; NULL otherwise",
+        "excluded_items": "the items (1-based lines of the description) the run left out as such duplicates; NULL: none",
+    }),
+    "results": ("One row per method per run.", {
+        "run_id": "runs.run_id",
+        "method": "e.g. zero-shot:class-name, waffle, cupl:SET, tap-head:SET, zs-head+ot:SET/ig, captioner (README, methods)",
+        "kind": "zero-shot, descriptions (CuPL, DCLIP) or adapted",
+        "top1": "top-1 accuracy, mean over seeds",
+        "mean_per_class": "mean per-class recall, mean over seeds",
+        "n_images": "test images scored",
+        "n_texts": "training descriptions (adapted heads)",
+        "train_seconds": "training time, all seeds",
+        "losses": "the first seed's training loss, every 10 steps and the last",
+        "top5": "top-5 accuracy; NULL with 5 classes or fewer",
+        "top1_std": "population standard deviation of top-1 over seeds; NULL for one seed",
+        "mean_per_class_std": "the same for mean_per_class",
+        "seeds": "training seeds, or WaffleCLIP's draws",
+        "top1_per_seed": "top-1 of each seed",
+        "adapter": "tap-head, zs-head, residual, prompt; NULL when training-free",
+        "loss": "ce or ot",
+        "scoring": "plain or ig",
+        "text_set": "the description set or source it was built from",
+    }),
+    "class_results": ("Per class, per method, per run.", {
+        "run_id": "runs.run_id",
+        "method": "results.method",
+        "class_index": "the class in the dataset spec's order",
+        "class_name": "the class",
+        "n_images": "test images of the class",
+        "accuracy": "recall of the class, mean over seeds",
+        "delta": "accuracy minus the best training-free baseline's on this class (training-free, plain scoring, best top-1)",
+    }),
+    "classifiers": ("Every classifier a run built: what `textadapt export` writes.", {
+        "run_id": "runs.run_id",
+        "method": "results.method, /ig included (also for --train-only runs, which have no results)",
+        "seed": "the first seed's classifier is kept",
+        "n_classes": "rows of weight",
+        "dim": "columns of weight",
+        "classes": "class names, in the order of the weight's rows",
+        "weight": "(n_classes, dim) row-major: logits = normalised image embedding @ weight.T",
+        "log_prior": "IG scoring subtracts beta times it; NULL: plain scoring",
+        "beta": "IG scoring's weight",
+    }),
+}
+
+META_DOC = ("textadapt's own bookkeeping.", {
+    "key": "schema_version (MIGRATIONS applied), staging (the folder of staged rows the views read), views (hash of their definitions)",
+    "value": "its value",
+})
+
+
+@dataclass(frozen=True)
+class View:
+    """A view shaped for one question users ask."""
+
+    name: str
+    doc: str
+    columns: dict[str, str]
+    sql: str
+
+
+RUN_RESULTS_COLUMNS = {
+    "run_id": "runs.run_id", "dataset": "dataset", "status": "runs.status", "started_at": "runs.started_at",
+    "finished_at": "runs.finished_at", "backbone": "backbone identity", "backbone_spec": "as asked for, e.g. ViT-B-32:openai",
+    "untrained": "random weights: the accuracies mean nothing", "llm": "LLM identity", "method": "results.method",
+    "kind": "zero-shot, descriptions or adapted", "adapter": "results.adapter", "loss": "results.loss",
+    "scoring": "results.scoring", "text_set": "results.text_set", "top1": "mean over seeds", "top1_std": "over seeds",
+    "top5": "top-5 accuracy", "mean_per_class": "mean over seeds", "mean_per_class_std": "over seeds",
+    "top1_per_seed": "per seed", "seeds": "results.seeds", "n_images": "test images", "n_texts": "training descriptions",
+    "train_seconds": "all seeds", "options": "every run option",
+}
+
+VIEWS: list[View] = [
+    View("descriptions", "The accepted generations, one row per description (a list answer gives several); every version.", {
+        "key": "generations.key", "dataset": "dataset", "class_name": "class", "template": "SET/NAME", "model": "LLM identity",
+        "description": "one description", "created_at": "when its generation was stored",
+    }, """
+    SELECT key, dataset, class_name, template, model, unnest(string_split(description, chr(10))) AS description, created_at
+    FROM generations WHERE rejected IS NULL
+    """),
+    View("current_descriptions",
+         "The descriptions of the current version of each template: for each dataset and template, the template version "
+         "(template_hash) and LLM last generated or used by a run, and of each generation its newest --refresh round. What a "
+         "run with the same templates and LLM would train on; after a template edit, only the edited version's.", {
+             "key": "generations.key", "dataset": "dataset", "class_name": "class", "template": "SET/NAME",
+             "template_hash": "the current version of the template", "model": "the LLM identity of the current version",
+             "refresh": "the newest refresh round", "item": "the description's line in its generation (1-based)",
+             "description": "one description", "created_at": "when its generation was stored",
+         }, """
+    WITH version_seen AS (  -- each (template version, LLM) of a dataset's template, and when it was last generated or used
+        SELECT dataset, template, template_hash, model, max(seen_at) AS seen_at FROM (
+            SELECT dataset, template, template_hash, model, created_at AS seen_at FROM generations
+            UNION ALL
+            SELECT g.dataset, g.template, g.template_hash, g.model, r.started_at
+            FROM run_generations rg JOIN runs r USING (run_id) JOIN generations g USING (key)
+        ) GROUP BY ALL
+    ), current_version AS (
+        SELECT * FROM version_seen
+        QUALIFY row_number() OVER (PARTITION BY dataset, template ORDER BY seen_at DESC, template_hash, model) = 1
+    ), newest_round AS (
+        SELECT g.* FROM generations g JOIN current_version USING (dataset, template, template_hash, model)
+        QUALIFY refresh = max(refresh) OVER (PARTITION BY base_key)
+    )
+    SELECT key, dataset, class_name, template, template_hash, model, refresh,
+           generate_subscripts(string_split(description, chr(10)), 1) AS item,
+           unnest(string_split(description, chr(10))) AS description, created_at
+    FROM newest_round WHERE rejected IS NULL
+    """),
+    View("run_descriptions", "Every description each run was given for a class, and whether it trained on it.", {
+        "run_id": "runs.run_id", "dataset": "dataset", "class_index": "the class in the spec's order", "class_name": "class",
+        "template_set": "targeted, generic, ..., import for imported sources", "template": "SET/NAME or import/SOURCE",
+        "key": "generations.key", "item": "the description's line in its generation (1-based)", "description": "one description",
+        "used": "the run trained on it (false: left out as a duplicate)", "excluded": "why not: run_generations.excluded, or "
+        "'duplicate' for one item of a list answer",
+    }, """
+    SELECT rg.run_id, g.dataset, rg.class_index, g.class_name, split_part(g.template, '/', 1) AS template_set, g.template,
+           g.key, g.item, g.description,
+           rg.excluded IS NULL AND NOT list_contains(coalesce(rg.excluded_items, []::INTEGER[]), g.item) AS used,
+           coalesce(rg.excluded, CASE WHEN list_contains(rg.excluded_items, g.item) THEN 'duplicate' END) AS excluded
+    FROM run_generations rg JOIN (
+        SELECT key, dataset, class_name, template, unnest(string_split(description, chr(10))) AS description,
+               generate_subscripts(string_split(description, chr(10)), 1) AS item
+        FROM generations WHERE rejected IS NULL
+    ) g USING (key)
+    WHERE rg.class_index >= 0
+    """),
+    View("run_results", "results, with each run's dataset, backbone, LLM, times and status.", RUN_RESULTS_COLUMNS, """
+    SELECT x.run_id, r.dataset, r.status, r.started_at, r.finished_at, r.backbone, b.spec AS backbone_spec, b.untrained, r.llm,
+           x.method, x.kind, x.adapter, x.loss, x.scoring, x.text_set, x.top1, x.top1_std, x.top5, x.mean_per_class,
+           x.mean_per_class_std, x.top1_per_seed, x.seeds, x.n_images, x.n_texts, x.train_seconds, r.options
+    FROM results x JOIN runs r USING (run_id) LEFT JOIN backbones b ON b.backbone = r.backbone
+    """),
+    View("latest_results", "For each dataset, backbone and method, its result in the newest completed run.", RUN_RESULTS_COLUMNS, """
+    SELECT * FROM run_results WHERE status = 'completed'
+    QUALIFY row_number() OVER (PARTITION BY dataset, backbone, method ORDER BY started_at DESC, run_id DESC) = 1
+    """),
+    View("run_llm_usage", "What each run itself spent on the LLM: the generations it asked for (a run served entirely from "
+         "the cache spent 0).", {
+             "run_id": "runs.run_id", "dataset": "dataset", "status": "runs.status", "llm": "LLM identity",
+             "llm_calls": "answers it asked the LLM for and stored (accepted or not)", "rejected": "of which rejected by cleaning",
+             "prompt_tokens": "prompt tokens", "completion_tokens": "completion tokens", "llm_seconds": "LLM time",
+         }, """
+    SELECT r.run_id, r.dataset, r.status, r.llm, count(g.key) AS llm_calls, count(g.key) FILTER (g.rejected IS NOT NULL) AS rejected,
+           coalesce(sum(g.prompt_tokens), 0)::BIGINT AS prompt_tokens, coalesce(sum(g.completion_tokens), 0)::BIGINT AS completion_tokens,
+           coalesce(sum(g.seconds), 0) AS llm_seconds
+    FROM runs r LEFT JOIN generations g ON g.run_id = r.run_id
+    GROUP BY r.run_id, r.dataset, r.status, r.llm
+    """),
+]
 
 
 @dataclass
@@ -173,82 +514,325 @@ class Generation:
     seconds: float | None = None
     base_key: str | None = None  # None: the key itself (refresh round 0)
     refresh: int = 0
+    run_id: str | None = None  # the run that asked the LLM for it (None: an import)
 
 
 @dataclass
 class LlmUsage:
-    """What the generations a run used cost when they were made (whether by this run or an earlier one)."""
+    """Generations, tokens and LLM time (as the backend measured it)."""
 
     generations: int
     prompt_tokens: int
     completion_tokens: int
-    seconds: float  # LLM time, as the backend measured it
+    seconds: float
+
+
+def _lock_conflict(e: Exception) -> bool:
+    msg = str(e).lower()
+    return ("could not set lock" in msg or "conflicting lock" in msg
+            or "different configuration than existing connections" in msg)  # this process has it open read-only
 
 
 def _open_error(path: Path, e: Exception) -> TextadaptError:
     msg = str(e)
-    if "could not set lock" in msg.lower() or "conflicting lock" in msg.lower():
+    if _lock_conflict(e):
         return TextadaptError(
-            f"{path} is in use by another process (a run writing to it?). Wait for it to finish, "
-            f"or point TEXTADAPT_DB / --db at another file. DuckDB said: {msg.splitlines()[0]}"
+            f"{path} is in use by another process, which has it open for writing (DuckDB said: {msg.splitlines()[0]}). "
+            f"Close that program, or point TEXTADAPT_DB / --db at another file."
         )
     return TextadaptError(f"{path}: cannot open as a textadapt cache (DuckDB said: {msg.splitlines()[0]})")
 
 
-class Store:
-    """The DuckDB cache file. One writer process at a time (DuckDB's rule); readers use read_only."""
+def _literal(value: object) -> str:
+    """A SQL string literal (for what DuckDB takes no parameter in: file names in read_parquet, COMMENT ON)."""
+    return "'" + str(value).replace("'", "''") + "'"
 
-    def __init__(self, path: Path, read_only: bool = False):
-        self.path = Path(path)
-        if read_only and not self.path.exists():
-            raise TextadaptError(f"{self.path}: no cache file yet; run `textadapt run DATASET` first")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+def _other_process_has_open(fd: int) -> bool:
+    """Whether another process holds a DuckDB lock on the file open as ``fd`` (DuckDB locks a file with fcntl for a
+    connection's whole life: shared when read-only). F_GETLK asks without taking a lock, so no reader is ever refused
+    by asking. Where the layout of ``struct flock`` is not known here, assume one does."""
+    if not sys.platform.startswith("linux"):
+        return True
+    layout = "hhqqi4x"  # short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid (x86_64, aarch64)
+    got = fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(layout, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+    return struct.unpack(layout, got)[0] != fcntl.F_UNLCK
+
+
+class _WriterLock:
+    """The one-writer guarantee across processes: a POSIX lock on CACHE.lock, held for the writer's whole life and
+    released by the system when the process ends, however it ends. Not inherited by child processes."""
+
+    _held: set[str] = set()  # in this process (POSIX locks do not exclude the process that holds them)
+
+    def __init__(self, path: Path):
+        self.path = Path(f"{path}.lock")
+        if str(self.path) in self._held:
+            raise TextadaptError(f"{path} is in use by another process: this process is already writing to it")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            self.con = duckdb.connect(str(self.path), read_only=read_only)
-        except (duckdb.IOException, duckdb.Error) as e:
-            raise _open_error(self.path, e) from None
-        self.read_only = read_only
-        self._migrate()
-        if not read_only:
-            # DuckDB lets one process write a file at a time, and this one now does: a run still
-            # marked running was cut off (killed, power loss) and will never finish.
-            self.con.execute("UPDATE runs SET status = 'interrupted', error = 'the process stopped before the run finished' "
-                             "WHERE status = 'running'")
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self.fd, 4096, 0).decode("utf-8", "replace")
+            os.close(self.fd)
+            raise TextadaptError(f"{path} is in use by another process: {self._describe(holder)} is writing to it (one writer at "
+                                 "a time). Wait for it to finish, or point TEXTADAPT_DB / --db at another file.") from None
+        self._held.add(str(self.path))
+        self.info = {"pid": os.getpid(), "host": socket.gethostname(), "since": datetime.now().isoformat(timespec="seconds"),
+                     "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300] if sys.argv else ""}
+        self._write()
 
-    def _migrate(self) -> None:
-        tables = {r[0] for r in self.con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    @staticmethod
+    def _describe(holder: str) -> str:
+        try:
+            h = json.loads(holder)
+            return (f"pid {h['pid']} on {h['host']} ({h['command']!r}, since {h['since']}"
+                    + (f", run {h['run_id']}" if h.get("run_id") else "") + ")")
+        except (ValueError, KeyError, TypeError):
+            return "a textadapt process"
+
+    def _write(self) -> None:
+        data = json.dumps(self.info).encode()
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, data, 0)
+
+    def note(self, **info) -> None:
+        self.info.update(info)
+        self._write()
+
+    def release(self) -> None:
+        os.ftruncate(self.fd, 0)
+        os.close(self.fd)  # releases the lock
+        self._held.discard(str(self.path))
+
+
+FANOUT = 16  # staged batches merged into one, per level
+_NOW = object()  # a column whose default is current_timestamp
+ANCHOR = "anchor"  # a staged folder holding an empty file per table: a glob that matches no file is an error in DuckDB
+
+
+class Store:
+    """The DuckDB cache file. ``Store(path)`` is the one writer (refused while another process writes);
+    ``Store(path, read_only=True)`` is a reader. Both see every row written so far."""
+
+    def __init__(self, path: Path, read_only: bool = False, wait: float = 60.0):
+        self.path = Path(path).absolute()
+        self.staging = Path(f"{self.path}.staging")
+        self.read_only = read_only
+        self.wait = wait  # seconds to wait while another process holds the file for writing (a fold)
+        self._lock = threading.RLock()  # one statement at a time on the connection
+        self._writer: _WriterLock | None = None
+        self._probe: int | None = None
+        self.con: duckdb.DuckDBPyConnection | None = None
+        if read_only:
+            if not self.path.exists():
+                raise TextadaptError(f"{self.path}: no cache file yet; run `textadapt run DATASET` first")
+            self.con = self._connect(read_only=True, wait=wait)
+            try:
+                self._check_version(self.con)
+                self._use_current_views(self.con)
+            except BaseException:
+                self.con.close()
+                raise
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = _WriterLock(self.path)
+        try:
+            self._upgrade(wait)
+            self.con = self._connect(read_only=True, wait=wait)
+            self._probe = os.open(self.path, os.O_RDONLY)  # for F_GETLK; closed only after DuckDB's connection (POSIX locks)
+            self._load_columns(self.con)
+            self._use_current_views(self.con)
+            self._scan_staging()
+            # This process holds the writer lock, so a run still marked running was cut off (killed, power loss) and will
+            # never finish.
+            running = [r for (r,) in self.con.execute("SELECT run_id FROM runs WHERE status = 'running'").fetchall()]
+            if running:
+                self._stage(("runs", self._query_rows("SELECT * REPLACE ('interrupted' AS status, 'the process stopped before the run "
+                                                      "finished' AS error) FROM runs WHERE list_contains(?, run_id)", [running])))
+        except BaseException:
+            self._release()
+            raise
+
+    # -- opening, versions and views -------------------------------------------------------------
+
+    def _connect(self, read_only: bool, wait: float) -> duckdb.DuckDBPyConnection:
+        """A connection, waiting up to ``wait`` seconds while another process holds the file for writing."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                return duckdb.connect(str(self.path), read_only=read_only)
+            except duckdb.Error as e:
+                if not _lock_conflict(e) or time.monotonic() >= deadline:
+                    raise _open_error(self.path, e) from None
+                time.sleep(0.02)
+
+    def _load_columns(self, con: duckdb.DuckDBPyConnection) -> None:
+        """(name, type, default) of each stored table's columns, in order: what a staged file holds."""
+        self._columns: dict[str, list[tuple[str, str, str | None]]] = {}
+        for t, *column in con.execute("SELECT table_name, column_name, data_type, column_default FROM duckdb_columns() "
+                                      "WHERE schema_name = 'stored' ORDER BY table_name, column_index").fetchall():
+            self._columns.setdefault(t, []).append(tuple(column))
+        self._schemas = {t: con.execute(f"SELECT * FROM stored.{t} LIMIT 0").to_arrow_table().schema for t in TABLES}
+        self._defaults = {t: {c: _NOW if d.upper() == "CURRENT_TIMESTAMP" else con.execute(f"SELECT CAST({d} AS {ty})").fetchone()[0]
+                              for c, ty, d in columns if d is not None} for t, columns in self._columns.items()}
+
+    def _version(self, con: duckdb.DuckDBPyConnection) -> int:
+        tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()}
         if "textadapt_meta" in tables:
-            version = int(self.con.execute("SELECT value FROM textadapt_meta WHERE key = 'schema_version'").fetchone()[0])
-        elif tables:
-            self.con.close()
-            raise TextadaptError(f"{self.path} is a DuckDB file but not a textadapt cache (it has tables {sorted(tables)[:5]}); refusing to touch it")
-        else:
-            version = 0
+            return int(con.execute("SELECT value FROM textadapt_meta WHERE key = 'schema_version'").fetchone()[0])
+        if tables:
+            raise TextadaptError(f"{self.path} is a DuckDB file but not a textadapt cache (it has tables {sorted(tables)[:5]}); "
+                                 "refusing to touch it")
+        return 0
+
+    def _check_version(self, con: duckdb.DuckDBPyConnection) -> int:
+        version = self._version(con)
         if version > SCHEMA_VERSION:
             raise TextadaptError(f"{self.path} has schema version {version}, newer than this textadapt's {SCHEMA_VERSION}: upgrade textadapt")
-        if version == SCHEMA_VERSION:
-            return
-        if self.read_only:
+        if version < SCHEMA_VERSION and self.read_only:
             raise TextadaptError(f"{self.path} has schema version {version}; open it once for writing to migrate it to {SCHEMA_VERSION}")
-        self.con.execute("BEGIN TRANSACTION")
-        if version == 0:
-            self.con.execute("CREATE TABLE textadapt_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
-            self.con.execute("INSERT INTO textadapt_meta VALUES ('schema_version', '0')")
-        for sql in MIGRATIONS[version:]:
-            self.con.execute(sql)
-        self.con.execute("UPDATE textadapt_meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
-        self.con.execute("COMMIT")
-        # Put the schema in the file itself, not only in the write-ahead log: DuckDB 1.5.6 cannot
-        # replay a log holding our views' definitions after a crash, and would refuse the file.
-        self.con.execute("CHECKPOINT")
+        return version
+
+    def _upgrade(self, wait: float) -> None:
+        """Create or migrate the file, fold what earlier writers staged, and install the views: with DuckDB's write lock,
+        which a new or older file needs (waiting up to ``wait`` seconds for readers), and the rest takes only if free now."""
+        needed = not self.path.exists()
+        if not needed:
+            con = self._connect(read_only=True, wait=wait)
+            try:
+                needed = self._check_version(con) < SCHEMA_VERSION
+            finally:
+                con.close()
+        con = self._exclusive(wait if needed else 0)
+        if con is None:
+            return
+        try:
+            version = self._check_version(con)
+            if version >= 4:  # fold with the schema the staged rows were written with
+                self._fold_into(con, self._published())
+            if version < SCHEMA_VERSION:
+                con.execute("BEGIN TRANSACTION")
+                if version == 0:
+                    con.execute("CREATE TABLE textadapt_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+                    con.execute("INSERT INTO textadapt_meta VALUES ('schema_version', '0')")
+                for sql in MIGRATIONS[version:]:
+                    con.execute(sql)
+                con.execute("UPDATE textadapt_meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
+                con.execute("COMMIT")
+            self._load_columns(con)
+            if self._views_hash() != self._meta(con, "views"):
+                self._install_views(con)
+            # Put the schema in the file itself, not only in the write-ahead log: DuckDB 1.5.6 cannot replay a log
+            # holding our views' definitions after a crash, and would refuse the file.
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+
+    @staticmethod
+    def _meta(con: duckdb.DuckDBPyConnection, key: str) -> str | None:
+        row = con.execute("SELECT value FROM textadapt_meta WHERE key = ?", [key]).fetchone()
+        return row[0] if row else None
+
+    def _view_sqls(self) -> list[tuple[str, str]]:
+        """(name, SELECT) of every view, in dependency order: the staged tables' first."""
+        out = []
+        for name, t in TABLES.items():
+            key = ", ".join(t.key)
+            staged = (f"SELECT * EXCLUDE (_seq) FROM read_parquet({_literal(self.staging / '*' / f'{name}.parquet')}) "
+                      f"QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY _seq {'ASC' if t.keep == 'first' else 'DESC'}) = 1")
+            if t.keep == "first":  # a stored row stays; staged rows add the keys not stored yet
+                sql = f"SELECT * FROM stored.{name} UNION ALL BY NAME SELECT s.* FROM ({staged}) s ANTI JOIN stored.{name} USING ({key})"
+            else:  # a staged row replaces the stored one
+                sql = (f"WITH staged AS ({staged}) "
+                       f"SELECT t.* FROM stored.{name} t ANTI JOIN staged USING ({key}) UNION ALL BY NAME SELECT * FROM staged")
+            out.append((name, sql))
+        return out + [(v.name, textwrap.dedent(v.sql).strip()) for v in VIEWS]
+
+    def _views_hash(self) -> str:
+        docs = json.dumps([TABLE_DOCS, META_DOC, [(v.name, v.doc, v.columns) for v in VIEWS]], sort_keys=True)
+        return hashlib.sha256((json.dumps(self._view_sqls()) + docs).encode()).hexdigest()[:16]
+
+    def _install_views(self, con: duckdb.DuckDBPyConnection) -> None:
+        """The views users query, their COMMENTs, and the staging folder's anchor (a fold has just emptied it)."""
+        self._write_anchor(con)
+        con.execute("BEGIN TRANSACTION")
+        for name, sql in self._view_sqls():
+            con.execute(f"CREATE OR REPLACE VIEW main.{name} AS {sql}")
+        comments = []
+        for name, (doc, columns) in TABLE_DOCS.items():
+            for schema, kind in (("stored", "TABLE"), ("main", "VIEW")):
+                text = doc if schema == "main" else f"{doc} (The stored rows: query the view main.{name}.)"
+                comments += [(f"{kind} {schema}.{name}", text)] + [(f"COLUMN {schema}.{name}.{c}", t) for c, t in columns.items()]
+        comments += [("TABLE textadapt_meta", META_DOC[0])] + [(f"COLUMN textadapt_meta.{c}", t) for c, t in META_DOC[1].items()]
+        for v in VIEWS:
+            comments += [(f"VIEW main.{v.name}", v.doc)] + [(f"COLUMN main.{v.name}.{c}", t) for c, t in v.columns.items()]
+        con.execute(";\n".join(f"COMMENT ON {what} IS {_literal(text)}" for what, text in comments))
+        for key, value in (("staging", str(self.staging)), ("views", self._views_hash())):
+            con.execute("INSERT OR REPLACE INTO textadapt_meta VALUES (?, ?)", [key, value])
+        con.execute("COMMIT")
+
+    def _use_current_views(self, con: duckdb.DuckDBPyConnection) -> None:
+        """If the file's views are not this textadapt's for this path (the file was moved, or a newer textadapt reads a
+        file whose writer could not yet install them), use this textadapt's own, as temporary views of this connection."""
+        if self._meta(con, "views") == self._views_hash():
+            return
+        for name, sql in self._view_sqls():
+            con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS {sql}")
+
+    def _write_anchor(self, con: duckdb.DuckDBPyConnection) -> None:
+        """An empty file per table, with the stored table's columns (a fold has just emptied the staging folder)."""
+        tmp = self.staging / "tmp" / ANCHOR
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name in TABLES:
+            self._parquet(name, con.execute(f"SELECT * FROM stored.{name} LIMIT 0").to_arrow_table(), tmp / f"{name}.parquet", seq=0)
+        if (self.staging / ANCHOR).exists():
+            (self.staging / "trash").mkdir(exist_ok=True)
+            os.rename(self.staging / ANCHOR, self.staging / "trash" / ANCHOR)
+        os.rename(tmp, self.staging / ANCHOR)
+        shutil.rmtree(self.staging / "trash", ignore_errors=True)
+
+    def _exclusive(self, wait: float) -> duckdb.DuckDBPyConnection | None:
+        """DuckDB's write lock on the file, or None if another process has the file open (after ``wait`` seconds: an error)."""
+        if self.con is not None:
+            self.con.close()
+            self.con = None
+        try:
+            return self._connect(read_only=False, wait=wait)
+        except TextadaptError:
+            if wait > 0:
+                raise
+            return None
+
+    def _reopen(self) -> None:
+        self.con = self._connect(read_only=True, wait=self.wait)
+        self._use_current_views(self.con)
 
     def close(self) -> None:
-        self.con.close()
+        with self._lock:
+            if self._writer is not None and self.con is not None:
+                try:
+                    self.fold()
+                except (duckdb.Error, OSError, TextadaptError):
+                    pass  # folded by the next writer
+            self._release()
+
+    def _release(self) -> None:
+        if self.con is not None:
+            self.con.close()
+            self.con = None
+        if self._probe is not None:  # after DuckDB's connection: closing any descriptor of the file drops the process's locks on it
+            os.close(self._probe)
+            self._probe = None
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
 
     def __reduce__(self):
         # A Store sent to another process (a Dask worker, a subprocess) would be a second writer.
         raise TextadaptError(
-            f"the cache {self.path} is written by one process only (DuckDB allows one writing process per file): "
+            f"the cache {self.path} is written by one process only: "
             "a task that runs elsewhere must return its rows to the flow, which writes them"
         )
 
@@ -258,77 +842,248 @@ class Store:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    # -- staging and folding -----------------------------------------------------------------
+
+    def _published(self) -> list[str]:
+        """Every published batch folder (the anchor aside), oldest first."""
+        if not self.staging.exists():
+            return []
+        return sorted(d.name for d in self.staging.iterdir() if d.is_dir() and d.name[:1].isdigit())
+
+    def _scan_staging(self) -> None:
+        """What earlier writers left: finish their clean-up, and find the batches still to merge and to remove."""
+        for junk in ("tmp", "trash"):  # this process holds the writer lock: nothing else writes there
+            shutil.rmtree(self.staging / junk, ignore_errors=True)
+        (self.staging / "tmp").mkdir(parents=True, exist_ok=True)
+        if not (self.staging / ANCHOR).exists():  # (a staging folder removed by hand)
+            self._write_anchor(self.con)
+        batches = self._published()
+        self._superseded = sorted({line for b in batches if (self.staging / b / "supersedes").exists()
+                                   for line in (self.staging / b / "supersedes").read_text().split() if line in batches})
+        self._levels: dict[int, list[str]] = {}
+        for b in batches:
+            if b not in self._superseded:
+                self._levels.setdefault(int(b.split("-")[1]), []).append(b)
+        self._next_seq = 1 + max((int(b.split("-")[0]) for b in batches), default=0)
+        self._drop_superseded()
+
+    def _stage(self, *parts: tuple[str, pa.Table]) -> None:
+        """Publish one batch: (table, its rows) for each part, all appearing together (at the rename) or not at all."""
+        if self._writer is None:
+            raise TextadaptError(f"{self.path} is open read-only")
+        seq = self._next_seq
+        self._next_seq += 1
+        name = f"{seq:012d}-0"
+        tmp = self.staging / "tmp" / name
+        tmp.mkdir(parents=True)
+        for table, rows in parts:
+            self._parquet(table, rows, tmp / f"{table}.parquet", seq)
+        self._publish(tmp, name)
+        self._levels.setdefault(0, []).append(name)
+        self._merge()
+
+    def _publish(self, tmp: Path, name: str) -> None:
+        """Make a written batch durable, then visible (one rename)."""
+        for f in [*tmp.iterdir(), tmp]:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.rename(tmp, self.staging / name)
+        fd = os.open(self.staging, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _parquet(self, table: str, rows: pa.Table, path: Path, seq: int | None = None) -> None:
+        """Write rows of ``table`` as a Parquet file (``seq``: as column _seq). pyarrow's writer: DuckDB's COPY costs 8-40x
+        more per small batch here. JSON columns keep their type, as Parquet's JSON logical type."""
+        if seq is not None:
+            rows = rows.append_column("_seq", pa.array([seq] * rows.num_rows, pa.int64()))
+        for column, type_, _ in self._columns[table]:
+            if type_ == "JSON":
+                i = rows.schema.get_field_index(column)
+                data = rows.column(i).combine_chunks().cast(pa.string())
+                rows = rows.set_column(i, pa.field(column, pa.json_()), pa.ExtensionArray.from_storage(pa.json_(), data))
+        pq.write_table(rows, path)
+
+    def _new_rows(self, table: str, data: dict) -> pa.Table:
+        """Whole rows of ``table`` from some of its columns (lists or Arrow arrays); the others get their default, or NULL."""
+        schema = self._schemas[table]
+        unknown = set(data) - set(schema.names)
+        if unknown:
+            raise ValueError(f"{table} has no column {sorted(unknown)}")
+        n = len(next(iter(data.values())))
+        now = datetime.now()  # = DuckDB's CAST(current_timestamp AS TIMESTAMP): both in the local time zone
+        arrays = []
+        for f in schema:
+            if f.name in data:
+                v = data[f.name]
+                arrays.append(v.cast(f.type) if isinstance(v, (pa.Array, pa.ChunkedArray)) else pa.array(v, f.type))
+            else:
+                default = self._defaults[table].get(f.name)
+                arrays.append(pa.array([now if default is _NOW else default] * n, f.type))
+        return pa.Table.from_arrays(arrays, schema=schema)
+
+    def _query_rows(self, sql: str, params: list | None = None) -> pa.Table:
+        return self._execute(sql, params).to_arrow_table()
+
+    def _insert(self, table: str, data: dict) -> None:
+        self._stage((table, self._new_rows(table, data)))
+
+    def _dedup(self, table: str, files: list[Path]) -> str:
+        t = TABLES[table]
+        return (f"SELECT * FROM read_parquet([{', '.join(_literal(f) for f in files)}]) QUALIFY row_number() OVER "
+                f"(PARTITION BY {', '.join(t.key)} ORDER BY _seq {'ASC' if t.keep == 'first' else 'DESC'}) = 1")
+
+    def _merge(self) -> None:
+        """Merge FANOUT batches of a level into one of the next level; the merged ones go when no other process has the file open."""
+        level = 0
+        while len(self._levels.get(level, [])) >= FANOUT:
+            inputs = self._levels.pop(level)
+            name = f"{self._next_seq:012d}-{level + 1}"
+            self._next_seq += 1
+            tmp = self.staging / "tmp" / name
+            tmp.mkdir(parents=True)
+            for table in TABLES:
+                files = [self.staging / b / f"{table}.parquet" for b in inputs if (self.staging / b / f"{table}.parquet").exists()]
+                if files:
+                    self._parquet(table, self._query_rows(self._dedup(table, files)), tmp / f"{table}.parquet")
+            (tmp / "supersedes").write_text("\n".join(inputs) + "\n")
+            self._publish(tmp, name)
+            self._levels.setdefault(level + 1, []).append(name)
+            self._superseded += inputs
+            level += 1
+        self._drop_superseded()
+
+    def _drop_superseded(self) -> None:
+        """Remove merged batches, but only while no other process has the file open: a reader lists the files of a query
+        once, then reads them (the views read each row once, whichever copies it finds)."""
+        if not self._superseded or _other_process_has_open(self._probe):
+            return
+        trash = self.staging / "trash"
+        trash.mkdir(exist_ok=True)
+        for b in self._superseded:
+            os.rename(self.staging / b, trash / b)
+        self._superseded = []
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def fold(self) -> bool:
+        """Move the staged rows into the stored tables if no other process has the file open now (never waits for one).
+        True when nothing is left staged."""
+        with self._lock:
+            if self._writer is None:
+                raise TextadaptError(f"{self.path} is open read-only")
+            batches = self._published()
+            if not batches:
+                return True
+            con = self._exclusive(0)
+            if con is None:
+                self._reopen()
+                return False
+            try:
+                self._fold_into(con, batches)
+                con.close()
+                self._levels, self._superseded = {}, []
+                shutil.rmtree(self.staging / "trash", ignore_errors=True)
+            finally:
+                con.close()
+                self._reopen()
+            return True
+
+    def _fold_into(self, con: duckdb.DuckDBPyConnection, batches: list[str]) -> None:
+        """One transaction; then, still holding the file (no reader can be between listing files and reading them), the
+        folded batches leave the staging folder."""
+        if not batches:
+            return
+        con.execute("BEGIN TRANSACTION")
+        for table, t in TABLES.items():
+            files = [self.staging / b / f"{table}.parquet" for b in batches if (self.staging / b / f"{table}.parquet").exists()]
+            if files:
+                con.execute(f"INSERT OR {'IGNORE' if t.keep == 'first' else 'REPLACE'} INTO stored.{table} BY NAME "
+                            f"SELECT * EXCLUDE (_seq) FROM ({self._dedup(table, files)})")
+        con.execute("COMMIT")
+        con.execute("CHECKPOINT")
+        trash = self.staging / "trash"
+        trash.mkdir(exist_ok=True)
+        for b in batches:
+            os.rename(self.staging / b, trash / b)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def query(self, sql: str, params: list | None = None) -> list[tuple]:
+        """Rows of a read-only query, through the views (stored and staged rows alike)."""
+        with self._lock:
+            return self._execute(sql, params).fetchall()
+
+    def _execute(self, sql: str, params: list | None = None) -> duckdb.DuckDBPyConnection:
+        for attempt in range(3):
+            try:
+                return self.con.execute(sql, params)
+            except duckdb.IOException as e:
+                # The writer removed merged batches while this query listed them (only when it saw no reader open).
+                if attempt == 2 or str(self.staging) not in str(e):
+                    raise
+                time.sleep(0.05)
+        raise AssertionError
+
+    def _with(self, name: str, table: pa.Table, sql: str, params: list | None = None) -> list[tuple]:
+        with self._lock:
+            self.con.register(name, table)
+            try:
+                return self._execute(sql, params).fetchall()
+            finally:
+                self.con.unregister(name)
+
     # -- generations -----------------------------------------------------------------------
 
     def existing_generations(self, keys: list[str]) -> set[str]:
         if not keys:
             return set()
-        self.con.register("_wanted", pa.table({"key": keys}))
-        try:
-            return {r[0] for r in self.con.execute("SELECT g.key FROM generations g JOIN _wanted w USING (key)").fetchall()}
-        finally:
-            self.con.unregister("_wanted")
+        return {r[0] for r in self._with("_wanted", pa.table({"key": keys}), "SELECT g.key FROM generations g JOIN _wanted w USING (key)")}
 
     def add_generation(self, g: Generation) -> None:
-        """Insert one generation at once (autocommit): it survives a crash of what follows."""
-        self.con.execute(
-            "INSERT INTO generations (key, dataset, class_name, template, template_hash, model, prompt, params, "
-            "sample_index, raw_text, description, rejected, prompt_tokens, completion_tokens, seconds, base_key, refresh) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            [g.key, g.dataset, g.class_name, g.template, g.template_hash, g.model, g.prompt, json.dumps(g.params, sort_keys=True),
-             g.sample_index, g.raw_text, g.description, g.rejected, g.prompt_tokens, g.completion_tokens, g.seconds,
-             g.base_key or g.key, g.refresh],
-        )
+        """Store one generation at once: it survives a crash of what follows."""
+        self.add_generations([g])
 
     def add_generations(self, rows: list[Generation]) -> None:
-        """Insert many generations in one statement (imports: DuckDB is fast in bulk, slow row by row)."""
+        """Store many generations as one batch (a key already stored keeps its first row)."""
         if not rows:
             return
         cols = ["key", "dataset", "class_name", "template", "template_hash", "model", "prompt", "params", "sample_index",
-                "raw_text", "description", "rejected", "prompt_tokens", "completion_tokens", "seconds", "base_key", "refresh"]
+                "raw_text", "description", "rejected", "prompt_tokens", "completion_tokens", "seconds", "base_key", "refresh", "run_id"]
         data = {c: [getattr(g, c) for g in rows] for c in cols}
         data["params"] = [json.dumps(p, sort_keys=True) for p in data["params"]]
         data["base_key"] = [g.base_key or g.key for g in rows]
         types = {"sample_index": pa.int32(), "prompt_tokens": pa.int32(), "completion_tokens": pa.int32(), "seconds": pa.float64(),
                  "refresh": pa.int32()}
-        self.con.register("_new", pa.table({c: pa.array(v, types.get(c, pa.string())) for c, v in data.items()}))
-        try:
-            self.con.execute(f"INSERT INTO generations ({', '.join(cols)}) SELECT {', '.join(cols)} FROM _new ON CONFLICT DO NOTHING")
-        finally:
-            self.con.unregister("_new")
+        with self._lock:
+            self._insert("generations", {c: pa.array(v, types.get(c, pa.string())) for c, v in data.items()})
 
     def latest_rounds(self, base_keys: list[str]) -> dict[str, tuple[str, int]]:
         """base_key -> (key, refresh) of the newest stored round of each generation."""
         if not base_keys:
             return {}
-        self.con.register("_wanted", pa.table({"base_key": base_keys}))
-        try:
-            rows = self.con.execute(
-                "SELECT g.base_key, arg_max(g.key, g.refresh), max(g.refresh) FROM generations g JOIN _wanted w USING (base_key) "
-                "GROUP BY g.base_key"
-            ).fetchall()
-        finally:
-            self.con.unregister("_wanted")
+        rows = self._with("_wanted", pa.table({"base_key": base_keys}),
+                          "SELECT g.base_key, arg_max(g.key, g.refresh), max(g.refresh) FROM generations g JOIN _wanted w USING (base_key) "
+                          "GROUP BY g.base_key")
         return {b: (k, r) for b, k, r in rows}
 
     def imported(self, dataset: str, source: str) -> list[tuple[str, str, str | None, str | None]]:
         """(key, class_name, description, rejected) of the latest file imported as ``source`` for ``dataset``."""
-        return self.con.execute(
+        return self.query(
             "SELECT key, class_name, description, rejected FROM generations WHERE dataset = ? AND template = ? AND template_hash = "
             "(SELECT arg_max(template_hash, created_at) FROM generations WHERE dataset = ? AND template = ?) "
             "ORDER BY class_name, sample_index",
             [dataset, f"import/{source}", dataset, f"import/{source}"],
-        ).fetchall()
+        )
 
     def generations(self, keys: list[str]) -> dict[str, tuple[str | None, str | None]]:
         """key -> (description, rejected) for the given keys."""
-        self.con.register("_wanted", pa.table({"key": keys}))
-        try:
-            rows = self.con.execute(
-                "SELECT g.key, g.description, g.rejected FROM generations g JOIN _wanted w USING (key)"
-            ).fetchall()
-        finally:
-            self.con.unregister("_wanted")
+        rows = self._with("_wanted", pa.table({"key": pa.array(keys, pa.string())}),
+                          "SELECT g.key, g.description, g.rejected FROM generations g JOIN _wanted w USING (key)")
         return {k: (d, r) for k, d, r in rows}
 
     # -- embeddings ------------------------------------------------------------------------
@@ -337,13 +1092,13 @@ class Store:
         table, col = _embedding_table(kind)
         if not hashes:
             return {}
-        self.con.register("_wanted", pa.table({"h": hashes}))
-        try:
-            tbl = self.con.execute(
-                f"SELECT e.{col}, e.embedding FROM {table} e JOIN _wanted w ON e.{col} = w.h WHERE e.backbone = ?", [backbone]
-            ).fetch_arrow_table()
-        finally:
-            self.con.unregister("_wanted")
+        with self._lock:
+            self.con.register("_wanted", pa.table({"h": hashes}))
+            try:
+                tbl = self._execute(f"SELECT e.{col}, e.embedding FROM {table} e JOIN _wanted w ON e.{col} = w.h WHERE e.backbone = ?",
+                                    [backbone]).to_arrow_table()
+            finally:
+                self.con.unregister("_wanted")
         if tbl.num_rows == 0:
             return {}
         emb = tbl.column("embedding").combine_chunks()
@@ -353,100 +1108,150 @@ class Store:
 
     def put_embeddings(self, kind: str, backbone: str, hashes: list[str], embeddings: np.ndarray, texts: list[str] | None = None) -> None:
         table, col = _embedding_table(kind)
+        if not len(hashes):
+            return
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         lists = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.ravel()), embeddings.shape[1]).cast(pa.list_(pa.float32()))
-        data = {"backbone": [backbone] * len(hashes), col: hashes, "embedding": lists}
+        data = {"backbone": pa.array([backbone] * len(hashes), pa.string()), col: pa.array(hashes, pa.string()), "embedding": lists}
         if kind == "text":
-            data["text"] = texts
-        self.con.register("_new", pa.table(data))
-        try:
-            cols = ", ".join(data)
-            self.con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _new ON CONFLICT DO NOTHING")
-        finally:
-            self.con.unregister("_new")
+            data["text"] = pa.array(texts, pa.string())
+        with self._lock:
+            self._insert(table, data)
 
     def add_backbone(self, backbone: str, spec: str, arch: str, weights: str, untrained: bool) -> None:
-        self.con.execute(
-            "INSERT INTO backbones (backbone, spec, arch, weights, untrained) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            [backbone, spec, arch, weights, untrained],
-        )
+        with self._lock:
+            if not self.query("SELECT 1 FROM backbones WHERE backbone = ?", [backbone]):
+                self._insert("backbones", {"backbone": [backbone], "spec": [spec], "arch": [arch], "weights": [weights],
+                                           "untrained": [untrained]})
 
     # -- runs and results ------------------------------------------------------------------
 
     def start_run(self, run_id: str, dataset: str, options: dict) -> None:
-        self.con.execute(
-            "INSERT INTO runs (run_id, dataset, status, options) VALUES (?, ?, 'running', ?)", [run_id, dataset, json.dumps(options)]
-        )
+        with self._lock:
+            self._insert("runs", {"run_id": [run_id], "dataset": [dataset], "status": ["running"], "options": [json.dumps(options)]})
+            self._writer.note(run_id=run_id)
 
     def update_run(self, run_id: str, **fields) -> None:
-        sets = ", ".join(f"{k} = ?" for k in fields)
-        self.con.execute(f"UPDATE runs SET {sets} WHERE run_id = ?", [*fields.values(), run_id])
+        """Set columns of a run's row, e.g. ``update_run(run_id, backbone=..., flow_run_id=...)``."""
+        types = {c: t for c, t, _ in self._columns["runs"]}
+        unknown = set(fields) - set(types)
+        if unknown:
+            raise ValueError(f"runs has no column {sorted(unknown)}")
+        sets = ", ".join(f"CAST(? AS {types[c]}) AS {c}" for c in fields)
+        with self._lock:
+            self._stage(("runs", self._query_rows(f"SELECT * REPLACE ({sets}) FROM runs WHERE run_id = ?", [*fields.values(), run_id])))
 
     def finish_run(self, run_id: str, status: str, error: str | None = None) -> None:
-        self.con.execute("UPDATE runs SET status = ?, error = ?, finished_at = current_timestamp WHERE run_id = ?", [status, error, run_id])
+        with self._lock:
+            self._stage(("runs", self._query_rows("SELECT * REPLACE (? AS status, ? AS error, CAST(current_timestamp AS TIMESTAMP) AS "
+                                                  "finished_at) FROM runs WHERE run_id = ?", [status, error, run_id])))
 
-    def link_generations(self, run_id: str, links: list[tuple[str, int, str | None]]) -> None:
-        """Record which generations a run used: (key, class_index, excluded reason or None)."""
-        keys, class_indices, excluded = (list(col) for col in zip(*links)) if links else ([], [], [])
-        self.con.register("_links", pa.table({"run_id": pa.array([run_id] * len(keys), pa.string()), "key": pa.array(keys, pa.string()),
-                                              "class_index": pa.array(class_indices, pa.int32()), "excluded": pa.array(excluded, pa.string())}))
-        try:
-            self.con.execute("INSERT INTO run_generations (run_id, key, class_index, excluded) "
-                             "SELECT run_id, key, class_index, excluded FROM _links ON CONFLICT DO NOTHING")
-        finally:
-            self.con.unregister("_links")
+    def link_generations(self, run_id: str, links: list[tuple]) -> None:
+        """Record which generations a run used: (key, class_index, excluded reason or None[, excluded items (1-based) or None])."""
+        links = [(*link, None) if len(link) == 3 else tuple(link) for link in links]
+        keys, class_indices, excluded, items = (list(col) for col in zip(*links)) if links else ([], [], [], [])
+        with self._lock:
+            self._insert("run_generations", {
+                "run_id": pa.array([run_id] * len(keys), pa.string()), "key": pa.array(keys, pa.string()),
+                "class_index": pa.array(class_indices, pa.int32()), "excluded": pa.array(excluded, pa.string()),
+                "excluded_items": pa.array(items, pa.list_(pa.int32()))})
 
     def llm_usage(self, run_id: str) -> dict[str, LlmUsage]:
-        """Template set (``meta``, ``targeted``, ``import``...) -> tokens and LLM time of the generations the run used."""
-        rows = self.con.execute(
+        """Template set (``meta``, ``targeted``, ``import``...) -> what the generations the run used cost when they were made,
+        whether by this run or an earlier one (``llm_spent``: what this run itself spent)."""
+        rows = self.query(
             "SELECT split_part(g.template, '/', 1) AS template_set, count(*), coalesce(sum(g.prompt_tokens), 0), "
             "coalesce(sum(g.completion_tokens), 0), coalesce(sum(g.seconds), 0) "
             "FROM run_generations r JOIN generations g USING (key) WHERE r.run_id = ? GROUP BY ALL ORDER BY template_set",
             [run_id],
-        ).fetchall()
+        )
+        return {s: LlmUsage(int(n), int(p), int(c), float(t)) for s, n, p, c, t in rows}
+
+    def llm_spent(self, run_id: str) -> dict[str, LlmUsage]:
+        """Template set -> the generations this run itself asked the LLM for, their tokens and LLM time (empty: it asked
+        for none, everything came from the cache). The view ``run_llm_usage`` gives the totals."""
+        rows = self.query(
+            "SELECT split_part(template, '/', 1) AS template_set, count(*), coalesce(sum(prompt_tokens), 0), "
+            "coalesce(sum(completion_tokens), 0), coalesce(sum(seconds), 0) FROM generations WHERE run_id = ? "
+            "GROUP BY ALL ORDER BY template_set",
+            [run_id],
+        )
         return {s: LlmUsage(int(n), int(p), int(c), float(t)) for s, n, p, c, t in rows}
 
     def save_result(self, run_id: str, method: str, kind: str, top1: float, mean_per_class: float, n_images: int,
                     per_class: list[tuple[int, str, int, float | None, float | None]], **extra) -> None:
-        """One method's row of ``results`` (``extra``: any other column, e.g. top5, losses) and its ``class_results``."""
+        """One method's row of ``results`` (``extra``: any other column, e.g. top5, losses) and its ``class_results``, as one batch."""
         row = {"run_id": run_id, "method": method, "kind": kind, "top1": top1, "mean_per_class": mean_per_class,
                "n_images": n_images, **extra}
-        self.con.execute("BEGIN TRANSACTION")
-        self.con.execute(
-            f"INSERT OR REPLACE INTO results ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values())
-        )
-        self.con.executemany(
-            "INSERT OR REPLACE INTO class_results VALUES (?, ?, ?, ?, ?, ?, ?)", [[run_id, method, *row] for row in per_class]
-        )
-        self.con.execute("COMMIT")
+        columns = ("class_index", "class_name", "n_images", "accuracy", "delta")
+        per_class_rows = {"run_id": [run_id] * len(per_class), "method": [method] * len(per_class),
+                          **{c: [r[i] for r in per_class] for i, c in enumerate(columns)}}
+        with self._lock:
+            self._stage(("results", self._new_rows("results", {c: [v.tolist() if isinstance(v, np.ndarray) else v] for c, v in row.items()})),
+                        ("class_results", self._new_rows("class_results", per_class_rows)))
 
     def save_classifier(self, run_id: str, method: str, seed: int, weight: np.ndarray, classes: list[str],
                         log_prior: np.ndarray | None, beta: float | None) -> None:
-        self.con.execute(
-            "INSERT OR REPLACE INTO classifiers (run_id, method, seed, n_classes, dim, classes, weight, log_prior, beta) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [run_id, method, seed, weight.shape[0], weight.shape[1], classes, weight.astype(np.float32).ravel().tolist(),
-             None if log_prior is None else log_prior.astype(np.float32).tolist(), beta],
-        )
+        with self._lock:
+            self._insert("classifiers", {
+                "run_id": [run_id], "method": [method], "seed": [seed], "n_classes": [weight.shape[0]], "dim": [weight.shape[1]],
+                "classes": [classes], "weight": [weight.astype(np.float32).ravel()],
+                "log_prior": [None if log_prior is None else log_prior.astype(np.float32)], "beta": [beta]})
 
     def classifier(self, run_id: str, method: str) -> tuple[int, np.ndarray, list[str], np.ndarray | None, float | None]:
         """(seed, weight, classes, log_prior, beta) of one stored classifier."""
-        row = self.con.execute("SELECT seed, n_classes, dim, weight, classes, log_prior, beta FROM classifiers "
-                               "WHERE run_id = ? AND method = ?", [run_id, method]).fetchone()
-        if row is None:
+        rows = self.query("SELECT seed, n_classes, dim, weight, classes, log_prior, beta FROM classifiers "
+                          "WHERE run_id = ? AND method = ?", [run_id, method])
+        if not rows:
             raise KeyError((run_id, method))
-        seed, n, d, weight, classes, log_prior, beta = row
+        seed, n, d, weight, classes, log_prior, beta = rows[0]
         log_prior = None if log_prior is None else np.asarray(log_prior, np.float32)
         return seed, np.asarray(weight, np.float32).reshape(n, d), classes, log_prior, beta
 
     def sql(self, query: str) -> tuple[list[str], list[tuple]]:
+        """(columns, rows) of any statement. A writer runs a statement that writes with DuckDB's write lock, after folding
+        every staged row (waiting up to ``wait`` seconds for readers to close the file); ``generations`` and the other
+        staged tables' names then mean the stored tables (schema ``stored``)."""
+        with self._lock:
+            try:
+                cur = self._execute(query)
+            except duckdb.Error as e:
+                if not _writes(query):
+                    raise TextadaptError(f"SQL error: {e}") from None
+                if self._writer is None:
+                    raise TextadaptError(f"SQL error: the cache is open read-only, and this statement writes ({e})") from None
+                return self._sql_exclusive(query)
+            if cur.description is None:
+                return [], []
+            return [d[0] for d in cur.description], cur.fetchall()
+
+    def _sql_exclusive(self, query: str) -> tuple[list[str], list[tuple]]:
+        con = self._exclusive(self.wait)
         try:
-            cur = self.con.execute(query)
-        except duckdb.Error as e:
-            raise TextadaptError(f"SQL error: {e}") from None
-        if cur.description is None:
-            return [], []
-        return [d[0] for d in cur.description], cur.fetchall()
+            self._fold_into(con, self._published())
+            self._levels, self._superseded = {}, []
+            con.execute("SET search_path = 'stored,main'")
+            try:
+                cur = con.execute(query)
+            except duckdb.Error as e:
+                raise TextadaptError(f"SQL error: {e}") from None
+            result = ([d[0] for d in cur.description], cur.fetchall()) if cur.description else ([], [])
+            con.execute("CHECKPOINT")  # (DuckDB 1.5.6 cannot replay a log holding a view's definition)
+            return result
+        finally:
+            con.close()
+            shutil.rmtree(self.staging / "trash", ignore_errors=True)
+            self._reopen()
+
+
+def _writes(query: str) -> bool:
+    """Whether a statement would change the file (DuckDB refuses it on a read-only connection, or on a view)."""
+    reads = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN, duckdb.StatementType.PRAGMA, duckdb.StatementType.SET,
+             duckdb.StatementType.VARIABLE_SET, duckdb.StatementType.PREPARE, duckdb.StatementType.EXECUTE}
+    try:
+        return any(s.type not in reads for s in duckdb.extract_statements(query))
+    except duckdb.Error:
+        return False
 
 
 def _embedding_table(kind: str) -> tuple[str, str]:
@@ -455,7 +1260,6 @@ def _embedding_table(kind: str) -> tuple[str, str]:
     if kind == "image":
         return "image_embeddings", "image_hash"
     raise ValueError(kind)
-
 
 @dataclass
 class RunSummary:
@@ -480,7 +1284,7 @@ class RunSummary:
 
 def run_summaries(store: Store, dataset: str | None = None, limit: int = 20) -> list[RunSummary]:
     """The latest runs, newest first, from the ``runs``, ``results`` and ``backbones`` tables."""
-    rows = store.con.execute(
+    rows = store.query(
         """
         SELECT r.run_id, r.dataset, r.status, r.started_at, b.untrained,
                arg_max(x.method, x.top1) FILTER (x.kind = 'adapted'), max(x.top1) FILTER (x.kind = 'adapted'),
@@ -492,5 +1296,5 @@ def run_summaries(store: Store, dataset: str | None = None, limit: int = 20) -> 
         GROUP BY ALL ORDER BY r.started_at DESC LIMIT ?
         """,
         [dataset, dataset, limit],
-    ).fetchall()
+    )
     return [RunSummary(*row) for row in rows]
