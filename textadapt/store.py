@@ -607,6 +607,7 @@ class _WriterLock:
 
 
 FANOUT = 16  # staged batches merged into one, per level
+FOLD_BYTES = 32 << 20  # staged Parquet folded per hold of DuckDB's write lock: what a reader may wait for
 _NOW = object()  # a column whose default is current_timestamp
 ANCHOR = "anchor"  # a staged folder holding an empty file per table: a glob that matches no file is an error in DuckDB
 
@@ -709,8 +710,8 @@ class Store:
             return
         try:
             version = self._check_version(con)
-            if version >= 4:  # fold with the schema the staged rows were written with
-                self._fold_into(con, self._published())
+            if 4 <= version < SCHEMA_VERSION:  # fold first, with the schema the staged rows were written with
+                self._fold_into(con, *self._staged())
             if version < SCHEMA_VERSION:
                 con.execute("BEGIN TRANSACTION")
                 if version == 0:
@@ -721,13 +722,17 @@ class Store:
                 con.execute("UPDATE textadapt_meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
                 con.execute("COMMIT")
             self._load_columns(con)
-            if self._views_hash() != self._meta(con, "views"):
-                self._install_views(con)
-            # Put the schema in the file itself, not only in the write-ahead log: DuckDB 1.5.6 cannot replay a log
-            # holding our views' definitions after a crash, and would refuse the file.
-            con.execute("CHECKPOINT")
+            self._end_session(con)
         finally:
             con.close()
+
+    def _end_session(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Before giving up DuckDB's write lock: this textadapt's views, if the file lacks them, and everything in the file
+        itself, not only in the write-ahead log (DuckDB 1.5.6 cannot replay a log holding our views' definitions after a
+        crash, and would refuse the file)."""
+        if self._views_hash() != self._meta(con, "views"):
+            self._install_views(con)
+        con.execute("CHECKPOINT")
 
     @staticmethod
     def _meta(con: duckdb.DuckDBPyConnection, key: str) -> str | None:
@@ -844,11 +849,15 @@ class Store:
 
     # -- staging and folding -----------------------------------------------------------------
 
-    def _published(self) -> list[str]:
-        """Every published batch folder (the anchor aside), oldest first."""
-        if not self.staging.exists():
-            return []
-        return sorted(d.name for d in self.staging.iterdir() if d.is_dir() and d.name[:1].isdigit())
+    def _staged(self) -> tuple[list[str], list[str]]:
+        """The published batch folders: (live, oldest rows first; superseded: merged into a live one, to remove)."""
+        names = sorted(d.name for d in self.staging.iterdir() if d.name[:1].isdigit()) if self.staging.exists() else []
+        superseded = {line for b in names if (self.staging / b / "supersedes").exists()
+                      for line in (self.staging / b / "supersedes").read_text().split()}
+        live = [b for b in names if b not in superseded]
+        # a higher level holds older rows; within a level, creation order is the rows' order
+        live.sort(key=lambda b: (-int(b.split("-")[1]), b))
+        return live, [b for b in names if b in superseded]
 
     def _scan_staging(self) -> None:
         """What earlier writers left: finish their clean-up, and find the batches still to merge and to remove."""
@@ -857,14 +866,11 @@ class Store:
         (self.staging / "tmp").mkdir(parents=True, exist_ok=True)
         if not (self.staging / ANCHOR).exists():  # (a staging folder removed by hand)
             self._write_anchor(self.con)
-        batches = self._published()
-        self._superseded = sorted({line for b in batches if (self.staging / b / "supersedes").exists()
-                                   for line in (self.staging / b / "supersedes").read_text().split() if line in batches})
+        live, self._superseded = self._staged()
         self._levels: dict[int, list[str]] = {}
-        for b in batches:
-            if b not in self._superseded:
-                self._levels.setdefault(int(b.split("-")[1]), []).append(b)
-        self._next_seq = 1 + max((int(b.split("-")[0]) for b in batches), default=0)
+        for b in sorted(live):
+            self._levels.setdefault(int(b.split("-")[1]), []).append(b)
+        self._next_seq = 1 + max((int(b.split("-")[0]) for b in live + self._superseded), default=0)
         self._drop_superseded()
 
     def _stage(self, *parts: tuple[str, pa.Table]) -> None:
@@ -971,33 +977,37 @@ class Store:
         shutil.rmtree(trash, ignore_errors=True)
 
     def fold(self) -> bool:
-        """Move the staged rows into the stored tables if no other process has the file open now (never waits for one).
-        True when nothing is left staged."""
+        """Move the staged rows into the stored tables while no other process has the file open (never waiting for one),
+        FOLD_BYTES of staged files per hold of DuckDB's write lock: a reader that comes meanwhile waits for one such
+        step, then gets the file, and the rest is folded later. True when nothing is left staged."""
         with self._lock:
             if self._writer is None:
                 raise TextadaptError(f"{self.path} is open read-only")
-            batches = self._published()
-            if not batches:
-                return True
-            con = self._exclusive(0)
-            if con is None:
-                self._reopen()
-                return False
-            try:
-                self._fold_into(con, batches)
-                con.close()
-                self._levels, self._superseded = {}, []
-                shutil.rmtree(self.staging / "trash", ignore_errors=True)
-            finally:
-                con.close()
-                self._reopen()
-            return True
+            while True:
+                live, superseded = self._staged()
+                if not live and not superseded:
+                    return True
+                chunk, size = [], 0
+                for b in live:
+                    size += sum(f.stat().st_size for f in (self.staging / b).glob("*.parquet"))
+                    if chunk and size > FOLD_BYTES:
+                        break
+                    chunk.append(b)
+                con = self._exclusive(0)
+                if con is None:
+                    self._reopen()
+                    return False
+                try:
+                    self._fold_into(con, chunk, superseded)
+                    self._end_session(con)
+                finally:
+                    con.close()
+                    self._reopen()
+                    self._scan_staging()
 
-    def _fold_into(self, con: duckdb.DuckDBPyConnection, batches: list[str]) -> None:
-        """One transaction; then, still holding the file (no reader can be between listing files and reading them), the
-        folded batches leave the staging folder."""
-        if not batches:
-            return
+    def _fold_into(self, con: duckdb.DuckDBPyConnection, batches: list[str], superseded: list[str]) -> None:
+        """``batches`` (live, oldest rows first) into the stored tables in one transaction; then, still holding the file (no
+        reader can be between listing files and reading them), they and the ``superseded`` copies leave the staging folder."""
         con.execute("BEGIN TRANSACTION")
         for table, t in TABLES.items():
             files = [self.staging / b / f"{table}.parquet" for b in batches if (self.staging / b / f"{table}.parquet").exists()]
@@ -1008,7 +1018,7 @@ class Store:
         con.execute("CHECKPOINT")
         trash = self.staging / "trash"
         trash.mkdir(exist_ok=True)
-        for b in batches:
+        for b in batches + superseded:
             os.rename(self.staging / b, trash / b)
 
     # -- reading -----------------------------------------------------------------------------
@@ -1228,20 +1238,20 @@ class Store:
     def _sql_exclusive(self, query: str) -> tuple[list[str], list[tuple]]:
         con = self._exclusive(self.wait)
         try:
-            self._fold_into(con, self._published())
-            self._levels, self._superseded = {}, []
+            self._fold_into(con, *self._staged())
             con.execute("SET search_path = 'stored,main'")
             try:
                 cur = con.execute(query)
             except duckdb.Error as e:
                 raise TextadaptError(f"SQL error: {e}") from None
             result = ([d[0] for d in cur.description], cur.fetchall()) if cur.description else ([], [])
-            con.execute("CHECKPOINT")  # (DuckDB 1.5.6 cannot replay a log holding a view's definition)
+            con.execute("SET search_path = 'main'")
+            self._end_session(con)
             return result
         finally:
             con.close()
-            shutil.rmtree(self.staging / "trash", ignore_errors=True)
             self._reopen()
+            self._scan_staging()
 
 
 def _writes(query: str) -> bool:
