@@ -103,3 +103,45 @@ def test_the_duckdb_shell_opens_the_cache(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["class_name,description", "bag,A bag with two handles."]
+
+
+def test_every_table_view_and_column_says_what_it_means_inside_the_file(tmp_path):
+    with Store(tmp_path / "c.duckdb") as s:
+        missing = s.query("SELECT schema_name, table_name, column_name FROM duckdb_columns() "
+                          "WHERE schema_name IN ('main', 'stored') AND NOT internal AND comment IS NULL")
+        assert missing == []
+        views = dict(s.query("SELECT view_name, comment FROM duckdb_views() WHERE NOT internal"))
+    assert {"run_descriptions", "run_results", "latest_results", "run_llm_usage", "current_descriptions", "descriptions"} <= set(views)
+    assert all(views.values())
+
+
+def test_the_schema_doc_is_what_the_code_writes():
+    """docs/schema.md's tables and views are generated from a fresh cache by scripts/schema_doc.py."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("schema_doc", REPO / "scripts" / "schema_doc.py")
+    schema_doc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(schema_doc)
+    doc = (REPO / "docs" / "schema.md").read_text(encoding="utf-8")
+    assert doc == schema_doc.updated(doc), "docs/schema.md is not what scripts/schema_doc.py writes: run it"
+    assert "one by one" not in doc
+
+
+def test_a_new_file_and_a_migrated_one_have_the_same_schema(tmp_path):
+    """A new file gets the current schema whole (store.SCHEMA); an older one gets the migrations: the same tables."""
+    from textadapt.store import MIGRATIONS
+
+    old = tmp_path / "v1.duckdb"
+    con = duckdb.connect(str(old))
+    con.execute("CREATE TABLE textadapt_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+    con.execute("INSERT INTO textadapt_meta VALUES ('schema_version', '1')")
+    con.execute(MIGRATIONS[0])
+    con.close()
+    columns = ("SELECT schema_name, table_name, column_name, data_type, is_nullable, column_default FROM duckdb_columns() "
+               "WHERE schema_name = 'stored' ORDER BY ALL")
+    keys = "SELECT schema_name, table_name, constraint_type, constraint_column_names FROM duckdb_constraints() ORDER BY ALL"
+    with Store(old) as migrated, Store(tmp_path / "new.duckdb") as new:
+        for sql in (columns, keys):
+            assert migrated.query(sql) == new.query(sql)

@@ -1,6 +1,6 @@
 """The cache: one DuckDB file holding every generation, embedding, run and result, readable while a run writes.
 
-The schema is a user interface (``docs/schema.md``, generated from this module by ``render_schema_doc``;
+The schema is a user interface (``docs/schema.md``, generated from this module by ``scripts/schema_doc.py``;
 users query it with ``textadapt sql`` or any DuckDB client). It is versioned: ``MIGRATIONS[i]`` takes a
 file from version i to i+1, and opening a file for writing applies the missing ones in one transaction.
 
@@ -13,16 +13,16 @@ to look. So the writer never keeps the file open for writing. Beside the cache f
     CACHE.lock        held (POSIX lock) by the one process that writes; its pid and run are inside
 
 The writer opens ``CACHE`` read-only, like any reader, and publishes each batch of rows atomically as
-a new folder of Parquet files (written in ``staging/tmp``, then renamed). Each table users query
-(``generations``, ``runs``, ...) is a view: the stored rows plus the staged ones, one row per primary
-key, so every client sees each batch as soon as it is published. When no other process has the file
-open, at the writer's start and end (or ``fold()``), the writer takes DuckDB's write lock for as long
-as it takes to move the staged rows into the stored tables in one transaction, and removes them. It
-never waits for a reader: what it cannot fold now is folded later. Meanwhile it merges staged batches
-(16 into 1, per level) to keep the number of files small, removing the merged ones only while no
-other process has the file open. Readers wait (``wait`` seconds) only while a fold holds the lock.
-A crash loses at most the batch being written; a fold cut short is redone (the views and the fold
-keep one row per key, so nothing is counted twice).
+a new folder of Parquet files (written in ``staging/tmp``, fsynced, then renamed). Each table users query
+(``generations``, ``runs``, ...) is a view: the stored rows plus the staged ones, one row per primary key
+(``TABLES`` says which row a key keeps), so every client sees each batch as soon as it is published.
+When no other process has the file open, at the writer's start and end (or ``fold()``), the writer takes
+DuckDB's write lock to move the staged rows into the stored tables, oldest first, in transactions of at
+most ``FOLD_BYTES`` of staged files, removing them as it goes; a reader arriving meanwhile waits for one
+such step. It never waits for a reader: what it cannot fold now is folded later. Meanwhile it merges
+staged batches (``FANOUT`` into 1, per level) to keep the number of files small, removing the merged ones
+only while no other process has the file open. A crash loses at most the batch being written; a fold cut
+short is redone (the views and the fold keep one row per key, so nothing is counted twice).
 """
 
 from __future__ import annotations
@@ -48,6 +48,61 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from textadapt import TextadaptError
+
+STORED_V4 = """
+    CREATE SCHEMA stored;
+    CREATE TABLE stored.generations (
+        key VARCHAR PRIMARY KEY, dataset VARCHAR NOT NULL, class_name VARCHAR NOT NULL, template VARCHAR NOT NULL,
+        template_hash VARCHAR NOT NULL, model VARCHAR NOT NULL, prompt VARCHAR NOT NULL, params JSON NOT NULL,
+        sample_index INTEGER NOT NULL, raw_text VARCHAR, description VARCHAR, rejected VARCHAR, prompt_tokens INTEGER,
+        completion_tokens INTEGER, seconds DOUBLE, created_at TIMESTAMP, base_key VARCHAR,
+        refresh INTEGER DEFAULT 0, run_id VARCHAR
+    );
+    CREATE TABLE stored.backbones (
+        backbone VARCHAR PRIMARY KEY, spec VARCHAR NOT NULL, arch VARCHAR NOT NULL, weights VARCHAR NOT NULL,
+        untrained BOOLEAN NOT NULL, created_at TIMESTAMP
+    );
+    CREATE TABLE stored.text_embeddings (
+        backbone VARCHAR NOT NULL, text_hash VARCHAR NOT NULL, text VARCHAR NOT NULL, embedding FLOAT[] NOT NULL,
+        created_at TIMESTAMP, PRIMARY KEY (backbone, text_hash)
+    );
+    CREATE TABLE stored.image_embeddings (
+        backbone VARCHAR NOT NULL, image_hash VARCHAR NOT NULL, embedding FLOAT[] NOT NULL,
+        created_at TIMESTAMP, PRIMARY KEY (backbone, image_hash)
+    );
+    CREATE TABLE stored.runs (
+        run_id VARCHAR PRIMARY KEY, dataset VARCHAR NOT NULL, status VARCHAR NOT NULL, options JSON NOT NULL,
+        backbone VARCHAR, llm VARCHAR, llm_calls INTEGER, cached_generations INTEGER, text_encoder_calls INTEGER,
+        report_path VARCHAR, error VARCHAR, started_at TIMESTAMP, finished_at TIMESTAMP,
+        flow_run_id VARCHAR
+    );
+    CREATE TABLE stored.run_generations (
+        run_id VARCHAR NOT NULL, key VARCHAR NOT NULL, class_index INTEGER NOT NULL, excluded VARCHAR,
+        excluded_items INTEGER[], PRIMARY KEY (run_id, key)
+    );
+    CREATE TABLE stored.results (
+        run_id VARCHAR NOT NULL, method VARCHAR NOT NULL, kind VARCHAR NOT NULL, top1 DOUBLE NOT NULL,
+        mean_per_class DOUBLE NOT NULL, n_images INTEGER NOT NULL, n_texts INTEGER, train_seconds DOUBLE, losses DOUBLE[],
+        top5 DOUBLE, top1_std DOUBLE, mean_per_class_std DOUBLE, seeds INTEGER[], top1_per_seed DOUBLE[], adapter VARCHAR,
+        loss VARCHAR, scoring VARCHAR, text_set VARCHAR, PRIMARY KEY (run_id, method)
+    );
+    CREATE TABLE stored.class_results (
+        run_id VARCHAR NOT NULL, method VARCHAR NOT NULL, class_index INTEGER NOT NULL, class_name VARCHAR NOT NULL,
+        n_images INTEGER NOT NULL, accuracy DOUBLE, delta DOUBLE, PRIMARY KEY (run_id, method, class_index)
+    );
+    CREATE TABLE stored.classifiers (
+        run_id VARCHAR NOT NULL, method VARCHAR NOT NULL, seed INTEGER NOT NULL, n_classes INTEGER NOT NULL,
+        dim INTEGER NOT NULL, classes VARCHAR[] NOT NULL, weight FLOAT[] NOT NULL, log_prior FLOAT[], beta DOUBLE,
+        PRIMARY KEY (run_id, method)
+    );
+"""
+
+# The tables of a new file: the current schema, written whole. DuckDB 1.5.6 cannot replay a write-ahead log that alters a
+# table with a function default (ADD COLUMN, COMMENT ON COLUMN: "GetDefaultDatabase with no default database set") and
+# then refuses the file, so a new file replays no history, and the stored tables have no current_timestamp default (the
+# writer sets created_at and started_at: STORED_AT). A migration that changes the tables writes the new whole schema
+# here too; tests/test_store.py checks that a new file and a migrated one have the same.
+SCHEMA = STORED_V4
 
 MIGRATIONS: list[str] = [
     # 0 -> 1: the first schema
@@ -179,20 +234,11 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (run_id, method)
     );
     """,
-    # 3 -> 4: the stored rows move to schema `stored`, and the names users query become views (installed by
+    # 3 -> 4: the stored rows move to schema `stored` (STORED_V4), and the names users query become views (installed by
     # Store: the stored rows plus the staged ones). New: generations.run_id (the run that asked the LLM; for
     # older rows, the run that was writing when the row was stored and used it, where there is one: only one
     # process wrote at a time), runs.flow_run_id, run_generations.excluded_items. Column meanings: TABLE_DOCS.
-    """
-    DROP VIEW descriptions;
-    CREATE SCHEMA stored;
-    CREATE TABLE stored.generations (
-        key VARCHAR PRIMARY KEY, dataset VARCHAR NOT NULL, class_name VARCHAR NOT NULL, template VARCHAR NOT NULL,
-        template_hash VARCHAR NOT NULL, model VARCHAR NOT NULL, prompt VARCHAR NOT NULL, params JSON NOT NULL,
-        sample_index INTEGER NOT NULL, raw_text VARCHAR, description VARCHAR, rejected VARCHAR, prompt_tokens INTEGER,
-        completion_tokens INTEGER, seconds DOUBLE, created_at TIMESTAMP DEFAULT current_timestamp, base_key VARCHAR,
-        refresh INTEGER DEFAULT 0, run_id VARCHAR
-    );
+    "DROP VIEW descriptions;\n" + STORED_V4 + """
     INSERT INTO stored.generations BY NAME
         SELECT g.*, w.run_id FROM main.generations g LEFT JOIN (
             SELECT rg.key, arg_max(r.run_id, r.started_at) AS run_id
@@ -201,50 +247,13 @@ MIGRATIONS: list[str] = [
               AND (r.finished_at IS NULL OR x.created_at <= r.finished_at)
             GROUP BY rg.key
         ) w USING (key);
-    CREATE TABLE stored.backbones (
-        backbone VARCHAR PRIMARY KEY, spec VARCHAR NOT NULL, arch VARCHAR NOT NULL, weights VARCHAR NOT NULL,
-        untrained BOOLEAN NOT NULL, created_at TIMESTAMP DEFAULT current_timestamp
-    );
     INSERT INTO stored.backbones BY NAME SELECT * FROM main.backbones;
-    CREATE TABLE stored.text_embeddings (
-        backbone VARCHAR NOT NULL, text_hash VARCHAR NOT NULL, text VARCHAR NOT NULL, embedding FLOAT[] NOT NULL,
-        created_at TIMESTAMP DEFAULT current_timestamp, PRIMARY KEY (backbone, text_hash)
-    );
     INSERT INTO stored.text_embeddings BY NAME SELECT * FROM main.text_embeddings;
-    CREATE TABLE stored.image_embeddings (
-        backbone VARCHAR NOT NULL, image_hash VARCHAR NOT NULL, embedding FLOAT[] NOT NULL,
-        created_at TIMESTAMP DEFAULT current_timestamp, PRIMARY KEY (backbone, image_hash)
-    );
     INSERT INTO stored.image_embeddings BY NAME SELECT * FROM main.image_embeddings;
-    CREATE TABLE stored.runs (
-        run_id VARCHAR PRIMARY KEY, dataset VARCHAR NOT NULL, status VARCHAR NOT NULL, options JSON NOT NULL,
-        backbone VARCHAR, llm VARCHAR, llm_calls INTEGER, cached_generations INTEGER, text_encoder_calls INTEGER,
-        report_path VARCHAR, error VARCHAR, started_at TIMESTAMP DEFAULT current_timestamp, finished_at TIMESTAMP,
-        flow_run_id VARCHAR
-    );
     INSERT INTO stored.runs BY NAME SELECT * FROM main.runs;
-    CREATE TABLE stored.run_generations (
-        run_id VARCHAR NOT NULL, key VARCHAR NOT NULL, class_index INTEGER NOT NULL, excluded VARCHAR,
-        excluded_items INTEGER[], PRIMARY KEY (run_id, key)
-    );
     INSERT INTO stored.run_generations BY NAME SELECT * FROM main.run_generations;
-    CREATE TABLE stored.results (
-        run_id VARCHAR NOT NULL, method VARCHAR NOT NULL, kind VARCHAR NOT NULL, top1 DOUBLE NOT NULL,
-        mean_per_class DOUBLE NOT NULL, n_images INTEGER NOT NULL, n_texts INTEGER, train_seconds DOUBLE, losses DOUBLE[],
-        top5 DOUBLE, top1_std DOUBLE, mean_per_class_std DOUBLE, seeds INTEGER[], top1_per_seed DOUBLE[], adapter VARCHAR,
-        loss VARCHAR, scoring VARCHAR, text_set VARCHAR, PRIMARY KEY (run_id, method)
-    );
     INSERT INTO stored.results BY NAME SELECT * FROM main.results;
-    CREATE TABLE stored.class_results (
-        run_id VARCHAR NOT NULL, method VARCHAR NOT NULL, class_index INTEGER NOT NULL, class_name VARCHAR NOT NULL,
-        n_images INTEGER NOT NULL, accuracy DOUBLE, delta DOUBLE, PRIMARY KEY (run_id, method, class_index)
-    );
     INSERT INTO stored.class_results BY NAME SELECT * FROM main.class_results;
-    CREATE TABLE stored.classifiers (
-        run_id VARCHAR NOT NULL, method VARCHAR NOT NULL, seed INTEGER NOT NULL, n_classes INTEGER NOT NULL,
-        dim INTEGER NOT NULL, classes VARCHAR[] NOT NULL, weight FLOAT[] NOT NULL, log_prior FLOAT[], beta DOUBLE,
-        PRIMARY KEY (run_id, method)
-    );
     INSERT INTO stored.classifiers BY NAME SELECT * FROM main.classifiers;
     DROP TABLE main.generations; DROP TABLE main.backbones; DROP TABLE main.text_embeddings; DROP TABLE main.image_embeddings;
     DROP TABLE main.runs; DROP TABLE main.run_generations; DROP TABLE main.results; DROP TABLE main.class_results;
@@ -608,7 +617,7 @@ class _WriterLock:
 
 FANOUT = 16  # staged batches merged into one, per level
 FOLD_BYTES = 32 << 20  # staged Parquet folded per hold of DuckDB's write lock: what a reader may wait for
-_NOW = object()  # a column whose default is current_timestamp
+STORED_AT = {"created_at", "started_at"}  # set to the time a row is written, when not given
 ANCHOR = "anchor"  # a staged folder holding an empty file per table: a glob that matches no file is an error in DuckDB
 
 
@@ -624,6 +633,7 @@ class Store:
         self._lock = threading.RLock()  # one statement at a time on the connection
         self._writer: _WriterLock | None = None
         self._probe: int | None = None
+        self._run: str | None = None  # the run this writer is writing (start_run .. finish_run)
         self.con: duckdb.DuckDBPyConnection | None = None
         if read_only:
             if not self.path.exists():
@@ -645,6 +655,7 @@ class Store:
             self._load_columns(self.con)
             self._use_current_views(self.con)
             self._scan_staging()
+            self.fold()  # what an earlier writer could not fold (a reader had the file open, or it was killed)
             # This process holds the writer lock, so a run still marked running was cut off (killed, power loss) and will
             # never finish.
             running = [r for (r,) in self.con.execute("SELECT run_id FROM runs WHERE status = 'running'").fetchall()]
@@ -675,8 +686,8 @@ class Store:
                                       "WHERE schema_name = 'stored' ORDER BY table_name, column_index").fetchall():
             self._columns.setdefault(t, []).append(tuple(column))
         self._schemas = {t: con.execute(f"SELECT * FROM stored.{t} LIMIT 0").to_arrow_table().schema for t in TABLES}
-        self._defaults = {t: {c: _NOW if d.upper() == "CURRENT_TIMESTAMP" else con.execute(f"SELECT CAST({d} AS {ty})").fetchone()[0]
-                              for c, ty, d in columns if d is not None} for t, columns in self._columns.items()}
+        self._defaults = {t: {c: con.execute(f"SELECT CAST({d} AS {ty})").fetchone()[0] for c, ty, d in columns if d is not None}
+                          for t, columns in self._columns.items()}
 
     def _version(self, con: duckdb.DuckDBPyConnection) -> int:
         tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()}
@@ -717,10 +728,13 @@ class Store:
                 if version == 0:
                     con.execute("CREATE TABLE textadapt_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
                     con.execute("INSERT INTO textadapt_meta VALUES ('schema_version', '0')")
-                for sql in MIGRATIONS[version:]:
-                    con.execute(sql)
+                    con.execute(SCHEMA)
+                else:
+                    for sql in MIGRATIONS[version:]:
+                        con.execute(sql)
                 con.execute("UPDATE textadapt_meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
                 con.execute("COMMIT")
+                con.execute("CHECKPOINT")  # at once: DuckDB 1.5.6 cannot replay a log holding a migration's ALTER TABLE
             self._load_columns(con)
             self._end_session(con)
         finally:
@@ -728,8 +742,7 @@ class Store:
 
     def _end_session(self, con: duckdb.DuckDBPyConnection) -> None:
         """Before giving up DuckDB's write lock: this textadapt's views, if the file lacks them, and everything in the file
-        itself, not only in the write-ahead log (DuckDB 1.5.6 cannot replay a log holding our views' definitions after a
-        crash, and would refuse the file)."""
+        itself, not only in its write-ahead log."""
         if self._views_hash() != self._meta(con, "views"):
             self._install_views(con)
         con.execute("CHECKPOINT")
@@ -929,8 +942,7 @@ class Store:
                 v = data[f.name]
                 arrays.append(v.cast(f.type) if isinstance(v, (pa.Array, pa.ChunkedArray)) else pa.array(v, f.type))
             else:
-                default = self._defaults[table].get(f.name)
-                arrays.append(pa.array([now if default is _NOW else default] * n, f.type))
+                arrays.append(pa.array([now if f.name in STORED_AT else self._defaults[table].get(f.name)] * n, f.type))
         return pa.Table.from_arrays(arrays, schema=schema)
 
     def _query_rows(self, sql: str, params: list | None = None) -> pa.Table:
@@ -1033,10 +1045,13 @@ class Store:
             try:
                 return self.con.execute(sql, params)
             except duckdb.IOException as e:
-                # The writer removed merged batches while this query listed them (only when it saw no reader open).
-                if attempt == 2 or str(self.staging) not in str(e):
+                if str(self.staging) not in str(e):
                     raise
-                time.sleep(0.05)
+                if attempt == 2:
+                    raise TextadaptError(f"{self.path}: cannot read its staged rows in {self.staging} ({str(e).splitlines()[0]}); "
+                                         "if that folder was removed, open the cache once for writing to recreate it "
+                                         "(`textadapt sql --write CHECKPOINT`)") from None
+                time.sleep(0.05)  # the writer removed merged batches while this query listed them (it saw no reader open)
         raise AssertionError
 
     def _with(self, name: str, table: pa.Table, sql: str, params: list | None = None) -> list[tuple]:
@@ -1059,7 +1074,9 @@ class Store:
         self.add_generations([g])
 
     def add_generations(self, rows: list[Generation]) -> None:
-        """Store many generations as one batch (a key already stored keeps its first row)."""
+        """Store many generations as one batch (a key already stored keeps its first row). A generation without a
+        ``run_id`` stored while this writer has a run started (``start_run`` .. ``finish_run``) is that run's: only one
+        process writes at a time, and it is the run's."""
         if not rows:
             return
         cols = ["key", "dataset", "class_name", "template", "template_hash", "model", "prompt", "params", "sample_index",
@@ -1067,6 +1084,7 @@ class Store:
         data = {c: [getattr(g, c) for g in rows] for c in cols}
         data["params"] = [json.dumps(p, sort_keys=True) for p in data["params"]]
         data["base_key"] = [g.base_key or g.key for g in rows]
+        data["run_id"] = [g.run_id or self._run for g in rows]
         types = {"sample_index": pa.int32(), "prompt_tokens": pa.int32(), "completion_tokens": pa.int32(), "seconds": pa.float64(),
                  "refresh": pa.int32()}
         with self._lock:
@@ -1140,6 +1158,7 @@ class Store:
         with self._lock:
             self._insert("runs", {"run_id": [run_id], "dataset": [dataset], "status": ["running"], "options": [json.dumps(options)]})
             self._writer.note(run_id=run_id)
+            self._run = run_id
 
     def update_run(self, run_id: str, **fields) -> None:
         """Set columns of a run's row, e.g. ``update_run(run_id, backbone=..., flow_run_id=...)``."""
@@ -1153,6 +1172,7 @@ class Store:
 
     def finish_run(self, run_id: str, status: str, error: str | None = None) -> None:
         with self._lock:
+            self._run = None if self._run == run_id else self._run
             self._stage(("runs", self._query_rows("SELECT * REPLACE (? AS status, ? AS error, CAST(current_timestamp AS TIMESTAMP) AS "
                                                   "finished_at) FROM runs WHERE run_id = ?", [status, error, run_id])))
 
