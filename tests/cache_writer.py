@@ -1,5 +1,5 @@
 """A writer for the cache-concurrency tests, run as its own process: what a run writes, in the same shape and order,
-without the models. ``python cache_writer.py CACHE BATCHES [--pace S] [--fold-every K] [--run RUN_ID]``
+without the models. ``python cache_writer.py CACHE BATCHES [--pace S] [--fold-every K] [--fold-bytes N] [--run RUN_ID]``
 
 Batch b stores 4 generations (keys b-0 .. b-3), links them to the run, and records llm_calls = 4 (b + 1) on the run's
 row (a row a later batch replaces); every 5th batch also stores 16 text embeddings. Then a result and a classifier,
@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from textadapt import store as store_module
 from textadapt.store import Generation, Store
 
 
@@ -33,7 +34,10 @@ def main() -> None:
     p.add_argument("--pace", type=float, default=0.0, help="seconds between batches (an LLM's answer time)")
     p.add_argument("--fold-every", type=int, default=0, help="also try to fold every K batches")
     p.add_argument("--run", default="demo-run")
+    p.add_argument("--fold-bytes", type=int, default=0, help="fold steps this small (many steps, readers coming in between)")
     args = p.parse_args()
+    if args.fold_bytes:
+        store_module.FOLD_BYTES = args.fold_bytes
     store = Store(args.cache)
     store.start_run(args.run, "demo", {"batches": args.batches})
     for b in range(args.batches):

@@ -70,7 +70,8 @@ def reference(tmp_path_factory) -> dict[int, dict]:
 
 def test_readers_see_every_batch_while_the_writer_writes_and_folds(tmp_path, reference):
     cache = tmp_path / "c.duckdb"
-    p = writer(cache, 120, "--pace", "0.02", "--fold-every", "30")  # folds mid-run too, each time no reader has the file
+    # Folds mid-run too, each time no reader has the file, in steps of 20 kB: readers come in between steps.
+    p = writer(cache, 120, "--pace", "0.02", "--fold-every", "30", "--fold-bytes", "20000")
     while not cache.exists() or not Path(f"{cache}.staging", "anchor").exists():
         time.sleep(0.05)
     views, waits = [], []

@@ -268,7 +268,7 @@ class StagedTable:
     """A stored table that writers stage rows for, and how one row per primary key is chosen."""
 
     key: tuple[str, ...]
-    keep: str  # "first": content-addressed, the row stored first stays (INSERT OR IGNORE); "last": a newer row replaces it
+    keep: str  # "first": content-addressed, the row stored first stays; "last": a newer row replaces it
 
 
 TABLES: dict[str, StagedTable] = {
@@ -616,7 +616,7 @@ class _WriterLock:
 
 
 FANOUT = 16  # staged batches merged into one, per level
-FOLD_BYTES = 32 << 20  # staged Parquet folded per hold of DuckDB's write lock: what a reader may wait for
+FOLD_BYTES = 16 << 20  # staged Parquet folded per hold of DuckDB's write lock: what a reader may wait for
 STORED_AT = {"created_at", "started_at"}  # set to the time a row is written, when not given
 ANCHOR = "anchor"  # a staged folder holding an empty file per table: a glob that matches no file is an error in DuckDB
 
@@ -957,10 +957,14 @@ class Store:
                 f"(PARTITION BY {', '.join(t.key)} ORDER BY _seq {'ASC' if t.keep == 'first' else 'DESC'}) = 1")
 
     def _merge(self) -> None:
-        """Merge FANOUT batches of a level into one of the next level; the merged ones go when no other process has the file open."""
+        """Merge FANOUT batches of a level into one of the next level, unless that would be more than a fold step (then they
+        stay as they are: a fold must be able to take one batch at a time); the merged ones go when no other process has
+        the file open."""
         level = 0
         while len(self._levels.get(level, [])) >= FANOUT:
             inputs = self._levels.pop(level)
+            if sum(f.stat().st_size for b in inputs for f in (self.staging / b).glob("*.parquet")) > FOLD_BYTES:
+                break
             name = f"{self._next_seq:012d}-{level + 1}"
             self._next_seq += 1
             tmp = self.staging / "tmp" / name
@@ -1018,20 +1022,32 @@ class Store:
                     self._scan_staging()
 
     def _fold_into(self, con: duckdb.DuckDBPyConnection, batches: list[str], superseded: list[str]) -> None:
-        """``batches`` (live, oldest rows first) into the stored tables in one transaction; then, still holding the file (no
-        reader can be between listing files and reading them), they and the ``superseded`` copies leave the staging folder."""
+        """Fold in one transaction: the content-addressed tables' rows of ``batches`` (live, oldest rows first), and the
+        other tables' rows of every live batch (small; a newer row replaces an older one, so they go at once, whatever
+        order the batches have). Then, still holding the file (no reader can be between listing files and reading them),
+        ``batches`` and the ``superseded`` copies leave the staging folder, and so do the folded files of the others."""
+        live = self._staged()[0]
         con.execute("BEGIN TRANSACTION")
         for table, t in TABLES.items():
-            files = [self.staging / b / f"{table}.parquet" for b in batches if (self.staging / b / f"{table}.parquet").exists()]
-            if files:
-                con.execute(f"INSERT OR {'IGNORE' if t.keep == 'first' else 'REPLACE'} INTO stored.{table} BY NAME "
-                            f"SELECT * EXCLUDE (_seq) FROM ({self._dedup(table, files)})")
+            files = [self.staging / b / f"{table}.parquet" for b in (batches if t.keep == "first" else live)
+                     if (self.staging / b / f"{table}.parquet").exists()]
+            if not files:
+                continue
+            if t.keep == "first":  # what the view shows: the staged rows whose key is not stored yet
+                con.execute(f"INSERT INTO stored.{table} BY NAME SELECT s.* EXCLUDE (_seq) FROM ({self._dedup(table, files)}) s "
+                            f"ANTI JOIN stored.{table} USING ({', '.join(t.key)})")
+            else:
+                con.execute(f"INSERT OR REPLACE INTO stored.{table} BY NAME SELECT * EXCLUDE (_seq) FROM ({self._dedup(table, files)})")
         con.execute("COMMIT")
         con.execute("CHECKPOINT")
         trash = self.staging / "trash"
         trash.mkdir(exist_ok=True)
         for b in batches + superseded:
             os.rename(self.staging / b, trash / b)
+        for b in set(live) - set(batches):
+            for table, t in TABLES.items():
+                if t.keep == "last":
+                    (self.staging / b / f"{table}.parquet").unlink(missing_ok=True)
 
     # -- reading -----------------------------------------------------------------------------
 
