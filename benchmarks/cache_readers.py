@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +30,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from textadapt import store as store_module
 from textadapt.store import Generation, Store
 
 NAME = "cache_readers"
@@ -46,6 +48,17 @@ def gen_batch(b: int) -> list[Generation]:
 
 def emb_batch(b: int) -> tuple[list[str], np.ndarray]:
     return [f"{b:06d}-{i}" for i in range(256)], np.random.default_rng(b).normal(size=(256, 512)).astype(np.float32)
+
+
+FOLD_STEPS: list[float] = []  # seconds each fold step held DuckDB's write lock (what a reader arriving then waits, at most)
+
+
+def _timed_fold_step(fold_into):
+    def step(self, con, batches, superseded):
+        t0 = time.perf_counter()
+        fold_into(self, con, batches, superseded)
+        FOLD_STEPS.append(time.perf_counter() - t0)
+    return step
 
 
 def write_staged(path: Path, gens: int, embs: int) -> dict:
@@ -141,30 +154,34 @@ def reader(path: Path) -> tuple[float, float, int]:
     return opened, time.perf_counter() - t0, n
 
 
-def shell(path: Path) -> tuple[float, bool]:
+def shell(path: Path) -> tuple[float, str | None]:
+    """Seconds a one-shot `duckdb -readonly` query took, and its error (None: it answered)."""
     t0 = time.perf_counter()
     p = subprocess.run([SHELL, "-readonly", "-csv", "-noheader", str(path), "-c", "SELECT count(*) FROM generations"], capture_output=True,
                        text=True, timeout=120)
-    return time.perf_counter() - t0, p.returncode == 0
+    return time.perf_counter() - t0, None if p.returncode == 0 else p.stderr.strip().splitlines()[0]
 
 
 def readers_during_a_run(tmp: Path, gens: int, embs: int, pace: float) -> dict:
+    """Readers (textadapt's, then the shell, in turn) from the writer's first batch to its exit. A query is counted as
+    "during the run" if it started over a second before the writer began its final fold, else "at the fold"."""
     path = tmp / "watched.duckdb"
     code = WRITER.format(bench=str(Path(__file__).parent), path=str(path), gens=gens, embs=embs, pace=pace)
     w = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert w.stdout.readline().strip() == "open"
-    during, shells, at_end = [], [], []
-    closing = False
+    lines: list[tuple[float, str]] = []
+    threading.Thread(target=lambda: lines.extend((time.perf_counter(), line) for line in w.stdout), daemon=True).start()
+    reads, shells = [], []  # (start, result)
     while w.poll() is None:
-        if not closing:
-            if select.select([w.stdout], [], [], 0)[0] and w.stdout.readline().startswith("closing"):
-                closing = True
-                continue
-            during.append(reader(path))
-            shells.append(shell(path))
-        else:
-            at_end.append(reader(path))
-    folded = float(w.stdout.read().split()[-1])
+        reads.append((time.perf_counter(), reader(path)))
+        shells.append((time.perf_counter(), shell(path)))
+    time.sleep(0.5)
+    closing = next(t for t, line in lines if line.startswith("closing"))
+    folded = float(next(line for _, line in lines if line.startswith("folded")).split()[1])
+    during = [r for t, r in reads if t < closing - 1]
+    at_fold = [r for t, r in reads if t >= closing - 1]
+    shell_during = [r for t, r in shells if t < closing - 1]
+    shell_at_fold = [r for t, r in shells if t >= closing - 1]
     idle = [reader(path) for _ in range(10)]
     idle_shell = [shell(path) for _ in range(10)]
     waits = [o for o, _, _ in during]
@@ -172,9 +189,13 @@ def readers_during_a_run(tmp: Path, gens: int, embs: int, pace: float) -> dict:
         "batches": gens, "pace_s": pace,
         "reads_during_run": len(during), "reader_open_s_median": statistics.median(waits), "reader_open_s_max": max(waits),
         "reader_answer_s_median": statistics.median(a for _, a, _ in during), "reader_answer_s_max": max(a for _, a, _ in during),
-        "counts_seen": sorted({n for *_, n in during}), "shell_failures_during_run": sum(not ok for _, ok in shells),
-        "shell_queries_during_run": len(shells), "shell_s_median": statistics.median(s for s, _ in shells),
-        "reads_during_final_fold": len(at_end), "reader_open_s_max_at_fold": max((o for o, _, _ in at_end), default=0.0),
+        "counts_seen": sorted({n for *_, n in during}),
+        "shell_queries_during_run": len(shell_during), "shell_failures_during_run": sum(e is not None for _, e in shell_during),
+        "shell_s_median": statistics.median(s for s, _ in shell_during),
+        "reads_at_final_fold": len(at_fold), "reader_open_s_max_at_fold": max((o for o, _, _ in at_fold), default=0.0),
+        "shell_queries_at_final_fold": len(shell_at_fold),
+        "shell_errors_at_final_fold": sorted({e.split(":")[0] for _, e in shell_at_fold if e}),
+        "shell_failures_at_final_fold": sum(e is not None for _, e in shell_at_fold),
         "final_fold_s": folded,
         "idle_reader_open_s_median": statistics.median(o for o, _, _ in idle),
         "idle_reader_answer_s_median": statistics.median(a for _, a, _ in idle),
@@ -201,6 +222,7 @@ def main() -> None:
             sides[side].append(t)
             return sum(t.values())
 
+        Store._fold_into = _timed_fold_step(Store._fold_into)  # (its transaction and checkpoint)
         alt = _common.alternate(lambda: run("staged"), lambda: run("direct"), repeats, "staged", "direct")
         per = {side: {k: statistics.median(t[k] for t in ts) for k in ("open", "gen", "emb", "close")} for side, ts in sides.items()}
         writer = {
@@ -210,18 +232,22 @@ def main() -> None:
             **{f"{side}_ms_per_embedding_batch": 1000 * per[side]["emb"] / args.emb_batches for side in per},
             **{f"{side}_close_s": per[side]["close"] for side in per},
             **{f"{side}_total_s": statistics.median(sum(t.values()) for t in ts) for side, ts in sides.items()},
+            "fold_steps": len(FOLD_STEPS) / repeats, "fold_step_s_max": max(FOLD_STEPS), "fold_step_s_median": statistics.median(FOLD_STEPS),
+            "fold_bytes": store_module.FOLD_BYTES,
         }
         print(_common.table(["", "staged (textadapt)", "direct (file held, before)"], [
             ["ms per generation batch", writer["staged_ms_per_generation_batch"], writer["direct_ms_per_generation_batch"]],
             ["ms per embedding batch", writer["staged_ms_per_embedding_batch"], writer["direct_ms_per_embedding_batch"]],
             ["close (staged: the fold) s", writer["staged_close_s"], writer["direct_close_s"]],
             ["total s", writer["staged_total_s"], writer["direct_total_s"]]]))
+        print(f"fold: {writer['fold_steps']:.0f} steps per run, each holding the write lock {writer['fold_step_s_median']:.2f} s "
+              f"(median), {writer['fold_step_s_max']:.2f} s at most")
         print(f"staged / direct, total: {alt['ratio_median']:.3f} (CPU {alt['cpu_ratio_median']:.3f})")
 
         print(f"\nreaders while a writer writes {args.gen_batches} batches, {args.pace} s apart, then folds:")
         readers = readers_during_a_run(tmp, args.gen_batches, args.emb_batches, args.pace)
         for k, v in readers.items():
-            print(f"  {k}: {v if not isinstance(v, list) else f'{len(v)} distinct, {v[0]} to {v[-1]}'}")
+            print(f"  {k}: {f'{len(v)} distinct, {v[0]} to {v[-1]}' if k == 'counts_seen' else v}")
         readers["counts_seen"] = len(readers["counts_seen"])
         _common.write_results(NAME, {"generation_batches": args.gen_batches, "embedding_batches": args.emb_batches,
                                      "rows_per_generation_batch": 5, "embedding_batch": "256 x 512 float32", "repeats": repeats,
