@@ -38,6 +38,7 @@ def test_foreign_duckdb_file_is_refused_untouched(tmp_path):
     con = duckdb.connect(str(path))
     assert [r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()] == ["invoices"]
     con.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.duckdb"]  # nothing left beside it
 
 
 def test_not_a_database_is_refused(tmp_path):

@@ -578,6 +578,7 @@ class _WriterLock:
         self.path = Path(f"{path}.lock")
         if str(self.path) in self._held:
             raise TextadaptError(f"{path} is in use by another process: this process is already writing to it")
+        self.created = not self.path.exists()
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -609,8 +610,11 @@ class _WriterLock:
         self.info.update(info)
         self._write()
 
-    def release(self) -> None:
+    def release(self, remove: bool = False) -> None:
+        """``remove``: the file too (a cache refused at opening: not ours to write, so no writer can be there)."""
         os.ftruncate(self.fd, 0)
+        if remove:
+            self.path.unlink(missing_ok=True)
         os.close(self.fd)  # releases the lock
         self._held.discard(str(self.path))
 
@@ -663,7 +667,7 @@ class Store:
                 self._stage(("runs", self._query_rows("SELECT * REPLACE ('interrupted' AS status, 'the process stopped before the run "
                                                       "finished' AS error) FROM runs WHERE list_contains(?, run_id)", [running])))
         except BaseException:
-            self._release()
+            self._release(refused=True)
             raise
 
     # -- opening, versions and views -------------------------------------------------------------
@@ -836,7 +840,7 @@ class Store:
                     pass  # folded by the next writer
             self._release()
 
-    def _release(self) -> None:
+    def _release(self, refused: bool = False) -> None:
         if self.con is not None:
             self.con.close()
             self.con = None
@@ -844,7 +848,7 @@ class Store:
             os.close(self._probe)
             self._probe = None
         if self._writer is not None:
-            self._writer.release()
+            self._writer.release(remove=refused and self._writer.created)
             self._writer = None
 
     def __reduce__(self):
