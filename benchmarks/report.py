@@ -185,24 +185,29 @@ def cache_readers(d: dict) -> list[str]:
         f"{s['embedding_batches']} embedding batches of {s['embedding_batch']}, into a new cache; textadapt's `Store` vs the "
         f"file held for writing with one INSERT per batch (before staging); {s['repeats']} alternating repetitions.", "",
         table(["", "staged (textadapt)", "file held (before)"],
-              [["ms per generation batch", _f(w["staged_ms_per_generation_batch"], 1), _f(w["direct_ms_per_generation_batch"], 1)],
+              [["ms per generation batch", _f(w["staged_ms_per_generation_batch"], 1),
+                _f(w["direct_ms_per_generation_batch"], 1)],
                ["ms per embedding batch", _f(w["staged_ms_per_embedding_batch"], 1), _f(w["direct_ms_per_embedding_batch"], 1)],
                ["closing (staged: the fold), s", _f(w["staged_close_s"]), _f(w["direct_close_s"])],
                ["all, s", _f(w["staged_total_s"]), _f(w["direct_total_s"])]]), "",
         f"**staged / file held = {_f(w['ratio_total_median'], 3)}** wall time (range {_f(w['ratio_min'], 3)} to "
-        f"{_f(w['ratio_max'], 3)}), {_f(w['cpu_ratio_median'], 3)} CPU time. The fold took {w['fold_steps']:.0f} steps of at most "
+        f"{_f(w['ratio_max'], 3)}), {_f(w['cpu_ratio_median'], 3)} CPU time. The fold took {w['fold_steps']:.0f} steps of "
+        f"at most "
         f"{w['fold_bytes'] >> 20} MB of staged files, each holding DuckDB's write lock {_f(w['fold_step_s_median'])} s (median), "
         f"{_f(w['fold_step_s_max'])} s at most: the longest a reader waits.", "",
         f"Readers while a writer process writes {r['batches']} batches {r['pace_s']} s apart (a query counted as during the run "
         f"if it started over a second before the writer's final fold):", "",
         table(["", "during the run", "at the final fold", "no writer"],
-              [["`Store(read_only=True)` opens, median s", _f(r["reader_open_s_median"], 3), "", _f(r["idle_reader_open_s_median"], 3)],
+              [["`Store(read_only=True)` opens, median s", _f(r["reader_open_s_median"], 3), "",
+                _f(r["idle_reader_open_s_median"], 3)],
                ["... at most, s", _f(r["reader_open_s_max"], 3), _f(r["reader_open_s_max_at_fold"], 3), ""],
-               ["... and counts generations, median s", _f(r["reader_answer_s_median"], 3), "", _f(r["idle_reader_answer_s_median"], 3)],
+               ["... and counts generations, median s", _f(r["reader_answer_s_median"], 3), "",
+                _f(r["idle_reader_answer_s_median"], 3)],
                ["`duckdb -readonly` one-shot query, median s", _f(r["shell_s_median"], 3), "", _f(r["idle_shell_s_median"], 3)],
                ["`duckdb` queries that failed", f"{r['shell_failures_during_run']} of {r['shell_queries_during_run']}",
                 f"{r['shell_failures_at_final_fold']} of {r['shell_queries_at_final_fold']}", ""]]), "",
-        f"The readers saw {r['counts_seen']} different counts as the writer wrote; its final fold took {_f(r['final_fold_s'])} s.",
+        f"The readers saw {r['counts_seen']} different counts as the writer wrote; its final fold took "
+        f"{_f(r['final_fold_s'])} s.",
     ]
 
 

@@ -31,8 +31,11 @@ def _cell(text: str | None) -> str:
 
 
 def _columns(store: Store, schema: str, name: str) -> list[str]:
-    rows = store.query("SELECT column_name, data_type, is_nullable, comment FROM duckdb_columns() "
-                       "WHERE schema_name = ? AND table_name = ? ORDER BY column_index", [schema, name])
+    rows = store.query(
+        "SELECT column_name, data_type, is_nullable, comment FROM duckdb_columns() "
+        "WHERE schema_name = ? AND table_name = ? ORDER BY column_index",
+        [schema, name],
+    )
     out = ["| column | type | meaning |", "|---|---|---|"]
     for column, type_, nullable, comment in rows:
         out.append(f"| {column} | {type_}{'' if nullable else ' NOT NULL'} | {_cell(comment)} |")
@@ -42,18 +45,31 @@ def _columns(store: Store, schema: str, name: str) -> list[str]:
 def render() -> str:
     """The generated part of docs/schema.md, markers included."""
     with tempfile.TemporaryDirectory() as tmp, Store(Path(tmp) / "textadapt.duckdb") as store:
-        comment = dict(store.query("SELECT table_name, comment FROM duckdb_tables() WHERE schema_name = 'main'")
-                       + store.query("SELECT view_name, comment FROM duckdb_views() WHERE NOT internal"))
-        out = [BEGIN, "", f"## Tables (schema version {SCHEMA_VERSION})", "",
-               "Each name below is a view: the stored rows (table `stored.NAME`, same columns) and the staged ones, one row "
-               "per primary key. A content-addressed table (\"first row stays\") keeps the row stored first under a key; the "
-               "others take the newest.", ""]
+        comment = dict(
+            store.query("SELECT table_name, comment FROM duckdb_tables() WHERE schema_name = 'main'")
+            + store.query("SELECT view_name, comment FROM duckdb_views() WHERE NOT internal")
+        )
+        out = [
+            BEGIN,
+            "",
+            f"## Tables (schema version {SCHEMA_VERSION})",
+            "",
+            "Each name below is a view: the stored rows (table `stored.NAME`, same columns) and the staged ones, one row "
+            "per key.",
+            "",
+        ]
         for name, t in TABLES.items():
-            keep = "the first row stays" if t.keep == "first" else "a newer row replaces it"
-            out += [f"### `{name}`", "", _cell(comment[name]), "",
-                    f"Primary key ({', '.join(t.key)}); a key written again: {keep}.", ""]
+            keys = ", ".join(t.key)
+            key = (
+                f"One row per ({keys}): written again, the first row stays (content-addressed; kept so by the writer, no index)."
+                if t.keep == "first"
+                else f"Primary key ({keys}): written again, the newer row replaces it."
+            )
+            out += [f"### `{name}`", "", _cell(comment[name]), "", key, ""]
             out += _columns(store, "stored", name) + [""]
-        out += ["### `textadapt_meta`", "", _cell(comment["textadapt_meta"]), ""] + _columns(store, "main", "textadapt_meta") + [""]
+        out += (
+            ["### `textadapt_meta`", "", _cell(comment["textadapt_meta"]), ""] + _columns(store, "main", "textadapt_meta") + [""]
+        )
         out += ["## Views", "", "Shaped for the questions users ask; each is defined over the tables above.", ""]
         for v in VIEWS:
             out += [f"### `{v.name}`", "", _cell(comment[v.name]), ""] + _columns(store, "main", v.name)

@@ -18,9 +18,27 @@ from textadapt.store import Generation, Store
 
 
 def generations(b: int, run_id: str) -> list[Generation]:
-    return [Generation(f"{b:05d}-{i}", "demo", f"class {b % 7}", f"targeted/q{b % 5}", "h1", "llm", f"prompt {b}", {"t": 0.9}, i,
-                       f"raw {b} {i}", f"a description of batch {b}, sample {i}", None, 20 + i, 10 + b % 3, 0.25, run_id=run_id)
-            for i in range(4)]
+    return [
+        Generation(
+            f"{b:05d}-{i}",
+            "demo",
+            f"class {b % 7}",
+            f"targeted/q{b % 5}",
+            "h1",
+            "llm",
+            f"prompt {b}",
+            {"t": 0.9},
+            i,
+            f"raw {b} {i}",
+            f"a description of batch {b}, sample {i}",
+            None,
+            20 + i,
+            10 + b % 3,
+            0.25,
+            run_id=run_id,
+        )
+        for i in range(4)
+    ]
 
 
 def embeddings(b: int) -> np.ndarray:
@@ -46,7 +64,9 @@ def main() -> None:
         store.link_generations(args.run, [(g.key, b % 7, None) for g in rows])
         store.update_run(args.run, llm_calls=4 * (b + 1))
         if b % 5 == 0:
-            store.put_embeddings("text", "demo@1", [f"{b}-{i}" for i in range(16)], embeddings(b), [f"text {b}-{i}" for i in range(16)])
+            store.put_embeddings(
+                "text", "demo@1", [f"{b}-{i}" for i in range(16)], embeddings(b), [f"text {b}-{i}" for i in range(16)]
+            )
         if args.fold_every and (b + 1) % args.fold_every == 0:
             store.fold()
         print(f"batch {b}", flush=True)

@@ -29,13 +29,21 @@ CONTENT = {  # every table the writer fills, without the times it was stored at
     "class_results": "SELECT * FROM class_results",
     "classifiers": "SELECT * FROM classifiers",
 }
-SEEN = ["SELECT count(*), count(DISTINCT key) FROM generations", "SELECT max(llm_calls), count(*) FROM runs",  # one scan each
-        "SELECT count(*), count(DISTINCT text_hash) FROM text_embeddings"]
+SEEN = [
+    "SELECT count(*), count(DISTINCT key) FROM generations",
+    "SELECT max(llm_calls), count(*) FROM runs",  # one scan each
+    "SELECT count(*), count(DISTINCT text_hash) FROM text_embeddings",
+]
 
 
 def writer(cache: Path, batches: int, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, WRITER, str(cache), str(batches), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, stdin=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, WRITER, str(cache), str(batches), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def content(cache: Path) -> dict[str, list[tuple]]:
@@ -96,8 +104,13 @@ def test_a_reader_left_open_does_not_stall_the_writer(tmp_path, reference):
     later), the shell sees each new batch, and the next writer folds what was left once the shell is gone."""
     cache = tmp_path / "c.duckdb"
     Store(cache).close()
-    shell = subprocess.Popen([SHELL, "-readonly", "-csv", "-noheader", str(cache)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    shell = subprocess.Popen(
+        [SHELL, "-readonly", "-csv", "-noheader", str(cache)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     p = writer(cache, 120, "--pace", "0.01", "--fold-every", "20")
     while p.poll() is None:
         shell.stdin.write("SELECT count(*) FROM generations;\n")
@@ -170,28 +183,50 @@ def test_a_version_3_cache_migrates_keeping_every_row(tmp_path):
     con.execute("INSERT INTO textadapt_meta VALUES ('schema_version', '3')")
     for sql in MIGRATIONS[:3]:
         con.execute(sql)
-    gen = ("INSERT INTO generations (key, dataset, class_name, template, template_hash, model, prompt, params, sample_index, description, "
-           "created_at, base_key) VALUES (?, 'd', 'bag', ?, 'h', 'm', 'p', '{}', 0, 'a bag.', ?, ?)")
-    con.execute("INSERT INTO runs (run_id, dataset, status, options, started_at, finished_at) VALUES "
-                "('r1', 'd', 'completed', '{}', '2026-01-01 10:00', '2026-01-01 10:30'), "
-                "('r2', 'd', 'completed', '{}', '2026-01-01 11:00', '2026-01-01 11:30')")
-    for key, template, at in [("made-by-r1", "generic/look", "2026-01-01 10:10"), ("made-by-r2", "generic/look", "2026-01-01 11:10"),
-                              ("before-any-run", "generic/look", "2026-01-01 09:00"), ("imported", "import/cupl", "2026-01-01 10:20")]:
+    gen = (
+        "INSERT INTO generations (key, dataset, class_name, template, template_hash, model, prompt, params, sample_index, "
+        "description, created_at, base_key) VALUES (?, 'd', 'bag', ?, 'h', 'm', 'p', '{}', 0, 'a bag.', ?, ?)"
+    )
+    con.execute(
+        "INSERT INTO runs (run_id, dataset, status, options, started_at, finished_at) VALUES "
+        "('r1', 'd', 'completed', '{}', '2026-01-01 10:00', '2026-01-01 10:30'), "
+        "('r2', 'd', 'completed', '{}', '2026-01-01 11:00', '2026-01-01 11:30')"
+    )
+    for key, template, at in [
+        ("made-by-r1", "generic/look", "2026-01-01 10:10"),
+        ("made-by-r2", "generic/look", "2026-01-01 11:10"),
+        ("before-any-run", "generic/look", "2026-01-01 09:00"),
+        ("imported", "import/cupl", "2026-01-01 10:20"),
+    ]:
         con.execute(gen, [key, template, at, key])
-    con.executemany("INSERT INTO run_generations VALUES (?, ?, 0, NULL)",
-                    [("r1", "made-by-r1"), ("r2", "made-by-r1"), ("r2", "made-by-r2"), ("r2", "before-any-run"), ("r1", "imported")])
-    con.execute("INSERT INTO results (run_id, method, kind, top1, mean_per_class, n_images, losses, seeds) "
-                "VALUES ('r2', 'tap-head:generic', 'adapted', 0.5, 0.4, 10, [1.0, 0.5], [1, 2])")
+    con.executemany(
+        "INSERT INTO run_generations VALUES (?, ?, 0, NULL)",
+        [("r1", "made-by-r1"), ("r2", "made-by-r1"), ("r2", "made-by-r2"), ("r2", "before-any-run"), ("r1", "imported")],
+    )
+    con.execute(
+        "INSERT INTO results (run_id, method, kind, top1, mean_per_class, n_images, losses, seeds) "
+        "VALUES ('r2', 'tap-head:generic', 'adapted', 0.5, 0.4, 10, [1.0, 0.5], [1, 2])"
+    )
     con.execute("INSERT INTO classifiers VALUES ('r2', 'tap-head:generic', 1, 1, 2, ['bag'], [0.5, 0.5], NULL, NULL)")
     con.close()
     with Store(path) as s:
         assert s.sql("SELECT value FROM textadapt_meta WHERE key = 'schema_version'")[1] == [(str(SCHEMA_VERSION),)]
         assert s.query("SELECT key, run_id FROM generations ORDER BY key") == [
-            ("before-any-run", None), ("imported", None), ("made-by-r1", "r1"), ("made-by-r2", "r2")]
+            ("before-any-run", None),
+            ("imported", None),
+            ("made-by-r1", "r1"),
+            ("made-by-r2", "r2"),
+        ]
         assert s.query("SELECT run_id, llm_calls FROM run_llm_usage ORDER BY run_id") == [("r1", 1), ("r2", 1)]
-        assert s.query("SELECT run_id, key, excluded, excluded_items FROM run_generations ORDER BY ALL")[0] == ("r1", "imported", None, None)
+        assert s.query("SELECT run_id, key, excluded, excluded_items FROM run_generations ORDER BY ALL")[0] == (
+            "r1",
+            "imported",
+            None,
+            None,
+        )
         assert s.query("SELECT method, losses, seeds, flow_run_id FROM results JOIN runs USING (run_id)") == [
-            ("tap-head:generic", [1.0, 0.5], [1, 2], None)]
+            ("tap-head:generic", [1.0, 0.5], [1, 2], None)
+        ]
         assert s.classifier("r2", "tap-head:generic")[2] == ["bag"]
         assert s.query("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'stored'") == [(9,)]
     with Store(path, read_only=True) as s:  # and the file is whole (checkpointed): it reopens
@@ -217,8 +252,12 @@ def test_the_duckdb_shell_and_a_moved_cache(tmp_path):
     with Store(new, read_only=True) as s:
         assert s.query("SELECT flow_run_id, count(*) FROM runs, generations GROUP BY ALL") == [("0b9e-flow", 40)]
     Store(new).close()  # the writer rewrites the views and folds
-    out = subprocess.run([SHELL, "-readonly", "-csv", "-noheader", str(new), "-c", "SELECT flow_run_id FROM runs"], capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [SHELL, "-readonly", "-csv", "-noheader", str(new), "-c", "SELECT flow_run_id FROM runs"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.stdout.split() == ["0b9e-flow"], out.stderr
     assert not os.path.exists(old)
 
@@ -228,19 +267,21 @@ def test_a_new_cache_killed_before_its_first_checkpoint_opens(tmp_path):
     cannot replay a log that alters a table with a function default, such as COMMENT ON COLUMN on a table whose
     created_at defaults to current_timestamp: a new file gets no such default, and no ALTER.)"""
     cache = tmp_path / "c.duckdb"
-    code = ("import os, duckdb\nfrom textadapt import store\n"
-            "connect = duckdb.connect\n"
-            "def keep_the_log(path, read_only=False):\n"
-            "    con = connect(path, read_only=read_only)\n"
-            "    if not read_only:\n"
-            "        con.execute(\"SET checkpoint_threshold = '1TB'\")  # no checkpoint but ours\n"
-            "    return con\n"
-            "store.duckdb.connect = keep_the_log\n"
-            "def killed(self, con):\n"
-            "    self._install_views(con)\n"
-            "    os.kill(os.getpid(), 9)  # before CHECKPOINT\n"
-            "store.Store._end_session = killed\n"
-            f"store.Store({str(cache)!r})\n")
+    code = (
+        "import os, duckdb\nfrom textadapt import store\n"
+        "connect = duckdb.connect\n"
+        "def keep_the_log(path, read_only=False):\n"
+        "    con = connect(path, read_only=read_only)\n"
+        "    if not read_only:\n"
+        "        con.execute(\"SET checkpoint_threshold = '1TB'\")  # no checkpoint but ours\n"
+        "    return con\n"
+        "store.duckdb.connect = keep_the_log\n"
+        "def killed(self, con):\n"
+        "    self._install_views(con)\n"
+        "    os.kill(os.getpid(), 9)  # before CHECKPOINT\n"
+        "store.Store._end_session = killed\n"
+        f"store.Store({str(cache)!r})\n"
+    )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == -signal.SIGKILL, p.stderr
     assert Path(f"{cache}.wal").stat().st_size > 10_000  # the schema, views and comments are in the log only

@@ -20,8 +20,22 @@ from textadapt.store import Store
 
 CLI = str(Path(sys.executable).parent / "textadapt")
 SHELL = str(Path(sys.executable).parent / "duckdb")
-ARGS = ["run", "fashion-mnist", "--backbone", TINY, "--max-classes", "3", "--samples", "2", "--max-images", "300", "--steps", "30",
-        "--templates", "targeted"]  # 3 classes x 5 questions x 2 samples = 30 generations
+ARGS = [
+    "run",
+    "fashion-mnist",
+    "--backbone",
+    TINY,
+    "--max-classes",
+    "3",
+    "--samples",
+    "2",
+    "--max-images",
+    "300",
+    "--steps",
+    "30",
+    "--templates",
+    "targeted",
+]  # 3 classes x 5 questions x 2 samples = 30 generations
 GENERATIONS = 30
 
 
@@ -35,7 +49,11 @@ def cache(tmp_path_factory):
     home = tmp_path_factory.mktemp("views") / "home"
     prompts = home.parent / "prompts"
     shutil.copytree(REPO / "prompts", prompts)
-    env = {k: v for k, v in os.environ.items() if k not in ("TEXTADAPT_DB", "TEXTADAPT_CONFIG", "TEXTADAPT_BACKBONE", "TEXTADAPT_LLM")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("TEXTADAPT_DB", "TEXTADAPT_CONFIG", "TEXTADAPT_BACKBONE", "TEXTADAPT_LLM")
+    }
     env.update(TEXTADAPT_HOME=str(home), TEXTADAPT_PROMPTS_DIR=str(prompts), PREFECT_LOGGING_LEVEL="INFO")
     db = home / "textadapt.duckdb"
 
@@ -45,7 +63,9 @@ def cache(tmp_path_factory):
         return p
 
     # 1. A run, and while it runs: `textadapt sql` and one-shot `duckdb -readonly` shells, one after the other.
-    first = subprocess.Popen([CLI, *ARGS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [CLI, *ARGS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL
+    )
     answers = []  # (tool, return code, count or error)
     sql = "SELECT count(*) FROM generations"
     while first.poll() is None:
@@ -57,7 +77,9 @@ def cache(tmp_path_factory):
         # The shell does not wait for DuckDB's lock as textadapt's readers do; the writer takes it only to fold, at its
         # start and end: ask while it generates (between the first rows seen and the last).
         while first.poll() is None and answers[-1][1] == 0 and 0 < answers[-1][2] < GENERATIONS:
-            shell = subprocess.run([SHELL, "-readonly", "-csv", "-noheader", str(db), "-c", sql], capture_output=True, text=True, timeout=60)
+            shell = subprocess.run(
+                [SHELL, "-readonly", "-csv", "-noheader", str(db), "-c", sql], capture_output=True, text=True, timeout=60
+            )
             answers.append(("duckdb", shell.returncode, int(shell.stdout) if shell.returncode == 0 else shell.stderr))
             if answers[-1][2] == GENERATIONS:
                 break
@@ -97,8 +119,12 @@ def test_textadapt_sql_and_the_duckdb_shell_answer_while_a_run_writes(cache):
 
 def test_run_llm_usage_is_what_each_run_spent(cache):
     db, _, (first, again, edited), _, _ = cache
-    usage = {r: (calls, prompt, completion) for r, calls, prompt, completion in
-             query(db, "SELECT run_id, llm_calls, prompt_tokens, completion_tokens FROM run_llm_usage")}
+    usage = {
+        r: (calls, prompt, completion)
+        for r, calls, prompt, completion in query(
+            db, "SELECT run_id, llm_calls, prompt_tokens, completion_tokens FROM run_llm_usage"
+        )
+    }
     assert usage[again] == (0, 0, 0)  # a re-run served entirely from the cache spent nothing
     assert usage[first][0] == GENERATIONS and usage[first][2] > 0 and usage[edited][0] == 6 and usage[edited][2] > 0
     assert usage[first][2] + usage[edited][2] == query(db, "SELECT sum(completion_tokens) FROM generations")[0][0]
@@ -110,16 +136,27 @@ def test_run_llm_usage_is_what_each_run_spent(cache):
 
 def test_current_descriptions_after_a_template_edit(cache):
     db, textadapt, (first, _, edited), _, _ = cache
-    hashes = dict(query(db, "SELECT run_id, any_value(template_hash) FROM generations WHERE template = 'targeted/look' GROUP BY ALL"))
+    hashes = dict(
+        query(db, "SELECT run_id, any_value(template_hash) FROM generations WHERE template = 'targeted/look' GROUP BY ALL")
+    )
     assert hashes[first] != hashes[edited]
     current = query(db, "SELECT DISTINCT template_hash FROM current_descriptions WHERE template = 'targeted/look'")
     assert current == [(hashes[edited],)]  # only the edited version's
     # the other templates' descriptions are current as they were; every accepted item of the current rows, no other
-    [(expected,)] = query(db, "SELECT count(*) FROM descriptions d JOIN generations g USING (key) WHERE g.template <> 'targeted/look' "
-                              "OR g.template_hash = ?", [hashes[edited]])
+    [(expected,)] = query(
+        db,
+        "SELECT count(*) FROM descriptions d JOIN generations g USING (key) WHERE g.template <> 'targeted/look' "
+        "OR g.template_hash = ?",
+        [hashes[edited]],
+    )
     assert query(db, "SELECT count(*) FROM current_descriptions") == [(expected,)]
     exported = json.loads(textadapt("descriptions", "export", "--template", "targeted/look").stdout)
-    new = {d for (d,) in query(db, "SELECT d.description FROM descriptions d JOIN generations g USING (key) WHERE g.run_id = ?", [edited])}
+    new = {
+        d
+        for (d,) in query(
+            db, "SELECT d.description FROM descriptions d JOIN generations g USING (key) WHERE g.run_id = ?", [edited]
+        )
+    }
     assert exported and {d for ds in exported.values() for d in ds} == new
 
 
@@ -127,16 +164,25 @@ def test_run_descriptions_say_what_each_run_trained_on(cache):
     db, textadapt, (first, again, edited), _, report = cache
     report = Path(re.search(r"report: (\S+\.md)", report.stdout).group(1)).read_text()
     trained = int(re.search(r"Trained on (\d+) descriptions", report).group(1))
-    rows = query(db, "SELECT class_name, template_set, template, description, used, excluded FROM run_descriptions WHERE run_id = ?", [first])
+    rows = query(
+        db,
+        "SELECT class_name, template_set, template, description, used, excluded FROM run_descriptions WHERE run_id = ?",
+        [first],
+    )
     assert sum(used for *_, used, _ in rows) == trained
     assert all(s == "targeted" and t.startswith("targeted/") for _, s, t, *_ in rows)
     assert all((excluded is None) == used for *_, used, excluded in rows)
     assert {c for c, *_ in rows} == {"T-shirt or top", "trouser", "pullover"}
     # the same descriptions for the cached re-run; the edited run's look descriptions are the new version's
-    assert sorted(query(db, "SELECT key, item, used FROM run_descriptions WHERE run_id = ?", [again])) == \
-        sorted(query(db, "SELECT key, item, used FROM run_descriptions WHERE run_id = ?", [first]))
-    assert query(db, "SELECT DISTINCT g.run_id FROM run_descriptions r JOIN generations g USING (key) "
-                     "WHERE r.run_id = ? AND r.template = 'targeted/look'", [edited]) == [(edited,)]
+    assert sorted(query(db, "SELECT key, item, used FROM run_descriptions WHERE run_id = ?", [again])) == sorted(
+        query(db, "SELECT key, item, used FROM run_descriptions WHERE run_id = ?", [first])
+    )
+    assert query(
+        db,
+        "SELECT DISTINCT g.run_id FROM run_descriptions r JOIN generations g USING (key) "
+        "WHERE r.run_id = ? AND r.template = 'targeted/look'",
+        [edited],
+    ) == [(edited,)]
     exported = json.loads(textadapt("descriptions", "export", "--run", first).stdout)
     used = {(c, d) for c, _, _, d, u, _ in rows if u}
     assert {(c, d) for c, ds in exported.items() for d in ds} == used

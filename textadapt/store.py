@@ -50,25 +50,28 @@ import pyarrow.parquet as pq
 from textadapt import TextadaptError
 
 STORED_V4 = """
+    -- The content-addressed tables (TABLES: keep "first") have no PRIMARY KEY: the one writer keeps one row per key as
+    -- it folds (DuckDB 1.5.6 rewrites an index whole at every checkpoint: folding into a table of a million rows would
+    -- hold the file for seconds per step). The others keep theirs (a newer row replaces the stored one).
     CREATE SCHEMA stored;
     CREATE TABLE stored.generations (
-        key VARCHAR PRIMARY KEY, dataset VARCHAR NOT NULL, class_name VARCHAR NOT NULL, template VARCHAR NOT NULL,
+        key VARCHAR NOT NULL, dataset VARCHAR NOT NULL, class_name VARCHAR NOT NULL, template VARCHAR NOT NULL,
         template_hash VARCHAR NOT NULL, model VARCHAR NOT NULL, prompt VARCHAR NOT NULL, params JSON NOT NULL,
         sample_index INTEGER NOT NULL, raw_text VARCHAR, description VARCHAR, rejected VARCHAR, prompt_tokens INTEGER,
         completion_tokens INTEGER, seconds DOUBLE, created_at TIMESTAMP, base_key VARCHAR,
         refresh INTEGER DEFAULT 0, run_id VARCHAR
     );
     CREATE TABLE stored.backbones (
-        backbone VARCHAR PRIMARY KEY, spec VARCHAR NOT NULL, arch VARCHAR NOT NULL, weights VARCHAR NOT NULL,
+        backbone VARCHAR NOT NULL, spec VARCHAR NOT NULL, arch VARCHAR NOT NULL, weights VARCHAR NOT NULL,
         untrained BOOLEAN NOT NULL, created_at TIMESTAMP
     );
     CREATE TABLE stored.text_embeddings (
         backbone VARCHAR NOT NULL, text_hash VARCHAR NOT NULL, text VARCHAR NOT NULL, embedding FLOAT[] NOT NULL,
-        created_at TIMESTAMP, PRIMARY KEY (backbone, text_hash)
+        created_at TIMESTAMP
     );
     CREATE TABLE stored.image_embeddings (
         backbone VARCHAR NOT NULL, image_hash VARCHAR NOT NULL, embedding FLOAT[] NOT NULL,
-        created_at TIMESTAMP, PRIMARY KEY (backbone, image_hash)
+        created_at TIMESTAMP
     );
     CREATE TABLE stored.runs (
         run_id VARCHAR PRIMARY KEY, dataset VARCHAR NOT NULL, status VARCHAR NOT NULL, options JSON NOT NULL,
@@ -78,7 +81,7 @@ STORED_V4 = """
     );
     CREATE TABLE stored.run_generations (
         run_id VARCHAR NOT NULL, key VARCHAR NOT NULL, class_index INTEGER NOT NULL, excluded VARCHAR,
-        excluded_items INTEGER[], PRIMARY KEY (run_id, key)
+        excluded_items INTEGER[]
     );
     CREATE TABLE stored.results (
         run_id VARCHAR NOT NULL, method VARCHAR NOT NULL, kind VARCHAR NOT NULL, top1 DOUBLE NOT NULL,
@@ -287,10 +290,12 @@ TABLES: dict[str, StagedTable] = {
 TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
     "generations": ("Every LLM sample, accepted or not, and every imported description.", {
         "key": "content address: sha256 of dataset, LLM identity, template hash, prompt, sampling parameters and sample index "
-               "(round r of --refresh: sha256(base_key + ':refresh:' + r)); imports: sha256 of dataset, source, file hash, class, position",
+               "(round r of --refresh: sha256(base_key + ':refresh:' + r)); imports: sha256 of dataset, source, file hash, "
+               "class, position",
         "dataset": "dataset spec name",
         "class_name": "the class asked about ('' for a meta-prompting stage-1 row, template meta/questions)",
-        "template": "prompt template SET/NAME (targeted/look); meta/questions/N: a question the LLM wrote; import/SOURCE: an imported file",
+        "template": "prompt template SET/NAME (targeted/look); meta/questions/N: a question the LLM wrote; import/SOURCE: an "
+                    "imported file",
         "template_hash": "sha256 of the template's source (of the file, for imports): editing a template changes it",
         "model": "LLM identity, e.g. llama-cpp:SmolLM2-135M-Instruct.Q4_1.gguf@sha256:...; import:SOURCE for imports",
         "prompt": "the exact text sent to the LLM ('' for imports)",
@@ -299,14 +304,16 @@ TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
         "raw_text": "the answer as received (bytes that were not UTF-8 as U+FFFD; an answer over 20,000 characters is cut there "
                     "and ends with [... cut: N characters in all])",
         "description": "the cleaned answer, one item per line for parse: list and parse: questions templates; NULL when rejected",
-        "rejected": "why it is not used (empty, refusal, too short, too long, no answer, no items, no questions ...); NULL: accepted",
+        "rejected": "why it is not used (empty, refusal, too short, too long, no answer, no items, no questions ...); "
+                    "NULL: accepted",
         "prompt_tokens": "prompt tokens, as the LLM server counted them",
         "completion_tokens": "completion tokens, as the LLM server counted them",
         "seconds": "time the LLM took for this answer",
         "created_at": "when it was stored",
         "base_key": "the key of refresh round 0 (equal to key unless refreshed)",
         "refresh": "the refresh round: 0, then 1, 2 ... for each --refresh",
-        "run_id": "the run that asked the LLM for it; NULL for imports, and for rows stored before schema 4 by no run that used them",
+        "run_id": "the run that asked the LLM for it; NULL for imports, and for rows stored before schema 4 by no run that "
+                  "used them",
     }),
     "backbones": ("Every image/text encoder a run used; its identity keys the embedding cache.", {
         "backbone": "identity: ARCH@sha256 of the weights (every tensor) and the image preprocessing",
@@ -349,7 +356,8 @@ TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
     "run_generations": ("Which generations a run used, as which class; any past run can be reproduced from these rows.", {
         "run_id": "runs.run_id",
         "key": "generations.key (the refresh round the run used)",
-        "class_index": "the class in the dataset spec's order (-1: a meta-prompting question row); labels always come from the spec",
+        "class_index": "the class in the dataset spec's order (-1: a meta-prompting question row); labels always come from "
+                       "the spec",
         "excluded": "why the run trained on none of it: 'duplicate of KEY' when every item repeats, after normalising case and "
                     "punctuation, an earlier description of the same class and template set; NULL otherwise",
         "excluded_items": "the items (1-based lines of the description) the run left out as such duplicates; NULL: none",
@@ -397,7 +405,8 @@ TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
 }
 
 META_DOC = ("textadapt's own bookkeeping.", {
-    "key": "schema_version (MIGRATIONS applied), staging (the folder of staged rows the views read), views (hash of their definitions)",
+    "key": "schema_version (MIGRATIONS applied), staging (the folder of staged rows the views read), views (hash of their "
+           "definitions)",
     "value": "its value",
 })
 
@@ -483,18 +492,22 @@ VIEWS: list[View] = [
            x.mean_per_class_std, x.top1_per_seed, x.seeds, x.n_images, x.n_texts, x.train_seconds, r.options
     FROM results x JOIN runs r USING (run_id) LEFT JOIN backbones b ON b.backbone = r.backbone
     """),
-    View("latest_results", "For each dataset, backbone and method, its result in the newest completed run.", RUN_RESULTS_COLUMNS, """
+    View("latest_results", "For each dataset, backbone and method, its result in the newest completed run.",
+         RUN_RESULTS_COLUMNS, """
     SELECT * FROM run_results WHERE status = 'completed'
     QUALIFY row_number() OVER (PARTITION BY dataset, backbone, method ORDER BY started_at DESC, run_id DESC) = 1
     """),
     View("run_llm_usage", "What each run itself spent on the LLM: the generations it asked for (a run served entirely from "
          "the cache spent 0).", {
              "run_id": "runs.run_id", "dataset": "dataset", "status": "runs.status", "llm": "LLM identity",
-             "llm_calls": "answers it asked the LLM for and stored (accepted or not)", "rejected": "of which rejected by cleaning",
+             "llm_calls": "answers it asked the LLM for and stored (accepted or not)",
+             "rejected": "of which rejected by cleaning",
              "prompt_tokens": "prompt tokens", "completion_tokens": "completion tokens", "llm_seconds": "LLM time",
          }, """
-    SELECT r.run_id, r.dataset, r.status, r.llm, count(g.key) AS llm_calls, count(g.key) FILTER (g.rejected IS NOT NULL) AS rejected,
-           coalesce(sum(g.prompt_tokens), 0)::BIGINT AS prompt_tokens, coalesce(sum(g.completion_tokens), 0)::BIGINT AS completion_tokens,
+    SELECT r.run_id, r.dataset, r.status, r.llm, count(g.key) AS llm_calls,
+           count(g.key) FILTER (g.rejected IS NOT NULL) AS rejected,
+           coalesce(sum(g.prompt_tokens), 0)::BIGINT AS prompt_tokens,
+           coalesce(sum(g.completion_tokens), 0)::BIGINT AS completion_tokens,
            coalesce(sum(g.seconds), 0) AS llm_seconds
     FROM runs r LEFT JOIN generations g ON g.run_id = r.run_id
     GROUP BY r.run_id, r.dataset, r.status, r.llm
@@ -664,8 +677,9 @@ class Store:
             # never finish.
             running = [r for (r,) in self.con.execute("SELECT run_id FROM runs WHERE status = 'running'").fetchall()]
             if running:
-                self._stage(("runs", self._query_rows("SELECT * REPLACE ('interrupted' AS status, 'the process stopped before the run "
-                                                      "finished' AS error) FROM runs WHERE list_contains(?, run_id)", [running])))
+                marked = self._query_rows("SELECT * REPLACE ('interrupted' AS status, 'the process stopped before the run "
+                                          "finished' AS error) FROM runs WHERE list_contains(?, run_id)", [running])
+                self._stage(("runs", marked))
         except BaseException:
             self._release(refused=True)
             raise
@@ -757,17 +771,27 @@ class Store:
         return row[0] if row else None
 
     def _view_sqls(self) -> list[tuple[str, str]]:
-        """(name, SELECT) of every view, in dependency order: the staged tables' first."""
+        """(name, SELECT) of every view, in dependency order: the staged tables' first.
+
+        A staged row carries _seq (the batch that wrote it) and _copy (the file holding it: a merge copies rows, and
+        merged batches stay until no reader has the file open). A content-addressed table's rows are picked per key on
+        the key columns alone (the first write, its oldest copy), then read whole: cheaper than ranking wide rows (the two
+        reads list the folder separately, so a batch published in between may show at the next query only). The other
+        tables are small, and one read of their staged rows both hides the stored rows they replace and shows them."""
         out = []
         for name, t in TABLES.items():
             key = ", ".join(t.key)
-            staged = (f"SELECT * EXCLUDE (_seq) FROM read_parquet({_literal(self.staging / '*' / f'{name}.parquet')}) "
-                      f"QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY _seq {'ASC' if t.keep == 'first' else 'DESC'}) = 1")
+            files = f"read_parquet({_literal(self.staging / '*' / f'{name}.parquet')})"
             if t.keep == "first":  # a stored row stays; staged rows add the keys not stored yet
-                sql = f"SELECT * FROM stored.{name} UNION ALL BY NAME SELECT s.* FROM ({staged}) s ANTI JOIN stored.{name} USING ({key})"
+                # the first write; of its copies the oldest, which every read of the folder that lists the newer lists too
+                pick = f"SELECT {key}, min(struct_pack(s := _seq, c := _copy)).c AS _copy FROM {files} GROUP BY ALL"
+                sql = (f"SELECT * FROM stored.{name} UNION ALL BY NAME SELECT s.* EXCLUDE (_seq, _copy) FROM {files} s "
+                       f"SEMI JOIN ({pick}) p USING ({key}, _copy) ANTI JOIN stored.{name} t USING ({key})")
             else:  # a staged row replaces the stored one
-                sql = (f"WITH staged AS ({staged}) "
-                       f"SELECT t.* FROM stored.{name} t ANTI JOIN staged USING ({key}) UNION ALL BY NAME SELECT * FROM staged")
+                sql = (f"WITH staged AS MATERIALIZED (SELECT * FROM {files} QUALIFY row_number() OVER "
+                       f"(PARTITION BY {key} ORDER BY _seq DESC, _copy) = 1) "
+                       f"SELECT t.* FROM stored.{name} t ANTI JOIN staged USING ({key}) "
+                       f"UNION ALL BY NAME SELECT * EXCLUDE (_seq, _copy) FROM staged")
             out.append((name, sql))
         return out + [(v.name, textwrap.dedent(v.sql).strip()) for v in VIEWS]
 
@@ -808,7 +832,8 @@ class Store:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for name in TABLES:
-            self._parquet(name, con.execute(f"SELECT * FROM stored.{name} LIMIT 0").to_arrow_table(), tmp / f"{name}.parquet", seq=0)
+            empty = con.execute(f"SELECT * FROM stored.{name} LIMIT 0").to_arrow_table()
+            self._parquet(name, empty, tmp / f"{name}.parquet", copy=0, seq=0)
         if (self.staging / ANCHOR).exists():
             (self.staging / "trash").mkdir(exist_ok=True)
             os.rename(self.staging / ANCHOR, self.staging / "trash" / ANCHOR)
@@ -844,7 +869,7 @@ class Store:
         if self.con is not None:
             self.con.close()
             self.con = None
-        if self._probe is not None:  # after DuckDB's connection: closing any descriptor of the file drops the process's locks on it
+        if self._probe is not None:  # after DuckDB's connection: closing any descriptor of the file drops the process's locks
             os.close(self._probe)
             self._probe = None
         if self._writer is not None:
@@ -900,7 +925,7 @@ class Store:
         tmp = self.staging / "tmp" / name
         tmp.mkdir(parents=True)
         for table, rows in parts:
-            self._parquet(table, rows, tmp / f"{table}.parquet", seq)
+            self._parquet(table, rows, tmp / f"{table}.parquet", copy=seq, seq=seq)
         self._publish(tmp, name)
         self._levels.setdefault(0, []).append(name)
         self._merge()
@@ -920,11 +945,22 @@ class Store:
         finally:
             os.close(fd)
 
-    def _parquet(self, table: str, rows: pa.Table, path: Path, seq: int | None = None) -> None:
-        """Write rows of ``table`` as a Parquet file (``seq``: as column _seq). pyarrow's writer: DuckDB's COPY costs 8-40x
-        more per small batch here. JSON columns keep their type, as Parquet's JSON logical type."""
+    def _parquet(self, table: str, rows: pa.Table, path: Path, copy: int, seq: int | None = None) -> None:
+        """Write rows of ``table`` as a Parquet file, with _copy = ``copy`` (its batch folder's number), and _seq = ``seq``
+        (new rows) or as they have it (rows a merge copies). One row per key in a file: the first or the newest given.
+        pyarrow's writer: DuckDB's COPY costs 8-40x more per small batch here. JSON columns keep their type, as Parquet's
+        JSON logical type."""
+        keys = list(zip(*(rows.column(k).to_pylist() for k in TABLES[table].key)))
+        if len(set(keys)) < len(keys):
+            keep: dict[tuple, int] = {}
+            for i, k in enumerate(keys):
+                if TABLES[table].keep == "last" or k not in keep:
+                    keep[k] = i
+            rows = rows.take(sorted(keep.values()))
         if seq is not None:
             rows = rows.append_column("_seq", pa.array([seq] * rows.num_rows, pa.int64()))
+        rows = rows.drop_columns([c for c in ("_copy",) if c in rows.column_names])
+        rows = rows.append_column("_copy", pa.array([copy] * rows.num_rows, pa.int64()))
         for column, type_, _ in self._columns[table]:
             if type_ == "JSON":
                 i = rows.schema.get_field_index(column)
@@ -961,28 +997,41 @@ class Store:
                 f"(PARTITION BY {', '.join(t.key)} ORDER BY _seq {'ASC' if t.keep == 'first' else 'DESC'}) = 1")
 
     def _merge(self) -> None:
-        """Merge FANOUT batches of a level into one of the next level, unless that would be more than a fold step (then they
-        stay as they are: a fold must be able to take one batch at a time); the merged ones go when no other process has
-        the file open."""
+        """Merge FANOUT batches of a level into one of the next level, at most a fold step's worth (a fold takes whole
+        batches: a batch that big stays as it is); the merged ones go when no other process has the file open."""
         level = 0
-        while len(self._levels.get(level, [])) >= FANOUT:
-            inputs = self._levels.pop(level)
-            if sum(f.stat().st_size for b in inputs for f in (self.staging / b).glob("*.parquet")) > FOLD_BYTES:
-                break
-            name = f"{self._next_seq:012d}-{level + 1}"
-            self._next_seq += 1
-            tmp = self.staging / "tmp" / name
-            tmp.mkdir(parents=True)
-            for table in TABLES:
-                files = [self.staging / b / f"{table}.parquet" for b in inputs if (self.staging / b / f"{table}.parquet").exists()]
-                if files:
-                    self._parquet(table, self._query_rows(self._dedup(table, files)), tmp / f"{table}.parquet")
-            (tmp / "supersedes").write_text("\n".join(inputs) + "\n")
-            self._publish(tmp, name)
-            self._levels.setdefault(level + 1, []).append(name)
-            self._superseded += inputs
+        while level in self._levels:
+            todo = self._levels[level]
+            while len(todo) >= FANOUT:
+                inputs, size = [], 0
+                for b in todo:
+                    size += self._size(b)
+                    if inputs and size > FOLD_BYTES:
+                        break
+                    inputs.append(b)
+                del todo[: len(inputs)]
+                if len(inputs) > 1:
+                    self._merge_into(inputs, level + 1)
             level += 1
         self._drop_superseded()
+
+    def _size(self, batch: str) -> int:
+        return sum(f.stat().st_size for f in (self.staging / batch).glob("*.parquet"))
+
+    def _merge_into(self, inputs: list[str], level: int) -> None:
+        copy = self._next_seq
+        name = f"{copy:012d}-{level}"
+        self._next_seq += 1
+        tmp = self.staging / "tmp" / name
+        tmp.mkdir(parents=True)
+        for table in TABLES:
+            files = [self.staging / b / f"{table}.parquet" for b in inputs if (self.staging / b / f"{table}.parquet").exists()]
+            if files:
+                self._parquet(table, self._query_rows(self._dedup(table, files)), tmp / f"{table}.parquet", copy=copy)
+        (tmp / "supersedes").write_text("\n".join(inputs) + "\n")
+        self._publish(tmp, name)
+        self._levels.setdefault(level, []).append(name)
+        self._superseded += inputs
 
     def _drop_superseded(self) -> None:
         """Remove merged batches, but only while no other process has the file open: a reader lists the files of a query
@@ -1009,7 +1058,7 @@ class Store:
                     return True
                 chunk, size = [], 0
                 for b in live:
-                    size += sum(f.stat().st_size for f in (self.staging / b).glob("*.parquet"))
+                    size += self._size(b)
                     if chunk and size > FOLD_BYTES:
                         break
                     chunk.append(b)
@@ -1038,10 +1087,11 @@ class Store:
             if not files:
                 continue
             if t.keep == "first":  # what the view shows: the staged rows whose key is not stored yet
-                con.execute(f"INSERT INTO stored.{table} BY NAME SELECT s.* EXCLUDE (_seq) FROM ({self._dedup(table, files)}) s "
-                            f"ANTI JOIN stored.{table} USING ({', '.join(t.key)})")
+                con.execute(f"INSERT INTO stored.{table} BY NAME SELECT s.* EXCLUDE (_seq, _copy) "
+                            f"FROM ({self._dedup(table, files)}) s ANTI JOIN stored.{table} USING ({', '.join(t.key)})")
             else:
-                con.execute(f"INSERT OR REPLACE INTO stored.{table} BY NAME SELECT * EXCLUDE (_seq) FROM ({self._dedup(table, files)})")
+                con.execute(f"INSERT OR REPLACE INTO stored.{table} BY NAME SELECT * EXCLUDE (_seq, _copy) "
+                            f"FROM ({self._dedup(table, files)})")
         con.execute("COMMIT")
         con.execute("CHECKPOINT")
         trash = self.staging / "trash"
@@ -1068,7 +1118,8 @@ class Store:
                 if str(self.staging) not in str(e):
                     raise
                 if attempt == 2:
-                    raise TextadaptError(f"{self.path}: cannot read its staged rows in {self.staging} ({str(e).splitlines()[0]}); "
+                    raise TextadaptError(f"{self.path}: cannot read its staged rows in {self.staging} "
+                                         f"({str(e).splitlines()[0]}); "
                                          "if that folder was removed, open the cache once for writing to recreate it "
                                          "(`textadapt sql --write CHECKPOINT`)") from None
                 time.sleep(0.05)  # the writer removed merged batches while this query listed them (it saw no reader open)
@@ -1087,7 +1138,8 @@ class Store:
     def existing_generations(self, keys: list[str]) -> set[str]:
         if not keys:
             return set()
-        return {r[0] for r in self._with("_wanted", pa.table({"key": keys}), "SELECT g.key FROM generations g JOIN _wanted w USING (key)")}
+        rows = self._with("_wanted", pa.table({"key": keys}), "SELECT g.key FROM generations g JOIN _wanted w USING (key)")
+        return {r[0] for r in rows}
 
     def add_generation(self, g: Generation) -> None:
         """Store one generation at once: it survives a crash of what follows."""
@@ -1100,7 +1152,8 @@ class Store:
         if not rows:
             return
         cols = ["key", "dataset", "class_name", "template", "template_hash", "model", "prompt", "params", "sample_index",
-                "raw_text", "description", "rejected", "prompt_tokens", "completion_tokens", "seconds", "base_key", "refresh", "run_id"]
+                "raw_text", "description", "rejected", "prompt_tokens", "completion_tokens", "seconds", "base_key", "refresh",
+                "run_id"]
         data = {c: [getattr(g, c) for g in rows] for c in cols}
         data["params"] = [json.dumps(p, sort_keys=True) for p in data["params"]]
         data["base_key"] = [g.base_key or g.key for g in rows]
@@ -1115,8 +1168,8 @@ class Store:
         if not base_keys:
             return {}
         rows = self._with("_wanted", pa.table({"base_key": base_keys}),
-                          "SELECT g.base_key, arg_max(g.key, g.refresh), max(g.refresh) FROM generations g JOIN _wanted w USING (base_key) "
-                          "GROUP BY g.base_key")
+                          "SELECT g.base_key, arg_max(g.key, g.refresh), max(g.refresh) FROM generations g "
+                          "JOIN _wanted w USING (base_key) GROUP BY g.base_key")
         return {b: (k, r) for b, k, r in rows}
 
     def imported(self, dataset: str, source: str) -> list[tuple[str, str, str | None, str | None]]:
@@ -1143,8 +1196,8 @@ class Store:
         with self._lock:
             self.con.register("_wanted", pa.table({"h": hashes}))
             try:
-                tbl = self._execute(f"SELECT e.{col}, e.embedding FROM {table} e JOIN _wanted w ON e.{col} = w.h WHERE e.backbone = ?",
-                                    [backbone]).to_arrow_table()
+                tbl = self._execute(f"SELECT e.{col}, e.embedding FROM {table} e JOIN _wanted w ON e.{col} = w.h "
+                                    "WHERE e.backbone = ?", [backbone]).to_arrow_table()
             finally:
                 self.con.unregister("_wanted")
         if tbl.num_rows == 0:
@@ -1160,7 +1213,8 @@ class Store:
             return
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         lists = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.ravel()), embeddings.shape[1]).cast(pa.list_(pa.float32()))
-        data = {"backbone": pa.array([backbone] * len(hashes), pa.string()), col: pa.array(hashes, pa.string()), "embedding": lists}
+        data = {"backbone": pa.array([backbone] * len(hashes), pa.string()), col: pa.array(hashes, pa.string()),
+                "embedding": lists}
         if kind == "text":
             data["text"] = pa.array(texts, pa.string())
         with self._lock:
@@ -1176,7 +1230,8 @@ class Store:
 
     def start_run(self, run_id: str, dataset: str, options: dict) -> None:
         with self._lock:
-            self._insert("runs", {"run_id": [run_id], "dataset": [dataset], "status": ["running"], "options": [json.dumps(options)]})
+            self._insert("runs", {"run_id": [run_id], "dataset": [dataset], "status": ["running"],
+                                  "options": [json.dumps(options)]})
             self._writer.note(run_id=run_id)
             self._run = run_id
 
@@ -1188,16 +1243,18 @@ class Store:
             raise ValueError(f"runs has no column {sorted(unknown)}")
         sets = ", ".join(f"CAST(? AS {types[c]}) AS {c}" for c in fields)
         with self._lock:
-            self._stage(("runs", self._query_rows(f"SELECT * REPLACE ({sets}) FROM runs WHERE run_id = ?", [*fields.values(), run_id])))
+            row = self._query_rows(f"SELECT * REPLACE ({sets}) FROM runs WHERE run_id = ?", [*fields.values(), run_id])
+            self._stage(("runs", row))
 
     def finish_run(self, run_id: str, status: str, error: str | None = None) -> None:
         with self._lock:
             self._run = None if self._run == run_id else self._run
-            self._stage(("runs", self._query_rows("SELECT * REPLACE (? AS status, ? AS error, CAST(current_timestamp AS TIMESTAMP) AS "
-                                                  "finished_at) FROM runs WHERE run_id = ?", [status, error, run_id])))
+            row = self._query_rows("SELECT * REPLACE (? AS status, ? AS error, CAST(current_timestamp AS TIMESTAMP) AS "
+                                   "finished_at) FROM runs WHERE run_id = ?", [status, error, run_id])
+            self._stage(("runs", row))
 
     def link_generations(self, run_id: str, links: list[tuple]) -> None:
-        """Record which generations a run used: (key, class_index, excluded reason or None[, excluded items (1-based) or None])."""
+        """Record which generations a run used: (key, class_index, excluded reason or None[, items left out, 1-based])."""
         links = [(*link, None) if len(link) == 3 else tuple(link) for link in links]
         keys, class_indices, excluded, items = (list(col) for col in zip(*links)) if links else ([], [], [], [])
         with self._lock:
@@ -1230,15 +1287,16 @@ class Store:
 
     def save_result(self, run_id: str, method: str, kind: str, top1: float, mean_per_class: float, n_images: int,
                     per_class: list[tuple[int, str, int, float | None, float | None]], **extra) -> None:
-        """One method's row of ``results`` (``extra``: any other column, e.g. top5, losses) and its ``class_results``, as one batch."""
+        """One method's row of ``results`` (``extra``: any other column, e.g. top5, losses) and its ``class_results``, in one
+        batch."""
         row = {"run_id": run_id, "method": method, "kind": kind, "top1": top1, "mean_per_class": mean_per_class,
                "n_images": n_images, **extra}
         columns = ("class_index", "class_name", "n_images", "accuracy", "delta")
         per_class_rows = {"run_id": [run_id] * len(per_class), "method": [method] * len(per_class),
                           **{c: [r[i] for r in per_class] for i, c in enumerate(columns)}}
         with self._lock:
-            self._stage(("results", self._new_rows("results", {c: [v.tolist() if isinstance(v, np.ndarray) else v] for c, v in row.items()})),
-                        ("class_results", self._new_rows("class_results", per_class_rows)))
+            result = self._new_rows("results", {c: [v.tolist() if isinstance(v, np.ndarray) else v] for c, v in row.items()})
+            self._stage(("results", result), ("class_results", self._new_rows("class_results", per_class_rows)))
 
     def save_classifier(self, run_id: str, method: str, seed: int, weight: np.ndarray, classes: list[str],
                         log_prior: np.ndarray | None, beta: float | None) -> None:
