@@ -67,7 +67,7 @@ def seen(cache: Path) -> tuple[tuple, float]:
 def reference(tmp_path_factory) -> dict[int, dict]:
     """What the writer leaves when nobody reads, kills or interrupts it: by number of batches."""
     out = {}
-    for batches in (120, 300):
+    for batches in (120, 200):
         cache = tmp_path_factory.mktemp("reference") / "c.duckdb"
         p = writer(cache, batches)
         assert p.wait(timeout=600) == 0, p.stderr.read()
@@ -149,12 +149,12 @@ def test_a_second_writer_is_refused_naming_the_first(tmp_path):
 def test_a_writer_killed_mid_write_leaves_a_cache_that_opens_and_a_rerun_completes(tmp_path, reference, when):
     """SIGKILL while staging batches (during merges of staged files), or while folding them into the file at the end."""
     cache = tmp_path / "c.duckdb"
-    p = writer(cache, 300)
+    p = writer(cache, 200)
     done = 0
     for line in p.stdout:
         if line.startswith("batch"):
             done = int(line.split()[1]) + 1
-        if (when == "writing" and done == 170) or (when == "closing" and line.startswith("closing")):
+        if (when == "writing" and done == 120) or (when == "closing" and line.startswith("closing")):
             time.sleep(0.3 if when == "closing" else 0)
             p.send_signal(signal.SIGKILL)
             break
@@ -168,10 +168,10 @@ def test_a_writer_killed_mid_write_leaves_a_cache_that_opens_and_a_rerun_complet
     with Store(cache, read_only=True) as s:
         assert s.query("SELECT status FROM runs") == [("interrupted" if when == "writing" else "completed",)]
     assert staged_batches(cache) == []
-    again = writer(cache, 300)  # the run again completes
+    again = writer(cache, 200)  # the run again completes
     assert again.wait(timeout=600) == 0, again.stderr.read()
     assert staged_batches(cache) == []
-    assert content(cache) == reference[300]
+    assert content(cache) == reference[200]
 
 
 def test_a_version_3_cache_migrates_keeping_every_row(tmp_path):
