@@ -16,7 +16,7 @@ test: setup
 
 # The benchmarks (benchmarks/README.md): each script prints a table and writes benchmarks/results/NAME.json;
 # report.py then regenerates benchmarks/RESULTS.md. About 20 minutes on 2 cores.
-BENCHMARKS ?= generation_overhead reference_sequential cache encoders training_scale end_to_end intervals
+BENCHMARKS ?= generation_overhead reference_sequential cache encoders training_scale end_to_end intervals cache_readers
 .PHONY: bench
 bench: setup
 	@for b in $(BENCHMARKS); do echo "== benchmarks/$$b.py"; $(VENV)/bin/python benchmarks/$$b.py $(BENCH_ARGS) || exit 1; done

@@ -52,7 +52,7 @@ def test_run_caches_everything_and_reports_every_method(home, tmp_path, monkeypa
     used = f"SELECT count(*) FROM run_generations r JOIN descriptions d USING (key) WHERE r.run_id = '{report.stem}' AND r.excluded IS NULL"
     assert query(home, used) == [(trained,)]
     accepted, duplicates = query(home, "SELECT count(*) FILTER (rejected IS NULL), count(*) FILTER (excluded LIKE 'duplicate of%') "
-                                       f"FROM generations JOIN run_generations USING (key) WHERE run_id = '{report.stem}'")[0]
+                                       f"FROM generations JOIN run_generations USING (key) WHERE run_generations.run_id = '{report.stem}'")[0]
     assert accepted - duplicates == trained
     assert query(home, "SELECT count(DISTINCT template), count(DISTINCT class_name) FROM generations") == [(10, 3)]
     run_id = report.stem

@@ -12,7 +12,7 @@ from textadapt.store import SCHEMA_VERSION, Store
 
 def test_new_file_gets_the_current_schema(tmp_path):
     with Store(tmp_path / "c.duckdb") as s:
-        assert s.sql("SELECT value FROM textadapt_meta")[1] == [(str(SCHEMA_VERSION),)]
+        assert s.sql("SELECT value FROM textadapt_meta WHERE key = 'schema_version'")[1] == [(str(SCHEMA_VERSION),)]
         tables = {r[0] for r in s.sql("SELECT table_name FROM information_schema.tables")[1]}
     assert {"generations", "descriptions", "text_embeddings", "image_embeddings", "runs", "run_generations", "results", "class_results"} <= tables
 
@@ -38,6 +38,7 @@ def test_foreign_duckdb_file_is_refused_untouched(tmp_path):
     con = duckdb.connect(str(path))
     assert [r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()] == ["invoices"]
     con.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.duckdb"]  # nothing left beside it
 
 
 def test_not_a_database_is_refused(tmp_path):
@@ -75,7 +76,7 @@ def test_migration_from_version_1_keeps_every_row(tmp_path):
     con.execute("INSERT INTO run_generations VALUES ('r1', 'k1', 8)")
     con.close()
     with Store(path) as s:
-        assert s.sql("SELECT value FROM textadapt_meta")[1] == [(str(SCHEMA_VERSION),)]
+        assert s.sql("SELECT value FROM textadapt_meta WHERE key = 'schema_version'")[1] == [(str(SCHEMA_VERSION),)]
         assert s.sql("SELECT key, base_key, refresh, description FROM generations")[1] == [("k1", "k1", 0, "a bag with handles.")]
         assert s.sql("SELECT run_id, key, class_index, excluded FROM run_generations")[1] == [("r1", "k1", 8, None)]
         assert s.sql("SELECT description FROM descriptions")[1] == [("a bag with handles.",)]
@@ -144,3 +145,46 @@ def test_migration_to_predictions_keeps_results(tmp_path):
         assert s.sql("SELECT top1, baseline, delta_top1, delta_top1_low FROM results")[1] == [(0.5, None, None, None)]
         assert s.sql("SELECT delta, delta_low, delta_high FROM class_results")[1] == [(0.0, None, None)]
         assert s.sql("SELECT count(*) FROM predictions")[1] == [(0,)] and s.run_images("r")[0] == []
+
+
+def test_every_table_view_and_column_says_what_it_means_inside_the_file(tmp_path):
+    with Store(tmp_path / "c.duckdb") as s:
+        missing = s.query("SELECT schema_name, table_name, column_name FROM duckdb_columns() "
+                          "WHERE schema_name IN ('main', 'stored') AND NOT internal AND comment IS NULL")
+        assert missing == []
+        views = dict(s.query("SELECT view_name, comment FROM duckdb_views() WHERE NOT internal"))
+    wanted = {"run_descriptions", "run_results", "latest_results", "run_llm_usage", "current_descriptions", "descriptions"}
+    assert wanted <= set(views)
+    assert all(views.values())
+
+
+def test_the_schema_doc_is_what_the_code_writes():
+    """docs/schema.md's tables and views are generated from a fresh cache by scripts/schema_doc.py."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("schema_doc", REPO / "scripts" / "schema_doc.py")
+    schema_doc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(schema_doc)
+    doc = (REPO / "docs" / "schema.md").read_text(encoding="utf-8")
+    assert doc == schema_doc.updated(doc), "docs/schema.md is not what scripts/schema_doc.py writes: run it"
+    assert "one by one" not in doc
+
+
+def test_a_new_file_and_a_migrated_one_have_the_same_schema(tmp_path):
+    """A new file gets the current schema whole (store.SCHEMA); an older one gets the migrations: the same tables."""
+    from textadapt.store import MIGRATIONS
+
+    old = tmp_path / "v1.duckdb"
+    con = duckdb.connect(str(old))
+    con.execute("CREATE TABLE textadapt_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+    con.execute("INSERT INTO textadapt_meta VALUES ('schema_version', '1')")
+    con.execute(MIGRATIONS[0])
+    con.close()
+    columns = ("SELECT schema_name, table_name, column_name, data_type, is_nullable, column_default FROM duckdb_columns() "
+               "WHERE schema_name = 'stored' ORDER BY ALL")
+    keys = "SELECT schema_name, table_name, constraint_type, constraint_column_names FROM duckdb_constraints() ORDER BY ALL"
+    with Store(old) as migrated, Store(tmp_path / "new.duckdb") as new:
+        for sql in (columns, keys):
+            assert migrated.query(sql) == new.query(sql)

@@ -78,8 +78,9 @@ class _Scored:
 
 
 def _run(store: Store, run_id: str) -> tuple[str, bool]:
-    row = store.con.execute("SELECT r.dataset, coalesce(b.untrained, false) FROM runs r "
-                            "LEFT JOIN backbones b ON b.backbone = r.backbone WHERE r.run_id = ?", [run_id]).fetchone()
+    rows = store.query("SELECT r.dataset, coalesce(b.untrained, false) FROM runs r "
+                       "LEFT JOIN backbones b ON b.backbone = r.backbone WHERE r.run_id = ?", [run_id])
+    row = rows[0] if rows else None
     if row is None:
         raise TextadaptError(f"no run {run_id!r} in {store.path} (`textadapt runs` lists them)")
     return row
@@ -89,16 +90,15 @@ def resolve(store: Store, side: str, method: str | None = None) -> tuple[str, st
     """``RUN_ID`` or ``RUN_ID:METHOD`` -> (run id, method); a bare run id means ``method``, else its best adapted method."""
     run_id, _, named = side.partition(":")
     _run(store, run_id)
-    methods = [m for (m,) in store.con.execute("SELECT method FROM results WHERE run_id = ? ORDER BY method",
-                                               [run_id]).fetchall()]
+    methods = [m for (m,) in store.query("SELECT method FROM results WHERE run_id = ? ORDER BY method", [run_id])]
     wanted = named or method
     if wanted is None:
-        best = store.con.execute("SELECT method FROM results WHERE run_id = ? AND kind = 'adapted' ORDER BY top1 DESC, method "
-                                 "LIMIT 1", [run_id]).fetchone()
-        if best is None:
+        best = store.query("SELECT method FROM results WHERE run_id = ? AND kind = 'adapted' ORDER BY top1 DESC, method "
+                           "LIMIT 1", [run_id])
+        if not best:
             raise TextadaptError(f"run {run_id!r} has no scored adapted method; name one as {run_id}:METHOD"
                                  + (f" (its methods: {', '.join(methods)})" if methods else " (it has no scored method at all)"))
-        return run_id, best[0]
+        return run_id, best[0][0]
     if wanted not in methods:
         raise TextadaptError(f"run {run_id!r} has no scored method {wanted!r}"
                              + (f"; its methods: {', '.join(methods)}" if methods else " (it has no scored method at all)"))
@@ -113,8 +113,8 @@ def _load(store: Store, side: str, method: str | None) -> _Scored:
     if predicted is None or not hashes:
         raise TextadaptError(f"run {run_id!r} has no per-image predictions stored (it was scored before textadapt kept them): "
                              "run it again to compare it")
-    classes = [c for (c,) in store.con.execute("SELECT class_name FROM class_results WHERE run_id = ? AND method = ? "
-                                               "ORDER BY class_index", [run_id, method]).fetchall()]
+    classes = [c for (c,) in store.query("SELECT class_name FROM class_results WHERE run_id = ? AND method = ? "
+                                         "ORDER BY class_index", [run_id, method])]
     correct = stats.correctness(predicted, labels)
     recall = [correct[labels == k].mean() if (labels == k).any() else np.nan for k in range(len(classes))]
     side_ = Side(run_id, method, dataset, bool(untrained), predicted.shape[0], float(correct.mean()), float(np.nanmean(recall)))

@@ -86,22 +86,21 @@ def import_descriptions(path: Path, spec: DatasetSpec, source: str, store: Store
 
 def export_descriptions(store: Store, dataset: str | None = None, template: str | None = None,
                         run_id: str | None = None) -> dict[str, list[str]]:
-    """{class name: [descriptions]} of the accepted descriptions selected (a run's: what it trained on)."""
+    """{class name: [descriptions]}: the current descriptions (view ``current_descriptions``: each template's current
+    version), or with ``run_id`` the descriptions that run trained on (view ``run_descriptions``)."""
     where, args = ["TRUE"], []
+    if run_id:
+        where.append("d.run_id = ? AND d.used")
+        args.append(run_id)
     if dataset:
         where.append("d.dataset = ?")
         args.append(dataset)
     if template:
         where.append("(d.template = ? OR d.template LIKE ?)")
         args += [template, f"{template}/%"]
-    join = ""
-    if run_id:
-        join = "JOIN run_generations r ON r.key = d.key AND r.run_id = ? AND r.excluded IS NULL"
-        args.insert(0, run_id)
-    rows = store.con.execute(
-        f"SELECT d.class_name, d.description FROM descriptions d {join} WHERE {' AND '.join(where)} "
-        "ORDER BY d.class_name, d.template, d.key", args,
-    ).fetchall()
+    view = "run_descriptions" if run_id else "current_descriptions"
+    rows = store.query(f"SELECT d.class_name, d.description FROM {view} d WHERE {' AND '.join(where)} "
+                       "ORDER BY d.class_name, d.template, d.key, d.item", args)
     out: dict[str, list[str]] = {}
     for cls, text in rows:
         if text not in out.setdefault(cls, []):

@@ -329,7 +329,7 @@ class Selection:
     """What a run trains on, and the record of it for ``run_generations``."""
 
     sets: dict[str, TrainingSet]
-    links: list[tuple[str, int, str | None]]  # (key, class_index, excluded reason)
+    links: list[tuple[str, int, str | None, list[int] | None]]  # (key, class_index, excluded reason, excluded items (1-based))
 
 
 def _norm(text: str) -> str:
@@ -351,20 +351,21 @@ def select(entries: list[tuple[str, str, int, str | None, str | None]]) -> Selec
         g["n"] += 1
         if rejected is not None:
             g["rejected"][rejected] += 1
-            links.append((key, ci, None))
+            links.append((key, ci, None, None))
             continue
-        kept, original = 0, None
-        for text in description.split("\n"):
+        kept, original, dropped = 0, None, []
+        for item, text in enumerate(description.split("\n"), 1):
             first = g["seen"].setdefault((ci, _norm(text)), key)
             if first != key:
                 g["excluded"]["duplicate"] += 1
                 original = first
+                dropped.append(item)
                 continue
             g["texts"].append(text)
             g["labels"].append(ci)
             g["keys"].append(key)
             kept += 1
-        links.append((key, ci, None if kept else f"duplicate of {original}"))
+        links.append((key, ci, None if kept else f"duplicate of {original}", dropped or None))
     sets = {
         name: TrainingSet(name, g["texts"], np.asarray(g["labels"], np.int64), g["keys"], g["n"], dict(g["rejected"]), dict(g["excluded"]))
         for name, g in groups.items()
