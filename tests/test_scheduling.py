@@ -271,7 +271,8 @@ def test_serve_serves_what_schedule_made_and_nothing_else(service, tmp_path, hom
 
         state = wait_for("the run with timeout_seconds=1 to end", lambda: final(timed.id), 180, serve)
         with client() as c:
-            assert c.read_flow_run(ignored.id).state.name == "Scheduled"
+            left = c.read_flow_run(ignored.id)
+    assert left.state.is_scheduled() and left.start_time is None, left.state  # Scheduled, then Late: never started
     assert state.name == "TimedOut" and "took longer than its timeout (1 s" in state.message, (state, serve.log())
     [(status, error)] = cache_rows(home, f"SELECT status, error FROM runs WHERE flow_run_id = '{timed.id}'")
     assert status == "failed" and error.startswith("RunTimedOut: the run took longer than its timeout"), error
