@@ -509,6 +509,9 @@ def _schedule_flags(fn):
             rich_help_panel="Schedule")),
         inspect.Parameter("name", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
             None, "--name", help="Deployment name.", show_default="the dataset's name", rich_help_panel="Schedule")),
+        inspect.Parameter("replace", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+            False, "--replace", help="Replace a deployment of that name that `schedule` did not make (e.g. prefect.yaml's); "
+            "without it, such a deployment is left as it is and nothing is created.", rich_help_panel="Schedule")),
     ]
     fn.__signature__ = inspect.Signature([dataset, *when, *options])
     fn.__annotations__ = {p.name: p.annotation for p in fn.__signature__.parameters.values()}
@@ -523,15 +526,17 @@ def schedule(**flags) -> None:
     Its run options are the flags of `textadapt run`, e.g. `textadapt schedule fashion-mnist
     --cron "0 3 * * *" --max-classes 4 --task-runner dask`; each becomes one parameter of the
     deployment. Needs a Prefect server (PREFECT_API_URL); `textadapt serve` then runs the scheduled runs.
+    The cron, the options and the dataset are checked first (as a run checks them): nothing is created if
+    one is wrong. A deployment runs one flow run at a time (a run due meanwhile waits for its turn).
     """
-    cron, timezone, name = flags.pop("cron"), flags.pop("timezone"), flags.pop("name")
+    cron, timezone, name, replace = flags.pop("cron"), flags.pop("timezone"), flags.pop("name"), flags.pop("replace")
     dataset = flags["dataset"]
     options = _run_options(flags)
     _prefect_env()
     from textadapt.flows.deployments import schedule as make_schedule
 
     try:
-        deployment_id = make_schedule(options, cron, timezone, name)
+        deployment_id = make_schedule(options, cron, timezone, name, replace)
     except TextadaptError as e:
         _fail(e)
     out.print(f"deployment textadapt-adapt/{name or dataset} ({deployment_id}): cron {cron!r}"
@@ -539,10 +544,13 @@ def schedule(**flags) -> None:
 
 
 @app.command()
-def serve(limit: int = typer.Option(1, min=1, help="Most flow runs at once. Runs that share a cache file must take turns (DuckDB: one writing process).")) -> None:
-    """Run the scheduled textadapt deployments from this machine until Ctrl-C (Prefect `serve`).
+def serve(limit: int = typer.Option(1, min=1, help="Most flow runs at once from this process: its runs share this "
+                                      "machine's cache file, which takes one writer at a time.")) -> None:
+    """Run the deployments `textadapt schedule` made (and only those) from this machine until Ctrl-C (Prefect `serve`).
 
-    A run due while another runs waits for it; schedules stay as they are when this stops.
+    Each deployment runs one flow run at a time, however many `serve` processes there are: a run due while
+    another of it runs waits. Schedules stay as they are when this stops. The runs happen here, with this
+    environment: its textadapt and Python, TEXTADAPT_HOME (the cache), the LLM's URL, the HF cache.
     """
     _prefect_env()
     from textadapt.flows.deployments import serve as serve_deployments

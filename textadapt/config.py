@@ -221,6 +221,12 @@ class RunOptions(BaseModel):
         description="Where generation and embedding batches run: threads of the flow's process, or a Dask cluster "
         "(Settings.dask_address, else a local one). The cache is written by the flow's process either way.",
     )
+    timeout_seconds: float | None = Field(
+        None, gt=0,
+        description="Stop the run after this many seconds: its flow run ends TimedOut (Prefect's state) and its row in runs "
+        "failed; what it stored stays, and running again asks only for the rest. Time waiting for a turn (a deployment's "
+        "concurrency limit) does not count. Unset: no limit.",
+    )
 
     @field_validator("methods")
     @classmethod

@@ -29,13 +29,14 @@ from typing import Iterator
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
+from prefect.utilities.timeout import timeout
 from pydantic import BaseModel
 
 from textadapt import TextadaptError, captioner, checks, encoders, harness, pipeline, prompts
 from textadapt.config import RunOptions, Settings, option_default
 from textadapt.datasets import DatasetSpec, ImageSet
 from textadapt.encoders import Backbone
-from textadapt.flows.artifacts import publish_artifacts
+from textadapt.flows.artifacts import GenerationProgress, publish_artifacts
 from textadapt.flows.workers import Workers
 from textadapt.llm import Backend, Sampling, make_backend
 from textadapt.progress import stage_progress
@@ -87,9 +88,10 @@ def adapt(**params) -> RunOutcome:
     settings = Settings()
     logger = get_run_logger()
     flow_run = FlowRunContext.get().flow_run
-    run_id, t = flow_run.name, Timer()
+    run_id = flow_run.name
     with Store(settings.db_path) as store, ExitStack() as run:
         run.enter_context(pipeline.record_run(store, run_id, options.model_dump()))
+        t = Timer(run.enter_context(time_limit(options.timeout_seconds)))
         store.update_run(run_id, flow_run_id=str(flow_run.id))
         logger.info("run %s, cache %s", run_id, settings.db_path)
         workers = run.enter_context(Workers.open(options.task_runner, settings))
@@ -140,16 +142,57 @@ def adapt(**params) -> RunOutcome:
 
 
 class Timer:
-    """``with t("stage"):`` records the stage's seconds in ``t.seconds`` (the report's stage table)."""
+    """``with t("stage"):`` records the stage's seconds in ``t.seconds`` (the report's stage table); a stage starts only
+    within the run's time limit (``deadline``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: "Deadline | None" = None) -> None:
         self.seconds: dict[str, float] = {}
+        self.deadline = deadline
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        if self.deadline:
+            self.deadline.check()
         t0 = time.perf_counter()
         yield
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+class RunTimedOut(TextadaptError, TimeoutError):
+    """The run took longer than its ``timeout_seconds`` (a TimeoutError: Prefect names the flow run's state TimedOut)."""
+
+
+class _Expired(TimeoutError):
+    pass
+
+
+@dataclass
+class Deadline:
+    seconds: float | None
+    at: float | None = None  # time.monotonic()
+
+    def check(self) -> None:
+        if self.at is not None and time.monotonic() >= self.at:
+            raise self.error()
+
+    def error(self) -> RunTimedOut:
+        return RunTimedOut(f"the run took longer than its timeout ({self.seconds:g} s, run option timeout_seconds) and was "
+                           "stopped; what it stored stays in the cache, and running it again asks only for the rest")
+
+
+@contextmanager
+def time_limit(seconds: float | None) -> Iterator[Deadline]:
+    """Stop the block after ``seconds`` (None: never) with ``RunTimedOut``. Prefect's own timeout (an alarm in the main
+    thread, as for a flow's ``timeout_seconds``) stops it where it is; it is set here from the run option, so that a
+    deployment's parameter or one run's override sets it too (the decorator's argument is fixed when a worker imports
+    the flow). The alarm's exception is lost if it lands in a garbage collector's callback, so the next stage checks the
+    time too (``Deadline.check``: ``Timer``)."""
+    deadline = Deadline(seconds, None if seconds is None else time.monotonic() + seconds)
+    try:
+        with timeout(seconds, timeout_exc_type=_Expired):
+            yield deadline
+    except _Expired:
+        raise deadline.error() from None
 
 
 @dataclass
@@ -218,7 +261,12 @@ def generate_descriptions(inputs: Inputs, backbone: Backbone, backend: Backend |
         confusable, calls = pipeline.confusable_classes(backbone, spec, store)
         plan = pipeline.plan_generations(spec, asked, backend.identity, sampling, options.samples, confusable)
         plan = pipeline.resolve_rounds(plan, store, options.refresh)
-        with stage_progress("generating", logger, _console()) as progress:
+        artifact = GenerationProgress(spec.name, FlowRunContext.get().flow_run.name)  # the Prefect UI's view of it
+        with stage_progress("generating", logger, _console()) as bar:
+            def progress(done: int, total: int) -> None:
+                bar(done, total)
+                artifact(done, total)
+
             gen = gen + pipeline.generate(plan, backend, progress=progress, **run)
     finally:
         backend.close()
