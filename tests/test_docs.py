@@ -55,7 +55,8 @@ LINK = re.compile(r"!?\[[^\]\n]*\]\(([^)\s]+)\)")  # [text](target) and ![alt](t
 
 
 def _markdown_files() -> list[Path]:
-    tracked = subprocess.run(["git", "ls-files", "*.md"], cwd=REPO, capture_output=True, text=True)
+    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.md"], cwd=REPO,
+                             capture_output=True, text=True)
     names = tracked.stdout.split() if tracked.returncode == 0 and tracked.stdout.strip() else []
     found = [REPO / n for n in names] or sorted(p for p in REPO.rglob("*.md") if ".venv" not in p.parts)
     return [p for p in found if p.exists()]
@@ -123,3 +124,21 @@ def test_a_broken_link_is_found(tmp_path):
 def test_every_relative_link_resolves(page: Path):
     broken = broken_links(page)
     assert not broken, f"{page.relative_to(REPO)}: " + "; ".join(broken)
+
+
+TEST_REF = re.compile(r"(?<![\w/])(?:tests/)?(test_\w+\.py)(?:::([\w*]+))?")  # tests/test_x.py::name, test_x.py::name_*
+
+
+@pytest.mark.parametrize("page", _markdown_files(), ids=lambda p: str(p.relative_to(REPO)))
+def test_every_test_a_page_names_exists(page: Path):
+    """The reliability tables and methods.md cite tests by file and name: each must still be there."""
+    missing = []
+    for file, name in set(TEST_REF.findall(page.read_text(encoding="utf-8"))):
+        source = REPO / "tests" / file
+        if not source.exists():
+            missing.append(file)
+            continue
+        pattern = re.escape(name).replace(r"\*", r"\w*")  # test_waffle_* names a family
+        if name and not re.search(rf"^\s*(?:async )?def {pattern}\(", source.read_text(encoding="utf-8"), re.M):
+            missing.append(f"{file}::{name}")
+    assert not missing, f"{page.relative_to(REPO)} names tests that do not exist: {sorted(missing)}"
