@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # textadapt's image: the library, its flows, prompts and dataset specs, for the Prefect worker of
-# docker-compose.yml (README: "Run it as a service (docker compose)").
+# docker-compose.yml (docs/service.md, "docker compose").
 #
 # Every Python package at the version constraints.txt pins (the versions tested together). torch: on Linux
 # x86-64 that is a CUDA build: the worker encodes images and trains its heads on the GPU compose

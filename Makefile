@@ -2,7 +2,7 @@
 VENV ?= .venv
 MAIN_ARGS ?= fashion-mnist --backbone ViT-B-32:auto
 
-.PHONY: setup run test
+.PHONY: setup run test test-fast lint docs
 setup:
 	@bash scripts/setup.sh
 
@@ -13,6 +13,18 @@ run: setup
 # The test suite (what CI runs).
 test: setup
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The everyday loop: every test but those marked slow (real servers, the whole CLI flow, > ~5 s).
+test-fast: setup
+	$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# ruff's checks ([tool.ruff] in pyproject.toml); CI runs it before the tests.
+lint: setup
+	$(VENV)/bin/ruff check .
+
+# Rewrite the pages of docs/ that restate code (tests/test_docs.py fails while one is out of date).
+docs: setup
+	$(VENV)/bin/python scripts/make_docs.py
 
 # The benchmarks (benchmarks/README.md): each script prints a table and writes benchmarks/results/NAME.json;
 # report.py then regenerates benchmarks/RESULTS.md. About 20 minutes on 2 cores.

@@ -51,7 +51,7 @@ def main() -> None:
     print("textadapt " + " ".join(run_args), flush=True)
 
     reps = []
-    for rep in range(repeats):
+    for _ in range(repeats):
         tmp = Path(tempfile.mkdtemp(prefix="bench-cache-"))
         prompts = tmp / "prompts"
         shutil.copytree(_common.REPO / "prompts", prompts)

@@ -165,7 +165,7 @@ def main() -> None:
             print(f"  bare {kind} loop, batch {b}: {n / sweep[b]:.1f} {kind}s/s", flush=True)
         best = min(sweep, key=sweep.get)
         print(f"{kind}: comparing at batch size {best}", flush=True)
-        r = _common.alternate(lambda: ta(best), lambda: bare(best), repeats, "textadapt", "bare")
+        r = _common.alternate(lambda: ta(best), lambda: bare(best), repeats, "textadapt", "bare")  # noqa: B023
         r.update({"items": n, "best_batch": best, "bare_sweep_items_per_s": {str(b): n / s for b, s in sweep.items()},
                   "textadapt_items_per_s": n / r["textadapt_median_s"], "bare_items_per_s": n / r["bare_median_s"],
                   "speedup_median": 1 / r["ratio_median"], "speedup_cpu_median": 1 / r["cpu_ratio_median"]})

@@ -23,6 +23,16 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 REPO = Path(__file__).resolve().parent.parent
 TINY = "textadapt-tiny:random"  # a 2-layer open_clip config shipped in textadapt/model_configs
 
+# The fixtures below that start a real server process. A test that uses one is slow (pytest.mark.slow: make test-fast
+# leaves it out), as is any test marked by hand for starting the whole CLI flow or taking over ~5 s (docs/development.md).
+SERVER_FIXTURES = {"llama_server", "prefect_server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(autouse=True)
 def home(tmp_path, monkeypatch):

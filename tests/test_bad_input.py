@@ -1,4 +1,4 @@
-"""Bad input that is not tested beside its module (the README's "When things go wrong" table lists
+"""Bad input that is not tested beside its module (docs/reliability.md's tables list
 those that are): files that are not UTF-8, a writing statement through ``textadapt sql``, and LLM
 output that is not valid text or is huge, from a real ``llama_cpp.server`` behind a ``FaultProxy``.
 Each case says what the user sees: the message names the file, line and value; or the generation

@@ -207,7 +207,7 @@ def _with_root(spec, root: Path):
 def fake_dtd(root: Path, folders: list[str]) -> None:
     base = root / "dtd" / "dtd"
     lines = []
-    for i, c in enumerate(folders):
+    for c in folders:
         for j in range(2):
             _jpg(base / "images" / c / f"{c}_{j:04d}.jpg")
             lines.append(f"{c}/{c}_{j:04d}.jpg")

@@ -271,7 +271,7 @@ def test_structured_output_refused_falls_back_to_the_text_parser(stand_in, fmnis
     assert stats.made == 4 and [p for p, _ in stand_in.refused] == ["response_format", "messages"]
     assert [body.get("response_format", {}).get("type") for body in stand_in.bodies[:2]] == ["json_schema", "json_object"]
     assert all("response_format" not in body for body in stand_in.bodies[2:])
-    for description, rejected, params in rows:
+    for description, _rejected, params in rows:
         assert description == "a soft sole\ntwo straps"
         assert params["answer"] == "text" and not_sent(params) == {"answer": "json-list"}
 

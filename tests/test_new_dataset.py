@@ -60,7 +60,7 @@ def fill_in(path: Path, **values) -> None:
     """Write the spec's wording in place of its FILL IN placeholders (or over it), as a user does in an editor."""
     text = path.read_text()
     for key, value in {**FILLED, **values}.items():
-        text = re.sub(rf"^{key} = [^\n]*", lambda _: f"{key} = {json.dumps(value)}", text, count=1, flags=re.M)
+        text = re.sub(rf"^{key} = [^\n]*", lambda _: f"{key} = {json.dumps(value)}", text, count=1, flags=re.M)  # noqa: B023
     path.write_text(text)
 
 

@@ -264,7 +264,7 @@ def test_protext_trains_as_protexts_code(tiny_backbone, dataset):
     optim = torch.optim.AdamW([ctx, *deep], lr=recipe.lr, weight_decay=0.1, betas=(0.9, 0.98))
     sched = DasslConstantWarmup(optim, torch.optim.lr_scheduler.CosineAnnealingLR(optim, float(epochs)), 5, 1e-5)
     order, y, first = torch.Generator().manual_seed(5), torch.as_tensor(labels), None
-    for epoch in range(epochs):
+    for _epoch in range(epochs):
         idx = torch.randperm(len(texts), generator=order)  # fewer than 256: one batch per epoch
         out = protext_text_encoder(model, protext_prompts(model, ctx, tokens[y[idx]], n_ctx), tokens[y[idx]], deep, depth, n_ctx)
         loss = F.l1_loss(out / out.norm(dim=-1, keepdim=True), targets[idx], reduction="mean")

@@ -107,7 +107,7 @@ def test_generic_is_taps_five_questions_and_targeted_the_same_five_with_the_doma
     }
     assert set(targeted) == set(generic)  # twins by name
     domain = fmnist.prompting.domain
-    for name, text in targeted.items():
+    for text in targeted.values():
         assert domain in text and text.endswith("Answer in one sentence."), text
         words = set(text.lower().replace("?", " ").split())
         assert not {"apart", "other", "list", "features"} & words, text  # no contrast, no feature list

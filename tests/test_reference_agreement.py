@@ -7,8 +7,6 @@ from its reference. What textadapt does differently on purpose is in docs/method
 OTTER's targets, TaskRes's logits and ProText's loss have their tests beside their code.
 """
 
-import hashlib
-
 import numpy as np
 import pytest
 import torch

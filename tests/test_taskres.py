@@ -113,7 +113,7 @@ def test_training_agrees_with_taskres_loop():
     sched = DasslConstantWarmup(optim, torch.optim.lr_scheduler.CosineAnnealingLR(optim, float(20)), 1, 1e-5)
     order = torch.Generator().manual_seed(3)  # the batches: a new permutation each epoch (Dassl's RandomSampler)
     xt, yt, bt, logit_scale = torch.as_tensor(x), torch.as_tensor(labels), torch.as_tensor(base), torch.tensor(100.0).log()
-    for epoch in range(20):
+    for _epoch in range(20):
         perm = torch.randperm(n, generator=order)
         batches = [perm[s : s + 256] for s in range(0, n - n % 256, 256)]
         for batch_idx, idx in enumerate(batches):

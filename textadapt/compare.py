@@ -158,7 +158,7 @@ def compare(store: Store, a: str, b: str, method: str | None = None, n_resamples
     classes = []
     for k, name in enumerate(first.classes):
         mask = labels == k
-        recall = lambda c: float(c[mask].mean()) if mask.any() else float("nan")  # noqa: E731
+        recall = lambda c: float(c[mask].mean()) if mask.any() else float("nan")  # noqa: E731, B023 (used in this iteration)
         classes.append(ClassDifference(k, name, int(mask.sum()), recall(first.correct), recall(second.correct),
                                        d.class_interval("B", k)))
     return Comparison(first.side, second.side, len(labels), d.top1_interval("B"), d.mean_per_class_interval("B"), test, classes,
