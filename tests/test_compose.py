@@ -453,7 +453,7 @@ def test_the_worker_and_prefect_deploy_set_up_what_the_stack_runs(raw, prefect_s
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.load(r)
 
-    for start in range(2):  # the first start creates the pool; a restart finds it
+    for _start in range(2):  # the first start creates the pool; a restart finds it
         run = subprocess.run(compose["services"]["worker"]["command"], cwd=REPO, env=env, capture_output=True, text=True,
                              timeout=300, stdin=subprocess.DEVNULL)
         assert run.returncode == 0, f"the worker's command exited {run.returncode}\n{run.stdout}\n{run.stderr}"

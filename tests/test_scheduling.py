@@ -9,7 +9,6 @@ Every run is a few seconds of work: the tiny random backbone, descriptions impor
 scheduler's loop for new deployments (5 s), the runner's or worker's poll (10 s) and the run itself."""
 
 import json
-import os
 import subprocess
 import sys
 import time
