@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]  # this checkout's textadapt, and the other generators beside this file
 
 import make_options_doc  # noqa: E402
+import schema_doc  # noqa: E402
 
 FAKE_HOME = Path("/nonexistent-home")  # factories run under it, so the page says ~/... whoever writes it
 
@@ -115,6 +116,7 @@ def settings_markdown() -> str:
 GENERATED: dict[str, Callable[[str], str]] = {
     "docs/options.md": lambda _current: make_options_doc.options_markdown(),
     "docs/settings.md": lambda _current: settings_markdown(),
+    "docs/schema.md": schema_doc.updated,  # the tables and views, between its markers; the prose is hand-written
 }
 
 

@@ -5,8 +5,10 @@ says what `duckdb_columns()` says); view definitions are textadapt/store.py's. T
 is written by hand.
 
     python scripts/schema_doc.py           # rewrite docs/schema.md between its markers
+    python scripts/schema_doc.py --check   # exit 1 if docs/schema.md is not what this writes
 
-tests/test_store.py checks that the committed doc is what this writes.
+scripts/make_docs.py (make docs) runs it with the other generated pages; tests/test_store.py and tests/test_docs.py
+check that the committed doc is what this writes.
 """
 
 from __future__ import annotations
@@ -83,5 +85,10 @@ def updated(doc: str) -> str:
 
 
 if __name__ == "__main__":
-    DOC.write_text(updated(DOC.read_text(encoding="utf-8")), encoding="utf-8")
+    current = DOC.read_text(encoding="utf-8")
+    if "--check" in sys.argv[1:]:
+        if updated(current) != current:
+            sys.exit(f"{DOC} is out of date: run python scripts/schema_doc.py")
+        sys.exit(0)
+    DOC.write_text(updated(current), encoding="utf-8")
     print(f"wrote {DOC}")

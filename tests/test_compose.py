@@ -199,7 +199,7 @@ class StandIn:
 
 
 def test_the_worker_waits_for_a_healthy_vllm(compose):
-    """The worker starts once vLLM's model is loaded (service_healthy), so the README's first run right after
+    """The worker starts once vLLM's model is loaded (service_healthy), so the first run of docs/service.md right after
     `up` has its LLM; and vLLM's health check really tells loaded from not."""
     services = compose["services"]
     assert services["worker"]["depends_on"]["vllm"]["condition"] == "service_healthy"
@@ -439,7 +439,7 @@ def test_prefect_yaml_templates_only_what_the_worker_provides(compose):
 def test_the_worker_and_prefect_deploy_set_up_what_the_stack_runs(raw, prefect_server, tmp_path):
     """Against a real Prefect server, with the worker's environment: the worker's command (real `prefect` calls, up to
     `worker start`) creates the pool and limits it to one flow run; run again (a restart) it keeps it so; then
-    `prefect deploy --all`, as the README runs it in the worker's container (/app), registers every deployment in that
+    `prefect deploy --all`, as docs/service.md runs it in the worker's container (/app), registers every deployment in that
     pool with its concurrency limit and without an LLM of its own."""
     compose = interpolate(raw, {"PREFECT_DEFAULT_WORK_POOL_NAME": "gpu-box"})
     prefect = str(Path(sys.executable).parent / "prefect")
@@ -563,13 +563,14 @@ def test_the_image_installs_the_tested_versions_and_runs_its_default_llm():
         assert llm.startswith("openai:") and not any("llama" in w or "smollm2" in w for w in installed)
 
 
-def test_the_readme_describes_this_stack(raw):
-    """The README's compose section names every service and every variable `docker compose` reads."""
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## Run it as a service (docker compose)"):]
-    section = section[: section.index("\n## ", 1)]
+def test_the_docs_describe_this_stack(raw):
+    """The compose section of docs/service.md names every service and every variable `docker compose` reads."""
+    page = (REPO / "docs" / "service.md").read_text()
+    section = page[page.index("\n## docker compose\n"):]
+    end = section.find("\n## ", 1)
+    section = section if end < 0 else section[:end]
     for service in raw["services"]:
-        assert f"`{service}`" in section, f"README's compose section does not describe the service {service}"
+        assert f"`{service}`" in section, f"docs/service.md's compose section does not describe the service {service}"
     variables = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", COMPOSE.read_text()))
     missing = sorted(v for v in variables if f"`{v}`" not in section)
-    assert not missing, f"README's compose section does not document {missing}"
+    assert not missing, f"docs/service.md's compose section does not document {missing}"
