@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import TINY
 from textadapt.flows.artifacts import artifact_key
 from textadapt.store import Store
@@ -53,7 +55,10 @@ def test_a_run_shows_its_gains_plot_and_report_paths_as_artifacts(prefect_server
     artifacts, runs = read_artifacts(prefect_server, "textadapt-fashion-mnist-%")
     by_key = {a.key: a for a in artifacts}
     assert set(by_key) == {artifact_key("fashion-mnist", w) for w in ("gains", "per-class", "report")}
-    assert all(a.type == "markdown" and run_id in a.data for a in artifacts)
+    gains_key = artifact_key("fashion-mnist", "gains")
+    assert {k: a.type for k, a in by_key.items()} == {gains_key: "table", artifact_key("fashion-mnist", "per-class"): "markdown",
+                                                      artifact_key("fashion-mnist", "report"): "markdown"}
+    assert all(run_id in (a.description if a.type == "table" else a.data) for a in artifacts)
     [flow_run] = runs.values()  # all three belong to this run's flow run, which the server saw complete
     assert flow_run.state.is_completed() and flow_run.parameters["dataset"] == "fashion-mnist"
     # the flow run is named after the run, and the run records the flow run's id
@@ -61,34 +66,37 @@ def test_a_run_shows_its_gains_plot_and_report_paths_as_artifacts(prefect_server
     with Store(home / "textadapt.duckdb", read_only=True) as s:
         assert s.sql(f"SELECT flow_run_id FROM runs WHERE run_id = '{run_id}'")[1] == [(str(flow_run.id),)]
 
-    # The gains table holds exactly DuckDB's results for this run, every method the harness scored.
+    # The gains table (Prefect's table artifact: one row per method) holds exactly DuckDB's results for this run, every
+    # method the harness scored, in % and points, each gain with its interval.
     with Store(home / "textadapt.duckdb", read_only=True) as s:
         results = s.sql("SELECT method, kind, scoring, n_texts, top1, top1_std, mean_per_class, mean_per_class_std, "
                         "delta_top1_low, delta_top1_high, delta_mean_per_class_low, delta_mean_per_class_high "
                         f"FROM results WHERE run_id = '{run_id}'")[1]
-    gains = by_key[artifact_key("fashion-mnist", "gains")].data
-    pattern = r"^\| `([^`]+)` \| (\S+) \| (\S+) \| (\d*) \| ([^|]+) \| ([^|]+) \| ([^|]+) \| ([^|]+) \|$"
-    rows = {m: cells for m, *cells in re.findall(pattern, gains, re.M)}
+    table = by_key[gains_key]
+    rows = {r["method"]: r for r in (json.loads(table.data) if isinstance(table.data, str) else table.data)}
     assert set(rows) == {m for m, *_ in results} and len(results) > 5
     assert {"tap-head:import:shapes", "tap-head:import:photos", "zero-shot:class-name"} <= set(rows)
-    best = re.search(r"Best training-free baseline: `([^`]+)`", gains).group(1)
+    best = re.search(r"baseline `([^`]+)`", table.description).group(1)
     by_method = {m: rest for m, *rest in results}
     _, _, _, best_top1, _, best_mean, *_ = by_method[best]
     assert best_top1 == max(t for m, k, sc, _, t, *_ in results if k != "adapted" and sc == "plain")
 
-    def pm(x, std):
-        return f"{100 * x:.1f}" + ("" if std is None else f" ± {100 * std:.1f}")
-
-    def gain(method, delta, low, high):  # every delta with its 95% interval, as DuckDB holds it
-        return "reference" if method == best else f"{100 * delta:+.1f} ({100 * low:+.1f}, {100 * high:+.1f})"
+    def pts(x):
+        return None if x is None else round(100 * x, 2)
 
     for method, kind, scoring, n_texts, top1, top1_std, mean, mean_std, top1_low, top1_high, mean_low, mean_high in results:
-        assert rows[method] == [kind, scoring, "" if n_texts is None else str(n_texts), pm(top1, top1_std), pm(mean, mean_std),
-                                gain(method, top1 - best_top1, top1_low, top1_high),
-                                gain(method, mean - best_mean, mean_low, mean_high)]
-    assert rows["tap-head:import:shapes"][2] == "4" and rows["tap-head:import:photos"][2] == "2"  # training texts
-    assert " ± " in rows["tap-head:import:shapes"][3]  # two seeds: mean and spread
-    assert "UNTRAINED BACKBONE" in gains
+        ref = method == best
+        assert rows[method] == pytest.approx({
+            "method": method, "kind": kind, "scoring": scoring, "training texts": n_texts,
+            "top-1 %": pts(top1), "top-1 sd": pts(top1_std), "mean per-class %": pts(mean), "mean per-class sd": pts(mean_std),
+            "top-1 gain": None if ref else pts(top1 - best_top1), "top-1 gain low": None if ref else pts(top1_low),
+            "top-1 gain high": None if ref else pts(top1_high),
+            "mean per-class gain": None if ref else pts(mean - best_mean),
+            "mean per-class gain low": None if ref else pts(mean_low), "mean per-class gain high": None if ref else pts(mean_high),
+        }, abs=0.011), method
+    assert rows["tap-head:import:shapes"]["training texts"] == 4 and rows["tap-head:import:photos"]["training texts"] == 2
+    assert rows["tap-head:import:shapes"]["top-1 sd"] is not None  # two seeds: a spread
+    assert "UNTRAINED BACKBONE" in table.description
 
     plot = by_key[artifact_key("fashion-mnist", "per-class")].data
     png = base64.b64decode(re.search(r"\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", plot).group(1))
