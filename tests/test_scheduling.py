@@ -174,6 +174,10 @@ def deploy_yaml(folder: Path, deployments: list[dict]) -> None:
     """`prefect deploy --all` of a prefect.yaml holding ``deployments`` (the shipped file's header), from ``folder``."""
     shipped = yaml.safe_load((REPO / "prefect.yaml").read_text())
     folder.mkdir(parents=True, exist_ok=True)
+    # the pool as `prefect deploy` fills it in from PREFECT_DEFAULT_WORK_POOL_NAME (tests/test_compose.py deploys the template)
+    pool = {"{{ $PREFECT_DEFAULT_WORK_POOL_NAME }}": "textadapt"}
+    deployments = [d | {"work_pool": {**d["work_pool"], "name": pool.get(d["work_pool"]["name"], d["work_pool"]["name"])}}
+                   for d in deployments]
     (folder / "prefect.yaml").write_text(yaml.safe_dump({**shipped, "deployments": deployments}))
     with client() as c:
         pools = {p.name for p in c.read_work_pools()}
