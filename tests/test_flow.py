@@ -132,10 +132,30 @@ def test_strict_backbone_fails_before_any_llm_call(home):
     assert status == "failed" and "ViT-B-32:openai" in error
 
 
-def test_unknown_dataset_lists_the_known_ones():
-    p = textadapt("run", "fashion-mnst", check=False)
-    assert p.returncode == 2
-    assert "unknown dataset 'fashion-mnst'" in p.stderr and "fashion-mnist" in p.stderr
+# The CLI in a Python that says, as it exits, whether Prefect was ever imported (its temporary API starts only after).
+IMPORTS_PREFECT = ("import atexit, sys\n"
+                   "atexit.register(lambda: print('prefect imported:', 'prefect' in sys.modules, file=sys.stderr))\n"
+                   "from textadapt.cli import app\n"
+                   "app(prog_name='textadapt')")
+
+
+@pytest.mark.parametrize("args, message", [
+    pytest.param(["run", "fashion-mnst"], "unknown dataset 'fashion-mnst'", id="unknown-dataset"),
+    pytest.param(["schedule", "fashion-mnst", "--cron", "0 3 * * *"], "unknown dataset 'fashion-mnst'", id="schedule-unknown-dataset"),
+    pytest.param(["run", "fashion-mnist", "--backbone", "ViT-B-32"], "backbone spec 'ViT-B-32' is not ARCH:WEIGHTS", id="backbone-spec"),
+    pytest.param(["run", "fashion-mnist", "--llm", "gpt-4o"], "unknown LLM spec 'gpt-4o'", id="llm-spec"),
+    pytest.param(["run", "fashion-mnist", "--templates", "no-such-set"], "no-such-set", id="missing-template-set"),
+])
+def test_bad_input_fails_before_prefect_is_imported(home, args, message):
+    """One clear message, and no Prefect: not imported in the CLI's process, so no temporary API server was started."""
+    p = subprocess.run([sys.executable, "-c", IMPORTS_PREFECT, *args], capture_output=True, text=True, env=os.environ.copy(),
+                       timeout=300, stdin=subprocess.DEVNULL)
+    shown = " ".join(p.stderr.split())  # the console wraps long lines
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "error: " in shown and message in shown and "Traceback" not in shown, shown
+    assert "prefect imported: False" in shown
+    if args[1] == "fashion-mnst":
+        assert "fashion-mnist" in shown.split(message, 1)[1]  # the known datasets are listed
 
 
 def test_sql_is_read_only_unless_asked(home):

@@ -124,6 +124,7 @@ def run(**flags) -> None:
     parameters of the Prefect flow and of `textadapt schedule`.
     """
     options = _run_options(flags)
+    _check_before_prefect(options)
     _prefect_env()
     from textadapt.flows.adapt import adapt, quiet_console  # Prefect is imported only for commands that run flows
 
@@ -485,6 +486,16 @@ def descriptions_export(
 # --- running as a service: scheduled deployments, serving them, past runs ---------------------------
 
 
+def _check_before_prefect(options: RunOptions) -> None:
+    """A bad input fails with its one message before Prefect is imported and its temporary API started."""
+    from textadapt import checks
+
+    try:
+        checks.before_prefect(options, Settings())
+    except TextadaptError as e:
+        _fail(e)
+
+
 def _prefect_env() -> None:
     """Environment for commands that run or talk to Prefect; call before importing it."""
     # Prefect's usage analytics would only fail without network; textadapt runs offline by design.
@@ -527,6 +538,7 @@ def schedule(**flags) -> None:
     cron, timezone, name = flags.pop("cron"), flags.pop("timezone"), flags.pop("name")
     dataset = flags["dataset"]
     options = _run_options(flags)
+    _check_before_prefect(options)
     _prefect_env()
     from textadapt.flows.deployments import schedule as make_schedule
 

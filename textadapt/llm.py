@@ -1016,6 +1016,16 @@ VLLM_MISSING = ("vLLM is not installed: `pip install 'textadapt[vllm]'` on a mac
                 "or serve the model with `vllm serve` and use --llm openai:MODEL")
 
 
+def parse_spec(spec: str) -> tuple[str, str]:
+    """``KIND:ARG`` -> (kind, arg), or one clear error for a kind textadapt does not know (checked before Prefect starts)."""
+    kind, _, arg = spec.partition(":")
+    if kind not in ("llama-cpp", "openai", "vllm"):
+        raise TextadaptError(
+            f"unknown LLM spec {spec!r}; known: llama-cpp:smollm2, llama-cpp:/path/to/model.gguf, openai:MODEL, vllm:MODEL"
+        )
+    return kind, arg
+
+
 def make_backend(spec: str, settings: Settings | None = None) -> Backend:
     """Resolve an LLM spec: ``llama-cpp:smollm2``, ``llama-cpp:/path/model.gguf``, ``openai:MODEL`` or ``vllm:MODEL``.
 
@@ -1027,7 +1037,7 @@ def make_backend(spec: str, settings: Settings | None = None) -> Backend:
         from textadapt.config import Settings
 
         settings = Settings()
-    kind, _, arg = spec.partition(":")
+    kind, arg = parse_spec(spec)
     if kind == "llama-cpp":
         path = smollm2_path() if arg in ("", "smollm2") else Path(arg).expanduser()
         backend: Backend = LlamaCppBackend(path, threads=settings.threads)
@@ -1039,11 +1049,7 @@ def make_backend(spec: str, settings: Settings | None = None) -> Backend:
             name=settings.llm_name, server=settings.llm_server, reasoning=settings.llm_reasoning,
             reasoning_tokens=settings.llm_reasoning_tokens, structured_output=settings.llm_structured_output,
         )
-    elif kind == "vllm":
-        backend = VLLMBackend(arg, settings.vllm_engine_args)
     else:
-        raise TextadaptError(
-            f"unknown LLM spec {spec!r}; known: llama-cpp:smollm2, llama-cpp:/path/to/model.gguf, openai:MODEL, vllm:MODEL"
-        )
+        backend = VLLMBackend(arg, settings.vllm_engine_args)
     backend.structured_output = settings.llm_structured_output
     return backend
