@@ -4,8 +4,11 @@ DuckDB file, Prefect's temporary local API, and a tiny randomly initialised open
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -200,3 +203,62 @@ def test_a_run_killed_mid_generation_loses_only_what_was_in_flight(home, tmp_pat
     results = "SELECT method, top1, mean_per_class FROM results ORDER BY method"
     assert query(home, answers) == query(other, answers)
     assert query(home, results) == query(other, results)
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """The live processes under ``pid`` (from /proc): pid -> command line."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":  # a zombie has ended: it only waits to be reaped
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = {}, list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        try:
+            found[p] = (Path("/proc") / str(p) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        todo += children.get(p, [])
+    return found
+
+
+def test_a_run_killed_with_kill_9_leaves_no_process_behind(home):
+    """Without a Prefect server, a run starts Prefect's temporary API (a uvicorn server); `kill -9` of the run must not
+    leave that server running. The run is held at its LLM server's check (a port that accepts and never answers)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        silent.settimeout(300)
+        env = {**os.environ, "TEXTADAPT_LLM_BASE_URL": f"http://127.0.0.1:{silent.getsockname()[1]}/v1", "TEXTADAPT_LLM_TIMEOUT": "600"}
+        env.pop("PREFECT_API_URL", None)
+        run = subprocess.Popen([CLI, "run", "fashion-mnist", "--llm", "openai:silent", "--backbone", TINY, "--max-classes", "2",
+                                "--train-only"], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            conn, _ = silent.accept()  # the flow runs, against the API, and asks the LLM server for its models
+        except TimeoutError:
+            run.kill()
+            raise AssertionError(f"the run never reached its LLM server: {run.communicate()[1]}") from None
+        with conn:
+            left = descendants(run.pid)
+            assert any("uvicorn" in cmd and "prefect.server" in cmd for cmd in left.values()), left
+            os.kill(run.pid, signal.SIGKILL)
+            run.wait()
+            run.stderr.close()
+            deadline = time.monotonic() + 15
+            while left and time.monotonic() < deadline:
+                time.sleep(0.2)
+                left = {p: cmd for p, cmd in left.items() if Path(f"/proc/{p}").exists() and _alive(p)}
+    for p in left:  # do not leave them running for the next test
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"still running after the run was killed: {left}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

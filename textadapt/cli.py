@@ -7,6 +7,7 @@ import inspect
 import json
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Literal, Optional, get_origin
 
@@ -126,11 +127,15 @@ def run(**flags) -> None:
     options = _run_options(flags)
     _check_before_prefect(options)
     _prefect_env()
-    from textadapt.flows.adapt import adapt, quiet_console  # Prefect is imported only for commands that run flows
+    from textadapt.flows.temporary_api import configured_api_url, temporary_api
 
-    quiet_console(caller_shows_errors=True)
     try:
-        outcome = adapt(**options.model_dump())
+        # Without a Prefect server, this process starts Prefect's temporary API as its own child (stopped even by kill -9)
+        with nullcontext() if configured_api_url() else temporary_api():
+            from textadapt.flows.adapt import adapt, quiet_console  # Prefect is imported only for commands that run flows
+
+            quiet_console(caller_shows_errors=True)
+            outcome = adapt(**options.model_dump())
     except TextadaptError as e:
         _fail(e)
     if outcome.untrained_backbone:
