@@ -7,7 +7,6 @@ import inspect
 import json
 import os
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Literal, Optional, get_origin
 
@@ -127,15 +126,15 @@ def run(**flags) -> None:
     options = _run_options(flags)
     _check_before_prefect(options)
     _prefect_env()
-    from textadapt.flows.temporary_api import configured_api_url, temporary_api
+    from textadapt.flows.temporary_api import configured_api_url, start_temporary_api
 
     try:
-        # Without a Prefect server, this process starts Prefect's temporary API as its own child (stopped even by kill -9)
-        with nullcontext() if configured_api_url() else temporary_api():
-            from textadapt.flows.adapt import adapt, quiet_console  # Prefect is imported only for commands that run flows
+        if not configured_api_url():  # this process starts Prefect's temporary API as its own child (stopped even by kill -9)
+            start_temporary_api()
+        from textadapt.flows.adapt import adapt, quiet_console  # Prefect is imported only for commands that run flows
 
-            quiet_console(caller_shows_errors=True)
-            outcome = adapt(**options.model_dump())
+        quiet_console(caller_shows_errors=True)
+        outcome = adapt(**options.model_dump())
     except TextadaptError as e:
         _fail(e)
     if outcome.untrained_backbone:

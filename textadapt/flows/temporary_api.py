@@ -10,6 +10,7 @@ imported, as a child that Linux stops with SIGTERM when the run's process dies, 
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import signal
@@ -18,9 +19,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 
@@ -58,10 +57,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextmanager
-def temporary_api(timeout: float | None = None) -> Iterator[str]:
+def start_temporary_api(timeout: float | None = None) -> str:
     """Start Prefect's API server (as Prefect's temporary one: uvicorn, no UI) as a child of this process, wait until it
-    answers, set ``PREFECT_API_URL`` to it, and stop it on leaving; yields its URL. Call before importing Prefect."""
+    answers and set ``PREFECT_API_URL`` to it; returns its URL. Call before importing Prefect. It is stopped at exit,
+    after Prefect has sent its last logs and events (their workers drain before ``atexit``'s functions run)."""
     timeout = timeout or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 120))
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
@@ -70,18 +69,19 @@ def temporary_api(timeout: float | None = None) -> Iterator[str]:
         [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
          "--port", str(port), "--log-level", "error", "--lifespan", "on"],
         env=env, stdin=subprocess.DEVNULL, preexec_fn=lambda parent=os.getpid(): _die_with_parent(parent))
+    atexit.register(_stop, process)
+    _wait_until_up(process, url, timeout)
+    os.environ["PREFECT_API_URL"] = url
+    return url
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
     try:
-        _wait_until_up(process, url, timeout)
-        os.environ["PREFECT_API_URL"] = url
-        yield url
-    finally:
-        os.environ.pop("PREFECT_API_URL", None)
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _wait_until_up(process: subprocess.Popen, url: str, timeout: float) -> None:
