@@ -129,11 +129,12 @@ def run(**flags) -> None:
     from textadapt.flows.temporary_api import configured_api_url, start_temporary_api
 
     try:
-        if not configured_api_url():  # this process starts Prefect's temporary API as its own child (stopped even by kill -9)
-            start_temporary_api()
+        # Without a Prefect server, this process starts Prefect's temporary API as its own child (stopped even by kill -9)
+        api_ready = (lambda: None) if configured_api_url() else start_temporary_api()
         from textadapt.flows.adapt import adapt, quiet_console  # Prefect is imported only for commands that run flows
 
         quiet_console(caller_shows_errors=True)
+        api_ready()
         outcome = adapt(**options.model_dump())
     except TextadaptError as e:
         _fail(e)

@@ -20,6 +20,7 @@ import sys
 import time
 import tomllib
 from pathlib import Path
+from typing import Callable
 
 import httpx
 
@@ -57,10 +58,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_temporary_api(timeout: float | None = None) -> str:
-    """Start Prefect's API server (as Prefect's temporary one: uvicorn, no UI) as a child of this process, wait until it
-    answers and set ``PREFECT_API_URL`` to it; returns its URL. Call before importing Prefect. It is stopped at exit,
-    after Prefect has sent its last logs and events (their workers drain before ``atexit``'s functions run)."""
+def start_temporary_api(timeout: float | None = None) -> Callable[[], None]:
+    """Start Prefect's API server (as Prefect's temporary one: uvicorn, no UI) as a child of this process and set
+    ``PREFECT_API_URL`` to it; returns the function that waits until it answers (import Prefect and the flow
+    meanwhile: the server starts as they load). Call before importing Prefect. It is stopped at exit, after Prefect
+    has sent its last logs and events (their workers drain before ``atexit``'s functions run)."""
     timeout = timeout or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 120))
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
@@ -70,9 +72,8 @@ def start_temporary_api(timeout: float | None = None) -> str:
          "--port", str(port), "--log-level", "error", "--lifespan", "on"],
         env=env, stdin=subprocess.DEVNULL, preexec_fn=lambda parent=os.getpid(): _die_with_parent(parent))
     atexit.register(_stop, process)
-    _wait_until_up(process, url, timeout)
     os.environ["PREFECT_API_URL"] = url
-    return url
+    return lambda: _wait_until_up(process, url, timeout)
 
 
 def _stop(process: subprocess.Popen) -> None:
