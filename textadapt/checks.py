@@ -144,7 +144,7 @@ def run_inputs(options, settings) -> RunInputs:
 def before_prefect(options, settings) -> RunInputs:
     """Everything ``textadapt run`` and ``textadapt schedule`` can refuse before Prefect is imported and its API started:
     the run's inputs (``run_inputs``) and the backbone, captioner and LLM specs (parsed, not loaded)."""
-    from textadapt.encoders import parse_spec as parse_backbone  # torch: the run loads it next anyway
+    from textadapt.config import parse_backbone_spec as parse_backbone
     from textadapt.llm import parse_spec as parse_llm
 
     inputs = run_inputs(options, settings)
