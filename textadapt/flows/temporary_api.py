@@ -4,8 +4,8 @@ Prefect starts one itself when ``PREFECT_API_URL`` is unset (``prefect.server.ap
 uvicorn subprocess, stopped at exit), but a run killed with ``kill -9`` never reaches its exit and leaves that server
 running, holding its port and database. So ``textadapt run`` starts the same server itself, before Prefect is
 imported, as a child that Linux stops with SIGTERM when the run's process dies, however it dies
-(``prctl(PR_SET_PDEATHSIG)``), and points the flow at it with ``PREFECT_API_URL``. Its database is Prefect's own
-(``PREFECT_HOME``), as with Prefect's temporary API.
+(``prctl(PR_SET_PDEATHSIG)``; elsewhere it is stopped at exit only), and points the flow at it with
+``PREFECT_API_URL``. Its database is Prefect's own (``PREFECT_HOME``), as with Prefect's temporary API.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ def start_temporary_api(timeout: float | None = None) -> Callable[[], None]:
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
          "--port", str(port), "--log-level", "error", "--lifespan", "on"],
-        env=env, stdin=subprocess.DEVNULL, preexec_fn=lambda parent=os.getpid(): _die_with_parent(parent))
+        env=env, stdin=subprocess.DEVNULL,
+        preexec_fn=(lambda parent=os.getpid(): _die_with_parent(parent)) if sys.platform.startswith("linux") else None)
     atexit.register(_stop, process)
     os.environ["PREFECT_API_URL"] = url
     return lambda: _wait_until_up(process, url, timeout)
