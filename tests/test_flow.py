@@ -144,8 +144,10 @@ IMPORTS_PREFECT = ("import atexit, sys\n"
 
 @pytest.mark.parametrize("args, message", [
     pytest.param(["run", "fashion-mnst"], "unknown dataset 'fashion-mnst'", id="unknown-dataset"),
-    pytest.param(["schedule", "fashion-mnst", "--cron", "0 3 * * *"], "unknown dataset 'fashion-mnst'", id="schedule-unknown-dataset"),
-    pytest.param(["run", "fashion-mnist", "--backbone", "ViT-B-32"], "backbone spec 'ViT-B-32' is not ARCH:WEIGHTS", id="backbone-spec"),
+    pytest.param(["schedule", "fashion-mnst", "--cron", "0 3 * * *"], "unknown dataset 'fashion-mnst'",
+                 id="schedule-unknown-dataset"),
+    pytest.param(["run", "fashion-mnist", "--backbone", "ViT-B-32"], "backbone spec 'ViT-B-32' is not ARCH:WEIGHTS",
+                 id="backbone-spec"),
     pytest.param(["run", "fashion-mnist", "--llm", "gpt-4o"], "unknown LLM spec 'gpt-4o'", id="llm-spec"),
     pytest.param(["run", "fashion-mnist", "--templates", "no-such-set"], "no-such-set", id="missing-template-set"),
 ])
@@ -233,10 +235,12 @@ def test_a_run_killed_with_kill_9_leaves_no_process_behind(home):
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         silent.settimeout(300)
-        env = {**os.environ, "TEXTADAPT_LLM_BASE_URL": f"http://127.0.0.1:{silent.getsockname()[1]}/v1", "TEXTADAPT_LLM_TIMEOUT": "600"}
+        env = {**os.environ, "TEXTADAPT_LLM_BASE_URL": f"http://127.0.0.1:{silent.getsockname()[1]}/v1",
+               "TEXTADAPT_LLM_TIMEOUT": "600"}
         env.pop("PREFECT_API_URL", None)
         run = subprocess.Popen([CLI, "run", "fashion-mnist", "--llm", "openai:silent", "--backbone", TINY, "--max-classes", "2",
-                                "--train-only"], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                "--train-only"], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
         try:
             conn, _ = silent.accept()  # the flow runs, against the API, and asks the LLM server for its models
         except TimeoutError:

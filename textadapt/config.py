@@ -304,5 +304,6 @@ def parse_backbone_spec(spec: str) -> tuple[str, str]:
         return spec, "hf-hub"
     arch, sep, weights = spec.partition(":")
     if not sep or not arch or not weights:
-        raise TextadaptError(f"backbone spec {spec!r} is not ARCH:WEIGHTS (e.g. ViT-B-32:openai, ViT-B-32:random, hf-hub:ORG/REPO)")
+        raise TextadaptError(f"backbone spec {spec!r} is not ARCH:WEIGHTS "
+                             "(e.g. ViT-B-32:openai, ViT-B-32:random, hf-hub:ORG/REPO)")
     return arch, weights
