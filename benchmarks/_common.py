@@ -143,6 +143,53 @@ def alternate(a: Callable[[], float], b: Callable[[], float], repeats: int, labe
             "cpu_ratio_median": statistics.median(cpu_ratios)}
 
 
+def rotate(sides: dict[str, Callable[[], tuple[float, float | None]]], repeats: int, anchor: str) -> dict:
+    """``alternate`` for any number of sides: each repetition runs every side once, the order rotated by one each
+    time (A B C, B C A, C A B, ...). Each side returns (wall seconds, CPU seconds or None: this process's CPU time
+    during the call is taken then). Returns per side its wall and CPU times and their medians, and for every other
+    side the median of its per-repetition ratios to ``anchor`` (wall and CPU)."""
+    names = list(sides)
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(repeats):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            c0 = time.process_time()
+            seconds, used = sides[name]()
+            wall[name].append(seconds)
+            cpu[name].append(used if used is not None else time.process_time() - c0)
+        print(f"  repetition {i + 1}/{repeats}: " + ", ".join(f"{n} {wall[n][-1]:.2f} s ({cpu[n][-1]:.2f} s CPU)" for n in names),
+              flush=True)
+    out: dict = {"sides": names, "anchor": anchor, "seconds": wall, "cpu_seconds": cpu,
+                 "median_s": {n: statistics.median(wall[n]) for n in names},
+                 "cpu_median_s": {n: statistics.median(cpu[n]) for n in names}, "ratios": {}, "cpu_ratios": {}}
+    for n in names:
+        if n != anchor:
+            out["ratios"][n] = [x / y for x, y in zip(wall[n], wall[anchor])]
+            out["cpu_ratios"][n] = [x / y for x, y in zip(cpu[n], cpu[anchor])]
+    out["ratio_median"] = {n: statistics.median(r) for n, r in out["ratios"].items()}
+    out["cpu_ratio_median"] = {n: statistics.median(r) for n, r in out["cpu_ratios"].items()}
+    return out
+
+
+def children_cpu(match: str) -> Callable[[], float]:
+    """A function giving the CPU seconds (user + system) used so far by this process's child processes whose command
+    line contains ``match`` (e.g. Prefect's temporary API server), those alive when it is called."""
+    import psutil
+
+    def used() -> float:
+        total = 0.0
+        for child in psutil.Process().children(recursive=True):
+            try:
+                if match in " ".join(child.cmdline()):
+                    t = child.cpu_times()
+                    total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+
+    return used
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -186,6 +233,14 @@ def llama_server(threads: int = 1, n_ctx: int = 1024) -> Iterator[str]:
             proc.wait()
         log.close()
         os.unlink(log.name)
+
+
+def prefect_env() -> None:
+    """The environment `textadapt` gives Prefect (``cli._prefect_env``), for scripts that run flows in-process."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 def run_cli(args: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess]:

@@ -4,8 +4,11 @@ DuckDB file, Prefect's temporary local API, and a tiny randomly initialised open
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -132,10 +135,32 @@ def test_strict_backbone_fails_before_any_llm_call(home):
     assert status == "failed" and "ViT-B-32:openai" in error
 
 
-def test_unknown_dataset_lists_the_known_ones():
-    p = textadapt("run", "fashion-mnst", check=False)
-    assert p.returncode == 2
-    assert "unknown dataset 'fashion-mnst'" in p.stderr and "fashion-mnist" in p.stderr
+# The CLI in a Python that says, as it exits, whether Prefect was ever imported (its temporary API starts only after).
+IMPORTS_PREFECT = ("import atexit, sys\n"
+                   "atexit.register(lambda: print('prefect imported:', 'prefect' in sys.modules, file=sys.stderr))\n"
+                   "from textadapt.cli import app\n"
+                   "app(prog_name='textadapt')")
+
+
+@pytest.mark.parametrize("args, message", [
+    pytest.param(["run", "fashion-mnst"], "unknown dataset 'fashion-mnst'", id="unknown-dataset"),
+    pytest.param(["schedule", "fashion-mnst", "--cron", "0 3 * * *"], "unknown dataset 'fashion-mnst'",
+                 id="schedule-unknown-dataset"),
+    pytest.param(["run", "fashion-mnist", "--backbone", "ViT-B-32"], "backbone spec 'ViT-B-32' is not ARCH:WEIGHTS",
+                 id="backbone-spec"),
+    pytest.param(["run", "fashion-mnist", "--llm", "gpt-4o"], "unknown LLM spec 'gpt-4o'", id="llm-spec"),
+    pytest.param(["run", "fashion-mnist", "--templates", "no-such-set"], "no-such-set", id="missing-template-set"),
+])
+def test_bad_input_fails_before_prefect_is_imported(home, args, message):
+    """One clear message, and no Prefect: not imported in the CLI's process, so no temporary API server was started."""
+    p = subprocess.run([sys.executable, "-c", IMPORTS_PREFECT, *args], capture_output=True, text=True, env=os.environ.copy(),
+                       timeout=300, stdin=subprocess.DEVNULL)
+    shown = " ".join(p.stderr.split())  # the console wraps long lines
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "error: " in shown and message in shown and "Traceback" not in shown, shown
+    assert "prefect imported: False" in shown
+    if args[1] == "fashion-mnst":
+        assert "fashion-mnist" in shown.split(message, 1)[1]  # the known datasets are listed
 
 
 def test_sql_is_read_only_unless_asked(home):
@@ -180,3 +205,64 @@ def test_a_run_killed_mid_generation_loses_only_what_was_in_flight(home, tmp_pat
     results = "SELECT method, top1, mean_per_class FROM results ORDER BY method"
     assert query(home, answers) == query(other, answers)
     assert query(home, results) == query(other, results)
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """The live processes under ``pid`` (from /proc): pid -> command line."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":  # a zombie has ended: it only waits to be reaped
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = {}, list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        try:
+            found[p] = (Path("/proc") / str(p) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        todo += children.get(p, [])
+    return found
+
+
+def test_a_run_killed_with_kill_9_leaves_no_process_behind(home):
+    """Without a Prefect server, a run starts Prefect's temporary API (a uvicorn server); `kill -9` of the run must not
+    leave that server running. The run is held at its LLM server's check (a port that accepts and never answers)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        silent.settimeout(300)
+        env = {**os.environ, "TEXTADAPT_LLM_BASE_URL": f"http://127.0.0.1:{silent.getsockname()[1]}/v1",
+               "TEXTADAPT_LLM_TIMEOUT": "600"}
+        env.pop("PREFECT_API_URL", None)
+        run = subprocess.Popen([CLI, "run", "fashion-mnist", "--llm", "openai:silent", "--backbone", TINY, "--max-classes", "2",
+                                "--train-only"], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+        try:
+            conn, _ = silent.accept()  # the flow runs, against the API, and asks the LLM server for its models
+        except TimeoutError:
+            run.kill()
+            raise AssertionError(f"the run never reached its LLM server: {run.communicate()[1]}") from None
+        with conn:
+            left = descendants(run.pid)
+            assert any("uvicorn" in cmd and "prefect.server" in cmd for cmd in left.values()), left
+            os.kill(run.pid, signal.SIGKILL)
+            run.wait()
+            run.stderr.close()
+            deadline = time.monotonic() + 15
+            while left and time.monotonic() < deadline:
+                time.sleep(0.2)
+                left = {p: cmd for p, cmd in left.items() if Path(f"/proc/{p}").exists() and _alive(p)}
+    for p in left:  # do not leave them running for the next test
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"still running after the run was killed: {left}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

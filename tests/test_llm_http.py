@@ -164,7 +164,10 @@ def test_stopping_early_cancels_what_is_in_flight(llama_server):
     first_req, first_ans = next(gen)
     assert first_ans.text
     gen.close()  # the caller stops (e.g. its database write failed): nothing keeps running behind it
-    assert not [t for t in threading.enumerate() if t.name == "textadapt-openai"]
+    assert b._in_flight == 0 and not asyncio.all_tasks(b._loop)  # what was in flight was cancelled, and has unwound
+    thread = b._loop_thread
+    b.close()  # the backend's event loop and HTTP client stop with it
+    assert thread.name == "textadapt-openai" and not thread.is_alive()
 
 
 def test_one_failing_request_does_not_stop_the_others(llama_server):

@@ -141,6 +141,21 @@ def run_inputs(options, settings) -> RunInputs:
     return RunInputs(spec, images, templates)
 
 
+def before_prefect(options, settings) -> RunInputs:
+    """Everything ``textadapt run`` and ``textadapt schedule`` can refuse before Prefect is imported and its API started:
+    the run's inputs (``run_inputs``) and the backbone, captioner and LLM specs (parsed, not loaded)."""
+    from textadapt.config import parse_backbone_spec as parse_backbone
+    from textadapt.llm import parse_spec as parse_llm
+
+    inputs = run_inputs(options, settings)
+    parse_backbone(options.backbone or settings.backbone)
+    if options.captioner and options.captioner != "same" and not options.train_only:
+        parse_backbone(options.captioner)
+    if inputs.templates:
+        parse_llm(options.llm or settings.llm)
+    return inputs
+
+
 @dataclass
 class DatasetCheck:
     """What ``textadapt datasets check`` found."""

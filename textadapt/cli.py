@@ -124,11 +124,17 @@ def run(**flags) -> None:
     parameters of the Prefect flow and of `textadapt schedule`.
     """
     options = _run_options(flags)
+    _check_before_prefect(options)
     _prefect_env()
-    from textadapt.flows.adapt import adapt, quiet_console  # Prefect is imported only for commands that run flows
+    from textadapt.flows.temporary_api import configured_api_url, start_temporary_api
 
-    quiet_console(caller_shows_errors=True)
     try:
+        # Without a Prefect server, this process starts Prefect's temporary API as its own child (stopped even by kill -9)
+        api_ready = (lambda: None) if configured_api_url() else start_temporary_api()
+        from textadapt.flows.adapt import adapt, quiet_console  # Prefect is imported only for commands that run flows
+
+        quiet_console(caller_shows_errors=True)
+        api_ready()
         outcome = adapt(**options.model_dump())
     except TextadaptError as e:
         _fail(e)
@@ -485,6 +491,16 @@ def descriptions_export(
 # --- running as a service: scheduled deployments, serving them, past runs ---------------------------
 
 
+def _check_before_prefect(options: RunOptions) -> None:
+    """A bad input fails with its one message before Prefect is imported and its temporary API started."""
+    from textadapt import checks
+
+    try:
+        checks.before_prefect(options, Settings())
+    except TextadaptError as e:
+        _fail(e)
+
+
 def _prefect_env() -> None:
     """Environment for commands that run or talk to Prefect; call before importing it."""
     # Prefect's usage analytics would only fail without network; textadapt runs offline by design.
@@ -532,6 +548,7 @@ def schedule(**flags) -> None:
     cron, timezone, name, replace = flags.pop("cron"), flags.pop("timezone"), flags.pop("name"), flags.pop("replace")
     dataset = flags["dataset"]
     options = _run_options(flags)
+    _check_before_prefect(options)
     _prefect_env()
     from textadapt.flows.deployments import schedule as make_schedule
 

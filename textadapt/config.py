@@ -301,3 +301,15 @@ def validation_message(e: ValidationError, flags: bool = False) -> str:
         shown = flag_name(name) if flags and name in RunOptions.model_fields else name
         out.append(f"{shown}: {msg}" + (f" (got {err['input']!r})" if err["type"] != "value_error" and "input" in err else ""))
     return "; ".join(out)
+
+
+def parse_backbone_spec(spec: str) -> tuple[str, str]:
+    """``ARCH:WEIGHTS`` -> (arch, weights); hub ids are their own arch. Here, not in ``encoders``, so that ``textadapt run``
+    checks it before importing torch (and Prefect)."""
+    if spec.startswith("hf-hub:"):
+        return spec, "hf-hub"
+    arch, sep, weights = spec.partition(":")
+    if not sep or not arch or not weights:
+        raise TextadaptError(f"backbone spec {spec!r} is not ARCH:WEIGHTS "
+                             "(e.g. ViT-B-32:openai, ViT-B-32:random, hf-hub:ORG/REPO)")
+    return arch, weights

@@ -45,6 +45,7 @@ import open_clip
 import torch
 
 from textadapt import TextadaptError
+from textadapt.config import parse_backbone_spec as parse_spec  # without torch: checked before Prefect starts
 from textadapt.datasets import ImageSet, iter_batches
 from textadapt.store import Store
 from textadapt.text_tower import iter_text_features
@@ -85,16 +86,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TextadaptError(f"device {name!r} asked for, but torch sees no CUDA GPU; use --device cpu or auto")
     return device
-
-
-def parse_spec(spec: str) -> tuple[str, str]:
-    """``ARCH:WEIGHTS`` -> (arch, weights); hub ids are their own arch."""
-    if spec.startswith("hf-hub:"):
-        return spec, "hf-hub"
-    arch, sep, weights = spec.partition(":")
-    if not sep or not arch or not weights:
-        raise TextadaptError(f"backbone spec {spec!r} is not ARCH:WEIGHTS (e.g. ViT-B-32:openai, ViT-B-32:random, hf-hub:ORG/REPO)")
-    return arch, weights
 
 
 def _register_configs() -> None:

@@ -374,8 +374,10 @@ class _Learned:
 class OpenAIBackend(Backend):
     """A chat model behind an OpenAI-compatible HTTP API, through the official async ``openai`` client.
 
-    * Up to ``concurrency`` requests are in flight at once (an ``asyncio.Semaphore``); the event loop
-      runs in a background thread and ``generate`` yields each answer as soon as it arrives.
+    * Up to ``concurrency`` requests are in flight at once (an ``asyncio.Semaphore``), over every ``generate``
+      running at once in any thread: one HTTP client (one connection pool) and one event loop, in a background
+      thread, serve the backend from its first request to ``close``; ``generate`` yields each answer as soon
+      as it arrives.
     * ``check`` (called by ``generate`` and, earlier, by the flow) asks ``GET /models`` once: a server that
       refuses connections (or a host that does not resolve) fails at once with ``LLMUnreachable`` naming
       the URL, a refused key with its own message; the answer tells which server it is (``owned_by``).
@@ -458,6 +460,14 @@ class OpenAIBackend(Backend):
         self._in_flight = 0
         self._checked = False
         self._down: str | None = None  # the error of a request that found the server refusing connections
+        # One event loop in a thread of its own, the HTTP client and the semaphore on it: started by the first
+        # generate, shared by every generate of this backend (the runner's batches, in any thread), stopped by close.
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._http = None
+        self._sem: asyncio.Semaphore | None = None
+        self._generating = 0  # generate calls under way
 
     def __repr__(self) -> str:  # never the key
         return f"OpenAIBackend({self.identity!r}, concurrency={self.concurrency})"
@@ -610,36 +620,21 @@ class OpenAIBackend(Backend):
     # -- the sync interface ------------------------------------------------------------------------
 
     def generate(self, requests: list[Request]) -> Iterator[tuple[Request, Answer]]:
-        self.max_in_flight = 0
-        self.http_requests = 0
         if not requests:
             return
         if self._down is not None:  # refused connections before: ask again whether it is back (fails fast if not)
             self._checked = False
         self.check()
         self._down = None
-        client = self._client()
+        loop = self._started()
+        with self._lock:
+            if not self._generating:  # the counts are of the generate calls since none was under way
+                self.max_in_flight = self.http_requests = 0
+            self._generating += 1
         out: queue.Queue = queue.Queue()  # unbounded: the loop thread never blocks on it
-        loop = asyncio.new_event_loop()
-        task = loop.create_task(self._run(client, requests, out))
-
-        def run_loop() -> None:
-            asyncio.set_event_loop(loop)
-            try:
-                loop.run_until_complete(task)
-            except BaseException as e:  # noqa: BLE001 - handed to the consuming thread
-                if not isinstance(e, asyncio.CancelledError):
-                    out.put(("crash", e))
-            finally:
-                loop.run_until_complete(loop.shutdown_asyncgens())
-                loop.close()
-                out.put(("end",))
-
-        thread = threading.Thread(target=run_loop, name="textadapt-openai", daemon=True)
-        thread.start()
+        future = asyncio.run_coroutine_threadsafe(self._run(requests, out), loop)
         failures: list[_Failure] = []
         answered = 0
-        crash: BaseException | None = None
         try:
             while True:
                 item = out.get()
@@ -648,24 +643,52 @@ class OpenAIBackend(Backend):
                     yield item[1], item[2]
                 elif item[0] == "failure":
                     failures.append(item[1])
-                elif item[0] == "crash":
-                    crash = item[1]
                 else:  # "end"
                     break
+            future.result()  # raises what crashed the coroutine, if anything did
         finally:
-            # The consumer stopped early (an error while storing, Ctrl-C, close()): cancel what is in flight.
-            if thread.is_alive():
+            # The consumer stopped early (an error while storing, Ctrl-C, close()): cancel what is in flight, and
+            # wait until the coroutine has unwound (it says "end" last), so nothing of this call runs behind it.
+            if not future.done():
+                future.cancel()
                 try:
-                    loop.call_soon_threadsafe(task.cancel)
-                except RuntimeError:  # the loop closed meanwhile
-                    pass
-            thread.join()
-        if crash is not None:
-            raise crash
+                    while out.get(timeout=10)[0] != "end":
+                        pass
+                except queue.Empty:
+                    log.warning("%s: requests still unwinding after 10 s", self.identity)
+            with self._lock:
+                self._generating -= 1
         log.info("%s: %d answers from %d HTTP requests, at most %d in flight",
                  self.identity, answered, self.http_requests, self.max_in_flight)
         if failures:
             raise self._failure_error(failures, len(requests), answered)
+
+    def _started(self) -> asyncio.AbstractEventLoop:
+        """The backend's event loop, with its HTTP client and semaphore: started at the first call."""
+        with self._lock:
+            if self._loop is None:
+                http = self._client()  # may raise (no API key): before any thread starts
+                loop = asyncio.new_event_loop()
+                self._loop_thread = threading.Thread(target=loop.run_forever, name="textadapt-openai", daemon=True)
+                self._loop_thread.start()
+                self._http, self._sem, self._loop = http, asyncio.Semaphore(self.concurrency), loop
+            return self._loop
+
+    def close(self) -> None:
+        """Close the HTTP client and stop the event loop (a later generate starts them again)."""
+        with self._lock:
+            loop, thread, http = self._loop, self._loop_thread, self._http
+            self._loop = self._loop_thread = self._http = self._sem = None
+        if loop is None:
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(http.close(), loop).result(timeout=10)
+        except Exception as e:  # noqa: BLE001 - closing only frees connections
+            log.debug("closing the HTTP client: %s", e)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        if not thread.is_alive():
+            loop.close()
 
     def _failure_error(self, failures: list[_Failure], total: int, answered: int) -> TextadaptError:
         """One error for every request that failed: how many, at which URL, why (grouped by reason), and
@@ -688,7 +711,13 @@ class OpenAIBackend(Backend):
 
     # -- the event loop side -----------------------------------------------------------------------
 
-    async def _run(self, client, requests: list[Request], out: queue.Queue) -> None:
+    async def _run(self, requests: list[Request], out: queue.Queue) -> None:
+        try:
+            await self._ask(self._http, self._sem, requests, out)
+        finally:
+            out.put(("end",))
+
+    async def _ask(self, client, sem: asyncio.Semaphore, requests: list[Request], out: queue.Queue) -> None:
         def emit(pairs: list[tuple[Request, Answer]]) -> None:
             for req, ans in pairs:
                 out.put(("answer", req, ans))
@@ -705,22 +734,18 @@ class OpenAIBackend(Backend):
         groups: dict[tuple[str, Sampling], list[Request]] = {}
         for r in requests:
             groups.setdefault((r.prompt, r.sampling), []).append(r)
-        sem = asyncio.Semaphore(self.concurrency)
-        try:
-            rest = list(groups.values())
-            if self.n_per_request is None:
-                probe = next((g for g in rest if len(g) > 1), None)
-                if probe is not None:
-                    rest.remove(probe)
-                    unanswered = await self._probe(client, sem, probe[:MAX_N], emit, fail)
-                    rest += [unanswered, probe[MAX_N:]]  # asked with the rest, as the probe found best
-            if self.n_per_request:
-                jobs = [g[i:i + MAX_N] for g in rest for i in range(0, len(g), MAX_N)]
-                await asyncio.gather(*(self._answer(client, sem, job, True, emit, fail) for job in jobs))
-            else:
-                await asyncio.gather(*(self._answer(client, sem, [r], False, emit, fail) for g in rest for r in g))
-        finally:
-            await client.close()
+        rest = list(groups.values())
+        if self.n_per_request is None:
+            probe = next((g for g in rest if len(g) > 1), None)
+            if probe is not None:
+                rest.remove(probe)
+                unanswered = await self._probe(client, sem, probe[:MAX_N], emit, fail)
+                rest += [unanswered, probe[MAX_N:]]  # asked with the rest, as the probe found best
+        if self.n_per_request:
+            jobs = [g[i:i + MAX_N] for g in rest for i in range(0, len(g), MAX_N)]
+            await asyncio.gather(*(self._answer(client, sem, job, True, emit, fail) for job in jobs))
+        else:
+            await asyncio.gather(*(self._answer(client, sem, [r], False, emit, fail) for g in rest for r in g))
 
     async def _probe(self, client, sem, group: list[Request], emit, fail) -> list[Request]:
         """Ask for the group's samples with ``n`` to learn whether the server honours it; return the
@@ -991,6 +1016,16 @@ VLLM_MISSING = ("vLLM is not installed: `pip install 'textadapt[vllm]'` on a mac
                 "or serve the model with `vllm serve` and use --llm openai:MODEL")
 
 
+def parse_spec(spec: str) -> tuple[str, str]:
+    """``KIND:ARG`` -> (kind, arg), or one clear error for a kind textadapt does not know (checked before Prefect starts)."""
+    kind, _, arg = spec.partition(":")
+    if kind not in ("llama-cpp", "openai", "vllm"):
+        raise TextadaptError(
+            f"unknown LLM spec {spec!r}; known: llama-cpp:smollm2, llama-cpp:/path/to/model.gguf, openai:MODEL, vllm:MODEL"
+        )
+    return kind, arg
+
+
 def make_backend(spec: str, settings: Settings | None = None) -> Backend:
     """Resolve an LLM spec: ``llama-cpp:smollm2``, ``llama-cpp:/path/model.gguf``, ``openai:MODEL`` or ``vllm:MODEL``.
 
@@ -1002,7 +1037,7 @@ def make_backend(spec: str, settings: Settings | None = None) -> Backend:
         from textadapt.config import Settings
 
         settings = Settings()
-    kind, _, arg = spec.partition(":")
+    kind, arg = parse_spec(spec)
     if kind == "llama-cpp":
         path = smollm2_path() if arg in ("", "smollm2") else Path(arg).expanduser()
         backend: Backend = LlamaCppBackend(path, threads=settings.threads)
@@ -1014,11 +1049,7 @@ def make_backend(spec: str, settings: Settings | None = None) -> Backend:
             name=settings.llm_name, server=settings.llm_server, reasoning=settings.llm_reasoning,
             reasoning_tokens=settings.llm_reasoning_tokens, structured_output=settings.llm_structured_output,
         )
-    elif kind == "vllm":
-        backend = VLLMBackend(arg, settings.vllm_engine_args)
     else:
-        raise TextadaptError(
-            f"unknown LLM spec {spec!r}; known: llama-cpp:smollm2, llama-cpp:/path/to/model.gguf, openai:MODEL, vllm:MODEL"
-        )
+        backend = VLLMBackend(arg, settings.vllm_engine_args)
     backend.structured_output = settings.llm_structured_output
     return backend

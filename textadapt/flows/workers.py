@@ -1,23 +1,37 @@
-"""The flow's runner: each batch of a stage as a Prefect task, in threads of the flow's process or on Dask.
+"""The flow's runner: a stage's batches as Prefect tasks, in threads of the flow's process or on Dask.
 
 ``pipeline.generate``, ``embed_texts`` and ``embed_images`` cut their work into batches and hand
-them to a runner (``textadapt/batches.py``). ``Workers`` is the flow's: each batch becomes a Prefect
-task run, in threads of the flow's process (``task_runner="threads"``, the default) or on a Dask
-cluster (``task_runner="dask"``: ``Settings.dask_address``, else a local cluster started for the
-run). The tasks return rows; the flow's process writes them (one writer, see ``batches.py``).
+them to a runner (``textadapt/batches.py``). ``Workers`` is the flow's: it groups the batches into
+**lanes**, one Prefect task run each, in threads of the flow's process (``task_runner="threads"``,
+the default) or on a Dask cluster (``task_runner="dask"``: ``Settings.dask_address``, else a local
+cluster started for the run). A lane works through its batches in threads of its process, its share
+of the stage's capacity at a time, and hands back each batch's rows as the batch completes: at once
+in the flow's process, with the task's result on Dask (where a lane holds at most ``REMOTE_LANE``
+batches). The flow's process writes them (one writer, see ``batches.py``). So the task runs of a
+stage grow with its lanes (the requests it keeps in flight), not with classes x questions: a plan
+of 10,000 (class, question) batches is a handful of task runs, not 10,000.
 
-**Retries.** A generation batch is asked again up to ``LLM_RETRIES`` times with exponential
-back-off (after the HTTP client's own retries); an embedding batch once.
+**Retries.** A batch that fails does not stop its lane: the lane finishes its other batches, then
+fails, and Prefect runs the lane again for the batches that failed only (what completed is kept):
+generation up to ``LLM_RETRIES`` more times with exponential back-off (after the HTTP client's own
+retries), embedding once. A server that refuses connections is not asked again. What failed after
+the last try comes back to the stage with its batch, as with the library's runner.
 
 **LLM requests.** A run keeps at most ``Settings.llm_concurrency`` requests in flight; over all
 flow runs of one Prefect server, the global concurrency limit ``textadapt-llm`` bounds the
 requests to LLM servers (one slot per request in flight; created with ``Settings.llm_global_limit``
-slots when missing).
+slots when missing). The flow holds the stage's slots (its capacity: the requests it keeps in
+flight) while its lanes work: one acquisition per generation stage. One per batch, as before, cost
+0.2 s of CPU and often seconds of wall time per batch on this machine (acquisitions racing each
+other are refused and told to wait).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import queue
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator
 
@@ -30,19 +44,70 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
 from textadapt import TextadaptError, pipeline
-from textadapt.batches import BatchResult, Done, Runner, here
+from textadapt.batches import BatchFailures, BatchResult, Done, Runner, here
 from textadapt.config import Settings
 from textadapt.llm import LLMUnreachable
 
 TASK = dict(cache_policy=NO_CACHE, persist_result=False)
 LLM_LIMIT = "textadapt-llm"
-LLM_RETRIES = 3  # after the HTTP client's own retries: a batch asked again 2, 4, 8 s later (with jitter)
+LLM_RETRIES = 3  # after the HTTP client's own retries: a lane's failed batches asked again 2, 4, 8 s later (with jitter)
+REMOTE_LANE = 16  # most batches of a lane on Dask, whose rows come back only with the task's result
+
+
+class Lane:
+    """The batches one task run works through (``jobs``: the stage's job index -> job), at most ``share`` (by the
+    jobs' ``weights``) at once. Prefect runs a failed lane again with this same object, so what completed stays
+    done: only ``todo`` is asked again."""
+
+    def __init__(self, jobs: dict[int, dict], weights: dict[int, int], share: int):
+        self.todo, self.weights, self.share = dict(jobs), weights, share
+        self.results: dict[int, BatchResult] = {}  # completed and not handed back yet (on Dask: with the task's result)
+
+    def __repr__(self) -> str:  # Prefect names a task run's inputs: no need to print every job
+        return f"Lane({len(self.todo)} batches to do, share {self.share})"
+
+
+class LaneFailed(Exception):
+    """A lane's batches that failed (stage job index -> error), and the rows of its completed batches not handed
+    back yet (Dask)."""
+
+    def __init__(self, failures: dict[int, BaseException], results: dict[int, BatchResult]):
+        super().__init__(failures, results)
+        self.failures, self.results = failures, results
+
+    def __str__(self) -> str:
+        first = next(iter(self.failures.values()))
+        return f"{len(self.failures)} batch{'es' * (len(self.failures) > 1)} failed: {type(first).__name__}: {first}"
+
+
+def _work_through(fn: Callable[..., BatchResult], lane: Lane, sink: Callable[[int, BatchResult], None] | None
+                  ) -> dict[int, BatchResult]:
+    """One try of a lane: run ``fn(**job)`` for every job still to do, in threads of this process (the
+    library's runner), handing each result to ``sink`` (the flow's process) or keeping it for the task's result."""
+    index = {id(job): i for i, job in lane.todo.items()}
+
+    def done(job: dict, result: BatchResult) -> None:
+        i = index[id(job)]
+        del lane.todo[i]
+        if sink is not None:
+            sink(i, result)
+        else:
+            lane.results[i] = result
+
+    try:
+        Runner().map(fn, list(lane.todo.values()), done, capacity=lane.share, weight=lambda job: lane.weights[index[id(job)]])
+    except BatchFailures as e:
+        raise LaneFailed({index[id(job)]: error for job, error in e.failures}, lane.results) from None
+    return lane.results
 
 
 def _worth_asking_again(task, task_run, state) -> bool:
-    """A batch is asked again unless the server refuses connections (``LLMUnreachable``): the run then fails in seconds."""
+    """A lane is run again for its failed batches unless one found the server refusing connections
+    (``LLMUnreachable``): the run then fails in seconds."""
     try:
         state.result()
+    except LaneFailed as e:
+        return not any(isinstance(error, LLMUnreachable) for error in e.failures.values())
     except LLMUnreachable:
         return False
     except Exception:  # noqa: BLE001 - any other failure: ask again
@@ -50,21 +115,21 @@ def _worth_asking_again(task, task_run, state) -> bool:
     return True
 
 
-@task(name="generate batch", retries=LLM_RETRIES, retry_delay_seconds=exponential_backoff(backoff_factor=2),
+@task(name="generate", retries=LLM_RETRIES, retry_delay_seconds=exponential_backoff(backoff_factor=2),
       retry_jitter_factor=0.5, retry_condition_fn=_worth_asking_again, **TASK)
-def generate_batch(batch, spec, llm, settings, slots: int, identity: str, limit: str | None) -> BatchResult:
-    """``pipeline.answer_batch`` holding ``slots`` slots of the global concurrency limit ``limit`` (None: none)."""
-    with concurrency(limit, occupy=slots) if slots and limit else nullcontext():
-        return pipeline.answer_batch(batch, spec, llm, settings, slots, identity)
+def generate_lane(lane: Lane, sink) -> dict[int, BatchResult]:
+    """``pipeline.answer_batch`` for each batch of the lane."""
+    return _work_through(pipeline.answer_batch, lane, sink)
 
 
-@task(name="embed batch", retries=1, **TASK)
-def embed_batch(items, backbone, batch_size: int) -> BatchResult:
-    return pipeline.embed_batch(items, backbone, batch_size)
+@task(name="embed", retries=1, **TASK)
+def embed_lane(lane: Lane, sink) -> dict[int, BatchResult]:
+    """``pipeline.embed_batch`` for each batch of the lane."""
+    return _work_through(pipeline.embed_batch, lane, sink)
 
 
-# The library's batch function -> the task that runs it here (with the flow's extra parameters).
-TASKS = {pipeline.answer_batch: generate_batch, pipeline.embed_batch: embed_batch}
+# The library's batch function -> the task that runs a lane of its batches here.
+TASKS = {pipeline.answer_batch: generate_lane, pipeline.embed_batch: embed_lane}
 
 
 class Workers(Runner):
@@ -129,9 +194,48 @@ class Workers(Runner):
 
     def map(self, fn: Callable[..., BatchResult], jobs: list[dict], done: Done, *, capacity: int,
             weight: Callable[[dict], int] = lambda job: 1, label: str = "batches") -> None:
-        """As ``Runner.map``, each job a Prefect task run (``TASKS[fn]``) on this run's task runner."""
-        task_, extra = TASKS[fn], {"limit": self._limit} if fn is pipeline.answer_batch else {}
-        self._windowed(lambda job: self.runner.submit(task_, parameters={**job, **extra}), jobs, done, capacity, weight, label)
+        """As ``Runner.map``, the jobs in lanes (``lanes``), each lane a Prefect task run (``TASKS[fn]``) on this run's
+        task runner; ``done`` is called in this thread as each job completes."""
+        if not jobs:
+            return
+        events: queue.Queue = queue.Queue()  # ("job", index, result) as each job completes here; ("lane", lane, future)
+        sink = None if self.remote else (lambda i, result: events.put(("job", i, result)))
+        task_ = TASKS[fn]
+        pending, in_flight, load, failures = list(lanes(jobs, capacity, weight, self.remote)), 0, 0, []
+        where = self.where.setdefault(label, Counter())
+
+        def hand_back(i: int, result: BatchResult) -> None:
+            where[result.where] += 1
+            done(jobs[i], result)
+
+        pending.reverse()
+        # LLM requests: this run's capacity of the global limit's slots, held while its lanes work
+        slots = fn is pipeline.answer_batch and self._limit
+        with concurrency(self._limit, occupy=capacity) if slots else nullcontext():
+            while pending or in_flight:
+                while pending and (in_flight == 0 or load + pending[-1].share <= capacity):
+                    lane = pending.pop()
+                    future = self.runner.submit(task_, parameters={"lane": lane, "sink": sink})
+                    future.add_done_callback(lambda f, lane=lane: events.put(("lane", lane, f)))
+                    in_flight, load = in_flight + 1, load + lane.share
+                kind, *event = events.get()
+                if kind == "job":
+                    hand_back(*event)
+                    continue
+                lane, future = event
+                in_flight, load = in_flight - 1, load - lane.share
+                try:
+                    returned = future.result()
+                except LaneFailed as e:  # after the task's retries
+                    returned = e.results
+                    failures += [(jobs[i], error) for i, error in e.failures.items()]
+                except Exception as e:  # noqa: BLE001 - the lane itself failed: all it had left to do
+                    returned = dict(lane.results)
+                    failures += [(jobs[i], e) for i in lane.todo]
+                for i, result in sorted(returned.items()):
+                    hand_back(i, result)
+        if failures:
+            raise BatchFailures(failures, len(jobs))
 
     def log_where(self, logger) -> None:
         """Where the batches ran, where that was not only this process (a Dask cluster)."""
@@ -139,6 +243,20 @@ class Workers(Runner):
             if where and set(where) != {here()}:
                 logger.info("%s batches ran in %d processes: %s", label, len(where),
                             ", ".join(f"{w} ({n})" for w, n in sorted(where.items())))
+
+
+def lanes(jobs: list[dict], capacity: int, weight: Callable[[dict], int], remote: bool) -> list[Lane]:
+    """The jobs in lanes: as many lanes as jobs of the largest weight fit in ``capacity`` (each lane that share of
+    it), the jobs dealt round-robin so the lanes finish together; on Dask (``remote``) lanes of at most
+    ``REMOTE_LANE`` jobs, since a lane's rows come back only with its result."""
+    weights = {i: max(1, weight(job)) for i, job in enumerate(jobs)}
+    widest = max(weights.values())
+    count = max(1, min(len(jobs), capacity // widest))
+    share = max(widest, capacity // count)
+    if remote:
+        count = max(count, math.ceil(len(jobs) / REMOTE_LANE))
+    dealt = [list(range(k, len(jobs), count)) for k in range(count)]
+    return [Lane({i: jobs[i] for i in d}, {i: weights[i] for i in d}, share) for d in dealt if d]
 
 
 def _local_cluster_kwargs(settings: Settings) -> dict:
