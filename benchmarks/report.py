@@ -298,7 +298,7 @@ def main() -> None:
         if name in EXPLAIN:
             out += ["", EXPLAIN[name]]
         out += [""] + [f"- {n}" for n in d.get("notes", [])] + [""]
-    out += ["## 8. GPU", "", "Not measured here: this task had no GPU machine. `encoders.py`, `training_scale.py` and "
+    out += [f"## {len(ORDER) + 1}. GPU", "", "Not measured here: this task had no GPU machine. `encoders.py`, `training_scale.py` and "
             "`end_to_end.py` take `--device cuda` (the first two then run under autocast mixed precision; the end-to-end run "
             "uses textadapt as shipped, in float32).", ""]
     OUT.write_text("\n".join(out))

@@ -67,11 +67,12 @@ def start_temporary_api(timeout: float | None = None) -> Callable[[], None]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    parent = os.getpid()
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
          "--port", str(port), "--log-level", "error", "--lifespan", "on"],
         env=env, stdin=subprocess.DEVNULL,
-        preexec_fn=(lambda parent=os.getpid(): _die_with_parent(parent)) if sys.platform.startswith("linux") else None)
+        preexec_fn=(lambda: _die_with_parent(parent)) if sys.platform.startswith("linux") else None)
     atexit.register(_stop, process)
     os.environ["PREFECT_API_URL"] = url
     return lambda: _wait_until_up(process, url, timeout)
