@@ -18,9 +18,10 @@ test: setup
 test-fast: setup
 	$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-# ruff's checks ([tool.ruff] in pyproject.toml); CI runs it before the tests.
+# ruff's checks and formatting ([tool.ruff] in pyproject.toml); CI runs it before the tests. `ruff format .` fixes the latter.
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # Rewrite the pages of docs/ that restate code (tests/test_docs.py fails while one is out of date).
 docs: setup

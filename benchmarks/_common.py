@@ -23,8 +23,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -61,9 +61,15 @@ def machine() -> dict:
         ram_gib = round(kb / 2**20, 1)
     except (OSError, StopIteration):
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": ram_gib, "os": platform.platform(),
-            "python": platform.python_version(), "load_average_at_start": LOAD_AT_START,
-            "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": ram_gib,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "load_average_at_start": LOAD_AT_START,
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+    }
     try:
         import torch
 
@@ -77,8 +83,9 @@ def machine() -> dict:
 def git_commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "textadapt", "prompts"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "textadapt", "prompts"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
         return sha + ("+uncommitted-changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -98,9 +105,16 @@ def write_results(name: str, settings: dict, figures: dict, notes: list[str], ou
     """``benchmarks/results/NAME.json``: what was measured, how, on what, when."""
     path = out or RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"benchmark": name, "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "commit": git_commit(), "machine": machine(), "versions": versions(), "settings": settings,
-           "figures": figures, "notes": notes}
+    doc = {
+        "benchmark": name,
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": git_commit(),
+        "machine": machine(),
+        "versions": versions(),
+        "settings": settings,
+        "figures": figures,
+        "notes": notes,
+    }
     path.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"\nwrote {path}")
     return path
@@ -108,6 +122,7 @@ def write_results(name: str, settings: dict, figures: dict, notes: list[str], ou
 
 def table(headers: list[str], rows: list[list]) -> str:
     """A Markdown table (printed by the scripts, pasted by report.py)."""
+
     def cell(x) -> str:
         if isinstance(x, float):
             return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
@@ -132,15 +147,27 @@ def alternate(a: Callable[[], float], b: Callable[[], float], repeats: int, labe
             c0 = time.process_time()
             times.append(fn())
             cpu.append(time.process_time() - c0)
-        print(f"  repetition {i + 1}/{repeats}: {label_a} {ta[-1]:.3f} s ({ca[-1]:.3f} s CPU), {label_b} {tb[-1]:.3f} s "
-              f"({cb[-1]:.3f} s CPU), wall ratio {ta[-1] / tb[-1]:.3f}", flush=True)
+        print(
+            f"  repetition {i + 1}/{repeats}: {label_a} {ta[-1]:.3f} s ({ca[-1]:.3f} s CPU), {label_b} {tb[-1]:.3f} s "
+            f"({cb[-1]:.3f} s CPU), wall ratio {ta[-1] / tb[-1]:.3f}",
+            flush=True,
+        )
     ratios = [x / y for x, y in zip(ta, tb)]
     cpu_ratios = [x / y for x, y in zip(ca, cb)]
-    return {f"{label_a}_seconds": ta, f"{label_b}_seconds": tb, f"{label_a}_median_s": statistics.median(ta),
-            f"{label_b}_median_s": statistics.median(tb), "ratios": ratios, "ratio_median": statistics.median(ratios),
-            "ratio_min": min(ratios), "ratio_max": max(ratios),
-            f"{label_a}_cpu_seconds": ca, f"{label_b}_cpu_seconds": cb, "cpu_ratios": cpu_ratios,
-            "cpu_ratio_median": statistics.median(cpu_ratios)}
+    return {
+        f"{label_a}_seconds": ta,
+        f"{label_b}_seconds": tb,
+        f"{label_a}_median_s": statistics.median(ta),
+        f"{label_b}_median_s": statistics.median(tb),
+        "ratios": ratios,
+        "ratio_median": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        f"{label_a}_cpu_seconds": ca,
+        f"{label_b}_cpu_seconds": cb,
+        "cpu_ratios": cpu_ratios,
+        "cpu_ratio_median": statistics.median(cpu_ratios),
+    }
 
 
 def rotate(sides: dict[str, Callable[[], tuple[float, float | None]]], repeats: int, anchor: str) -> dict:
@@ -152,16 +179,25 @@ def rotate(sides: dict[str, Callable[[], tuple[float, float | None]]], repeats: 
     wall: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
     for i in range(repeats):
-        for name in names[i % len(names):] + names[: i % len(names)]:
+        for name in names[i % len(names) :] + names[: i % len(names)]:
             c0 = time.process_time()
             seconds, used = sides[name]()
             wall[name].append(seconds)
             cpu[name].append(used if used is not None else time.process_time() - c0)
-        print(f"  repetition {i + 1}/{repeats}: " + ", ".join(f"{n} {wall[n][-1]:.2f} s ({cpu[n][-1]:.2f} s CPU)" for n in names),
-              flush=True)
-    out: dict = {"sides": names, "anchor": anchor, "seconds": wall, "cpu_seconds": cpu,
-                 "median_s": {n: statistics.median(wall[n]) for n in names},
-                 "cpu_median_s": {n: statistics.median(cpu[n]) for n in names}, "ratios": {}, "cpu_ratios": {}}
+        print(
+            f"  repetition {i + 1}/{repeats}: " + ", ".join(f"{n} {wall[n][-1]:.2f} s ({cpu[n][-1]:.2f} s CPU)" for n in names),
+            flush=True,
+        )
+    out: dict = {
+        "sides": names,
+        "anchor": anchor,
+        "seconds": wall,
+        "cpu_seconds": cpu,
+        "median_s": {n: statistics.median(wall[n]) for n in names},
+        "cpu_median_s": {n: statistics.median(cpu[n]) for n in names},
+        "ratios": {},
+        "cpu_ratios": {},
+    }
     for n in names:
         if n != anchor:
             out["ratios"][n] = [x / y for x, y in zip(wall[n], wall[anchor])]
@@ -205,8 +241,23 @@ def llama_server(threads: int = 1, n_ctx: int = 1024) -> Iterator[str]:
 
     port = free_port()
     log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_path()), "--model_alias", "smollm2",
-           "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(threads)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(smollm2_path()),
+        "--model_alias",
+        "smollm2",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        str(n_ctx),
+        "--n_threads",
+        str(threads),
+    ]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
@@ -277,8 +328,10 @@ def last_run(home: Path) -> dict:
 
     con = duckdb.connect(str(home / "textadapt.duckdb"), read_only=True)
     try:
-        cur = con.execute("SELECT run_id, status, llm_calls, cached_generations, text_encoder_calls, report_path, "
-                          "epoch(finished_at - started_at) FROM runs ORDER BY started_at DESC LIMIT 1")
+        cur = con.execute(
+            "SELECT run_id, status, llm_calls, cached_generations, text_encoder_calls, report_path, "
+            "epoch(finished_at - started_at) FROM runs ORDER BY started_at DESC LIMIT 1"
+        )
         run_id, status, llm_calls, cached, text_calls, report_path, seconds = cur.fetchone()
     finally:
         con.close()
@@ -290,6 +343,13 @@ def last_run(home: Path) -> dict:
             if m:
                 stages[m.group(1)] = float(m.group(2))
     m = re.search(r"Image encoder: (\d+) images encoded", report)
-    return {"run_id": run_id, "status": status, "llm_calls": llm_calls, "cached_generations": cached,
-            "text_encoder_calls": text_calls, "image_encoder_calls": int(m.group(1)) if m else None,
-            "flow_seconds": seconds, "stage_seconds": stages}
+    return {
+        "run_id": run_id,
+        "status": status,
+        "llm_calls": llm_calls,
+        "cached_generations": cached,
+        "text_encoder_calls": text_calls,
+        "image_encoder_calls": int(m.group(1)) if m else None,
+        "flow_seconds": seconds,
+        "stage_seconds": stages,
+    }

@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import _common  # noqa: F401 - puts this checkout first on sys.path
 
@@ -128,8 +128,9 @@ def task_runs(flow_run_id, settle: float = 10.0) -> int:
         n, offset = 0, 0
         with get_client(sync_client=True) as client:
             while True:
-                page = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-                                             offset=offset, limit=200)
+                page = client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), offset=offset, limit=200
+                )
                 n, offset = n + len(page), offset + len(page)
                 if len(page) < 200:
                     return n
@@ -147,9 +148,17 @@ def _kwargs(w: Workload, p: PlannedGeneration) -> dict:
     """The request textadapt sends for ``p`` to llama_cpp.server, written out by hand: OpenAI's sampling fields at the
     recipe's values, and llama.cpp's own samplers switched off by name (``llm.server_extras``), so both sides ask the
     server for the same work (its default repeat_penalty of 1.1 would otherwise change the greedy answers)."""
-    kw = dict(model=w.model, messages=[{"role": "user", "content": p.prompt}], temperature=w.sampling.temperature,
-              top_p=w.sampling.top_p, max_tokens=w.sampling.max_tokens, presence_penalty=0.0, frequency_penalty=0.0,
-              seed=int(p.key[:8], 16), extra_body={"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0})
+    kw = dict(
+        model=w.model,
+        messages=[{"role": "user", "content": p.prompt}],
+        temperature=w.sampling.temperature,
+        top_p=w.sampling.top_p,
+        max_tokens=w.sampling.max_tokens,
+        presence_penalty=0.0,
+        frequency_penalty=0.0,
+        seed=int(p.key[:8], 16),
+        extra_body={"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0},
+    )
     if w.sampling.stop:
         kw["stop"] = list(w.sampling.stop)
     return kw

@@ -262,8 +262,10 @@ def main() -> None:
     repeats = args.repeats or 3
     tmp = Path(tempfile.mkdtemp(prefix="bench-cache-readers-"))
     try:
-        print(f"writer: {args.gen_batches} generation batches, {args.emb_batches} embedding batches, "
-              f"{repeats} alternating repetitions")
+        print(
+            f"writer: {args.gen_batches} generation batches, {args.emb_batches} embedding batches, "
+            f"{repeats} alternating repetitions"
+        )
         sides = {"staged": [], "direct": []}
         counter = [0]
 

@@ -78,8 +78,11 @@ def main() -> None:
     all_images = load_test_images(find_spec("fashion-mnist", settings.dataset_search_path), settings.home)
     images = ImageSet(all_images.images[: args.images], all_images.labels[: args.images], all_images.source)
     sentences = texts(args.texts)
-    print(f"{len(sentences)} texts, {len(images)} images ({images.source}), {ARCH} untrained, device {args.device}, "
-          f"torch threads {torch.get_num_threads()}", flush=True)
+    print(
+        f"{len(sentences)} texts, {len(images)} images ({images.source}), {ARCH} untrained, device {args.device}, "
+        f"torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
 
     # textadapt's side: its own backbone loader and cached encoders, a fresh cache file every time.
     backbone = load_backbone(f"{ARCH}:random", args.device)
@@ -148,14 +151,20 @@ def main() -> None:
         lengths = (tokens.argmax(-1) + 1).numpy()  # start and end of text included
         needed = causal_tower(backbone.model).lengths(tokens).sort(descending=True).values.numpy()
         run = sum(int(needed[i : i + batch].max()) * len(needed[i : i + batch]) for i in range(0, len(needed), batch))
-        return {"tokens_mean": float(lengths.mean()), "tokens_median": float(np.median(lengths)),
-                "tokens_max": int(lengths.max()),
-                "context_length": int(tokens.shape[1]), "positions_run_per_text": run / len(needed),
-                "max_abs_difference": float(np.abs(last["textadapt"] - last["bare"]).max())}
+        return {
+            "tokens_mean": float(lengths.mean()),
+            "tokens_median": float(np.median(lengths)),
+            "tokens_max": int(lengths.max()),
+            "context_length": int(tokens.shape[1]),
+            "positions_run_per_text": run / len(needed),
+            "max_abs_difference": float(np.abs(last["textadapt"] - last["bare"]).max()),
+        }
 
     figures, rows = {}, []
-    for kind, bare, ta, batches, n in (("text", bare_texts, ta_texts, args.text_batches, len(sentences)),
-                                       ("image", bare_images, ta_images, args.image_batches, len(images))):
+    for kind, bare, ta, batches, n in (
+        ("text", bare_texts, ta_texts, args.text_batches, len(sentences)),
+        ("image", bare_images, ta_images, args.image_batches, len(images)),
+    ):
         sweep = {}
         bare(8, 8)  # warm-up: one small batch
         for b in (int(x) for x in batches.split(",")):
@@ -166,40 +175,95 @@ def main() -> None:
         best = min(sweep, key=sweep.get)
         print(f"{kind}: comparing at batch size {best}", flush=True)
         r = _common.alternate(lambda: ta(best), lambda: bare(best), repeats, "textadapt", "bare")  # noqa: B023
-        r.update({"items": n, "best_batch": best, "bare_sweep_items_per_s": {str(b): n / s for b, s in sweep.items()},
-                  "textadapt_items_per_s": n / r["textadapt_median_s"], "bare_items_per_s": n / r["bare_median_s"],
-                  "speedup_median": 1 / r["ratio_median"], "speedup_cpu_median": 1 / r["cpu_ratio_median"]})
+        r.update(
+            {
+                "items": n,
+                "best_batch": best,
+                "bare_sweep_items_per_s": {str(b): n / s for b, s in sweep.items()},
+                "textadapt_items_per_s": n / r["textadapt_median_s"],
+                "bare_items_per_s": n / r["bare_median_s"],
+                "speedup_median": 1 / r["ratio_median"],
+                "speedup_cpu_median": 1 / r["cpu_ratio_median"],
+            }
+        )
         if kind == "text":
             r.update(text_figures(best))
-            r.update({"goal": f"textadapt at least {TEXT_GOAL} times faster (CPU time), same embeddings",
-                      "goal_met": r["speedup_median"] >= TEXT_GOAL, "goal_met_cpu": r["speedup_cpu_median"] >= TEXT_GOAL})
+            r.update(
+                {
+                    "goal": f"textadapt at least {TEXT_GOAL} times faster (CPU time), same embeddings",
+                    "goal_met": r["speedup_median"] >= TEXT_GOAL,
+                    "goal_met_cpu": r["speedup_cpu_median"] >= TEXT_GOAL,
+                }
+            )
             goal = f"speed-up >= {TEXT_GOAL}"
         else:
-            r.update({"goal": f"textadapt / bare <= {IMAGE_GOAL}",
-                      "goal_met": r["ratio_median"] <= IMAGE_GOAL, "goal_met_cpu": r["cpu_ratio_median"] <= IMAGE_GOAL})
+            r.update(
+                {
+                    "goal": f"textadapt / bare <= {IMAGE_GOAL}",
+                    "goal_met": r["ratio_median"] <= IMAGE_GOAL,
+                    "goal_met_cpu": r["cpu_ratio_median"] <= IMAGE_GOAL,
+                }
+            )
             goal = f"ratio <= {IMAGE_GOAL}"
         figures[kind] = r
-        rows.append([kind, n, best, f"{r['textadapt_items_per_s']:.1f}", f"{r['bare_items_per_s']:.1f}", f"{r['ratio_median']:.3f}",
-                     f"{r['cpu_ratio_median']:.3f}", f"{r['speedup_cpu_median']:.2f}", goal,
-                     "met" if r["goal_met_cpu"] else "MISSED"])
+        rows.append(
+            [
+                kind,
+                n,
+                best,
+                f"{r['textadapt_items_per_s']:.1f}",
+                f"{r['bare_items_per_s']:.1f}",
+                f"{r['ratio_median']:.3f}",
+                f"{r['cpu_ratio_median']:.3f}",
+                f"{r['speedup_cpu_median']:.2f}",
+                goal,
+                "met" if r["goal_met_cpu"] else "MISSED",
+            ]
+        )
     print()
-    print(_common.table(["encoder", "items", "batch", "textadapt items/s", "bare items/s", "wall ratio textadapt/bare (median)",
-                         "CPU ratio (median)", "speed-up (CPU)", "goal (CPU time)", ""], rows))
+    print(
+        _common.table(
+            [
+                "encoder",
+                "items",
+                "batch",
+                "textadapt items/s",
+                "bare items/s",
+                "wall ratio textadapt/bare (median)",
+                "CPU ratio (median)",
+                "speed-up (CPU)",
+                "goal (CPU time)",
+                "",
+            ],
+            rows,
+        )
+    )
     t = figures["text"]
-    print(f"\ntext: {t['tokens_mean']:.1f} tokens per description on average (median {t['tokens_median']:.0f}, "
-          f"max {t['tokens_max']}); textadapt ran {t['positions_run_per_text']:.1f} positions per text, the bare loop "
-          f"{t['context_length']}; max |textadapt - bare| over all embeddings {t['max_abs_difference']:.2e}")
+    print(
+        f"\ntext: {t['tokens_mean']:.1f} tokens per description on average (median {t['tokens_median']:.0f}, "
+        f"max {t['tokens_max']}); textadapt ran {t['positions_run_per_text']:.1f} positions per text, the bare loop "
+        f"{t['context_length']}; max |textadapt - bare| over all embeddings {t['max_abs_difference']:.2e}"
+    )
     print(f"load average at start {_common.LOAD_AT_START}, now {[round(x, 2) for x in os.getloadavg()]}")
-    _common.write_results(NAME, {"arch": ARCH, "weights": "random (same cost as trained)", "texts": len(sentences),
-                                 "images": len(images), "repeats": repeats, "device": args.device,
-                                 "mixed_precision": "fp16 autocast" if cuda else "none (fp32)",
-                                 "torch_threads": torch.get_num_threads()},
-                          figures,
-                          ["textadapt's time includes hashing every item, the cache lookup (all misses) and writing each batch "
-                           "to DuckDB",
-                           "texts: distinct CuPL ImageNet descriptions (clip-benchmark's cupl_prompts.json), random sample, "
-                           "seed 0"],
-                          args.out)
+    _common.write_results(
+        NAME,
+        {
+            "arch": ARCH,
+            "weights": "random (same cost as trained)",
+            "texts": len(sentences),
+            "images": len(images),
+            "repeats": repeats,
+            "device": args.device,
+            "mixed_precision": "fp16 autocast" if cuda else "none (fp32)",
+            "torch_threads": torch.get_num_threads(),
+        },
+        figures,
+        [
+            "textadapt's time includes hashing every item, the cache lookup (all misses) and writing each batch to DuckDB",
+            "texts: distinct CuPL ImageNet descriptions (clip-benchmark's cupl_prompts.json), random sample, seed 0",
+        ],
+        args.out,
+    )
 
 
 if __name__ == "__main__":

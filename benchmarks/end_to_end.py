@@ -26,8 +26,12 @@ def main() -> None:
     p.add_argument("--max-images", type=int, default=500)
     p.add_argument("--max-classes", type=int, default=None)
     p.add_argument("--backbone", default="ViT-B-32:random")
-    p.add_argument("--llm-threads", type=int, default=1,
-                   help="TEXTADAPT_THREADS for llama.cpp (1: steady on a shared machine; 0: textadapt's default, all cores)")
+    p.add_argument(
+        "--llm-threads",
+        type=int,
+        default=1,
+        help="TEXTADAPT_THREADS for llama.cpp (1: steady on a shared machine; 0: textadapt's default, all cores)",
+    )
     p.add_argument("--llm", default="llama-cpp:smollm2")
     p.add_argument("--full", action="store_true", help="the README's run: 5 samples, all 10,000 images (about 20 minutes here)")
     args = p.parse_args()
@@ -39,7 +43,11 @@ def main() -> None:
     print(f"textadapt {' '.join(run_args)}  (TEXTADAPT_DEVICE={args.device})", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     try:
-        env = _common.cli_env(tmp / "home", TEXTADAPT_DEVICE=args.device, **({"TEXTADAPT_THREADS": str(args.llm_threads)} if args.llm_threads else {}))
+        env = _common.cli_env(
+            tmp / "home",
+            TEXTADAPT_DEVICE=args.device,
+            **({"TEXTADAPT_THREADS": str(args.llm_threads)} if args.llm_threads else {}),
+        )
         wall, _ = _common.run_cli(run_args, env)
         run = _common.last_run(tmp / "home")
     finally:
@@ -47,16 +55,24 @@ def main() -> None:
     stages = run["stage_seconds"]
     total = sum(stages.values())
     rows = [[s, f"{v:.1f}", f"{100 * v / total:.0f}%"] for s, v in stages.items()]
-    rows += [["all stages", f"{total:.1f}", "100%"], ["flow (runs table)", f"{run['flow_seconds']:.1f}", ""],
-             ["command wall time", f"{wall:.1f}", ""]]
+    rows += [
+        ["all stages", f"{total:.1f}", "100%"],
+        ["flow (runs table)", f"{run['flow_seconds']:.1f}", ""],
+        ["command wall time", f"{wall:.1f}", ""],
+    ]
     print()
     print(_common.table(["stage", "seconds", "share of stages"], rows))
     print(f"\n{run['llm_calls']} LLM calls, {run['text_encoder_calls']} texts and {run['image_encoder_calls']} images encoded")
-    _common.write_results(NAME, {"command": "textadapt " + " ".join(run_args), "llm_threads": args.llm_threads or "all cores", "device": args.device},
-                          {"wall_s": wall, **run, "stages_total_s": total},
-                          ["the generation stage includes encoding the class prompts for the confusable classes",
-                           "the command's wall time beyond the flow is the Python start, imports and Prefect's temporary API"],
-                          args.out)
+    _common.write_results(
+        NAME,
+        {"command": "textadapt " + " ".join(run_args), "llm_threads": args.llm_threads or "all cores", "device": args.device},
+        {"wall_s": wall, **run, "stages_total_s": total},
+        [
+            "the generation stage includes encoding the class prompts for the confusable classes",
+            "the command's wall time beyond the flow is the Python start, imports and Prefect's temporary API",
+        ],
+        args.out,
+    )
 
 
 if __name__ == "__main__":

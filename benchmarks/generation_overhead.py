@@ -39,8 +39,10 @@ def main() -> None:
     with _common.llama_server(threads=args.server_threads) as url:
         w = g.workload(url, args.classes, args.samples, args.max_tokens)
         n, n_batches = len(w.plan), len(g.batches(w.plan))
-        print(f"{n} requests ({n_batches} (class, question) batches) per side and repetition, concurrency {args.concurrency}, "
-              f"max_tokens {args.max_tokens}, {repeats} repetitions, server {url}")
+        print(
+            f"{n} requests ({n_batches} (class, question) batches) per side and repetition, concurrency {args.concurrency}, "
+            f"max_tokens {args.max_tokens}, {repeats} repetitions, server {url}"
+        )
         api_cpu = _common.children_cpu("prefect.server.api.server:create_app")
         g.bare_concurrent(w, url, args.concurrency)  # warm-up: the server's first request loads its caches
         warm = g.flow_side(w, url, args.concurrency, api_cpu)  # warm-up: starts Prefect's temporary API
@@ -67,27 +69,54 @@ def main() -> None:
         r = _common.rotate({"flow": flow, "library": library, "bare": bare}, repeats, "bare")
     r["completion_tokens"] = tokens
     r["task_runs"] = task_runs
-    rows = [[label, f"{r['median_s'][side]:.2f}", f"{r['cpu_median_s'][side]:.2f}", f"{n / r['median_s'][side]:.2f}",
-             sum(tokens[side]) // repeats, runs]
-            for side, label, runs in (("flow", "textadapt run's flow (Workers: Prefect tasks)", task_runs[0]),
-                                      ("library", "pipeline.generate, library runner", "-"),
-                                      ("bare", "bare AsyncOpenAI loop", "-"))]
+    rows = [
+        [
+            label,
+            f"{r['median_s'][side]:.2f}",
+            f"{r['cpu_median_s'][side]:.2f}",
+            f"{n / r['median_s'][side]:.2f}",
+            sum(tokens[side]) // repeats,
+            runs,
+        ]
+        for side, label, runs in (
+            ("flow", "textadapt run's flow (Workers: Prefect tasks)", task_runs[0]),
+            ("library", "pipeline.generate, library runner", "-"),
+            ("bare", "bare AsyncOpenAI loop", "-"),
+        )
+    ]
     print()
     print(_common.table(["side", "median s", "median CPU s", "requests/s", "completion tokens", "Prefect task runs"], rows))
     for side in ("flow", "library"):
-        print(f"{side} / bare: wall {r['ratio_median'][side]:.3f} (min {min(r['ratios'][side]):.3f}, max {max(r['ratios'][side]):.3f}), "
-              f"CPU {r['cpu_ratio_median'][side]:.3f}")
+        print(
+            f"{side} / bare: wall {r['ratio_median'][side]:.3f} (min {min(r['ratios'][side]):.3f}, max {max(r['ratios'][side]):.3f}), "
+            f"CPU {r['cpu_ratio_median'][side]:.3f}"
+        )
     print(f"Prefect task runs per flow run: {task_runs[0]} for {n} requests in {n_batches} (class, question) batches")
     verdict = "met" if r["ratio_median"]["flow"] <= 1.05 else "MISSED"
     print(f"\nflow / bare: median {r['ratio_median']['flow']:.3f}; goal <= 1.05: {verdict}")
-    _common.write_results(NAME, {"requests": n, "batches": n_batches, "classes": args.classes, "samples": args.samples,
-                                 "max_tokens": args.max_tokens, "temperature": 0.0, "concurrency": args.concurrency,
-                                 "server_threads": args.server_threads, "repeats": repeats, "template_set": "generic"},
-                          {**r, "goal": "flow / bare <= 1.05 (wall time)", "goal_met": verdict == "met"},
-                          ["textadapt's sides include cleaning each answer and writing it to DuckDB as its batch completes",
-                           "llama_cpp.server answers one request at a time; concurrency only keeps its queue full",
-                           "CPU seconds: this process's CPU time during each side (all threads), plus, for the flow, the Prefect "
-                           "API server's; the LLM server runs in another process and is not counted"], args.out)
+    _common.write_results(
+        NAME,
+        {
+            "requests": n,
+            "batches": n_batches,
+            "classes": args.classes,
+            "samples": args.samples,
+            "max_tokens": args.max_tokens,
+            "temperature": 0.0,
+            "concurrency": args.concurrency,
+            "server_threads": args.server_threads,
+            "repeats": repeats,
+            "template_set": "generic",
+        },
+        {**r, "goal": "flow / bare <= 1.05 (wall time)", "goal_met": verdict == "met"},
+        [
+            "textadapt's sides include cleaning each answer and writing it to DuckDB as its batch completes",
+            "llama_cpp.server answers one request at a time; concurrency only keeps its queue full",
+            "CPU seconds: this process's CPU time during each side (all threads), plus, for the flow, the Prefect "
+            "API server's; the LLM server runs in another process and is not counted",
+        ],
+        args.out,
+    )
 
 
 if __name__ == "__main__":

@@ -72,17 +72,42 @@ def main() -> None:
         figures["save_predictions_s"], figures["save_predictions_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
         figures["prediction_rows"] = store.sql("SELECT count(*) FROM predictions")[1][0][0]
     methods = args.free + args.adapted
-    print(table(["", "median seconds (wall)", "median CPU seconds"],
-                [["harness.gains (1000 resamples: top-1, per class, mean per class)", figures["intervals_median_s"],
-                  float(np.median(figures["intervals_cpu_seconds"]))],
-                 ["harness.evaluate (the anchor)", figures["scoring_median_s"], float(np.median(figures["scoring_cpu_seconds"]))],
-                 [f"Store.save_predictions ({figures['prediction_rows']:,} rows)", figures["save_predictions_s"],
-                  figures["save_predictions_cpu_s"]]]))
+    print(
+        table(
+            ["", "median seconds (wall)", "median CPU seconds"],
+            [
+                [
+                    "harness.gains (1000 resamples: top-1, per class, mean per class)",
+                    figures["intervals_median_s"],
+                    float(np.median(figures["intervals_cpu_seconds"])),
+                ],
+                ["harness.evaluate (the anchor)", figures["scoring_median_s"], float(np.median(figures["scoring_cpu_seconds"]))],
+                [
+                    f"Store.save_predictions ({figures['prediction_rows']:,} rows)",
+                    figures["save_predictions_s"],
+                    figures["save_predictions_cpu_s"],
+                ],
+            ],
+        )
+    )
     print(f"intervals / scoring: CPU {figures['cpu_ratio_median']:.3f}, wall {figures['ratio_median']:.3f}")
-    write_results("intervals", {"images": args.images, "classes": args.classes, "dim": args.dim, "methods": methods,
-                                "free": args.free, "adapted": args.adapted, "seeds": args.seeds, "repeats": repeats,
-                                "resamples": 1000}, figures,
-                  ["CPU time: this process, all threads; wall time also counts waiting for a core on a shared machine."], args.out)
+    write_results(
+        "intervals",
+        {
+            "images": args.images,
+            "classes": args.classes,
+            "dim": args.dim,
+            "methods": methods,
+            "free": args.free,
+            "adapted": args.adapted,
+            "seeds": args.seeds,
+            "repeats": repeats,
+            "resamples": 1000,
+        },
+        figures,
+        ["CPU time: this process, all threads; wall time also counts waiting for a core on a shared machine."],
+        args.out,
+    )
 
 
 if __name__ == "__main__":

@@ -29,21 +29,43 @@ def main() -> None:
         w = g.workload(url, args.classes, args.samples, args.max_tokens)
         print(f"{len(w.plan)} requests per side and repetition; textadapt concurrency {args.concurrency}; {repeats} repetitions")
         g.bare_sequential(w, url)  # warm-up
-        r = _common.alternate(lambda: g.bare_sequential(w, url)[0], lambda: g.textadapt_side(w, url, args.concurrency)[0],
-                              repeats, "sequential", "textadapt")
+        r = _common.alternate(
+            lambda: g.bare_sequential(w, url)[0],
+            lambda: g.textadapt_side(w, url, args.concurrency)[0],
+            repeats,
+            "sequential",
+            "textadapt",
+        )
     n = len(w.plan)
-    rows = [["reference: one blocking request at a time", f"{r['sequential_median_s']:.2f}", f"{n / r['sequential_median_s']:.2f}"],
-            [f"textadapt, {args.concurrency} in flight", f"{r['textadapt_median_s']:.2f}", f"{n / r['textadapt_median_s']:.2f}"]]
+    rows = [
+        ["reference: one blocking request at a time", f"{r['sequential_median_s']:.2f}", f"{n / r['sequential_median_s']:.2f}"],
+        [f"textadapt, {args.concurrency} in flight", f"{r['textadapt_median_s']:.2f}", f"{n / r['textadapt_median_s']:.2f}"],
+    ]
     print()
     print(_common.table(["side", "median s", "requests/s"], rows))
-    print(f"\nspeed-up of textadapt over one-at-a-time (sequential / textadapt): median {r['ratio_median']:.3f} "
-          f"(min {r['ratio_min']:.3f}, max {r['ratio_max']:.3f})")
-    _common.write_results(NAME, {"requests": n, "classes": args.classes, "samples": args.samples, "max_tokens": args.max_tokens,
-                                 "temperature": 0.0, "concurrency": args.concurrency, "server_threads": args.server_threads,
-                                 "repeats": repeats},
-                          {**r, "speedup_median": r["ratio_median"]},
-                          ["llama_cpp.server serialises requests: concurrency hides only the gaps between them",
-                           "vLLM (continuous batching, GPU) is where concurrency pays; not measured here (no GPU)"], args.out)
+    print(
+        f"\nspeed-up of textadapt over one-at-a-time (sequential / textadapt): median {r['ratio_median']:.3f} "
+        f"(min {r['ratio_min']:.3f}, max {r['ratio_max']:.3f})"
+    )
+    _common.write_results(
+        NAME,
+        {
+            "requests": n,
+            "classes": args.classes,
+            "samples": args.samples,
+            "max_tokens": args.max_tokens,
+            "temperature": 0.0,
+            "concurrency": args.concurrency,
+            "server_threads": args.server_threads,
+            "repeats": repeats,
+        },
+        {**r, "speedup_median": r["ratio_median"]},
+        [
+            "llama_cpp.server serialises requests: concurrency hides only the gaps between them",
+            "vLLM (continuous batching, GPU) is where concurrency pays; not measured here (no GPU)",
+        ],
+        args.out,
+    )
 
 
 if __name__ == "__main__":

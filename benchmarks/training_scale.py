@@ -46,15 +46,21 @@ def _ot():
 
 
 ADAPTERS = {
-    "tap-head": lambda emb, labels, n_classes, steps, device: train_tap_head(emb, labels, n_classes, TapRecipe(steps=steps), device),
+    "tap-head": lambda emb, labels, n_classes, steps, device: train_tap_head(
+        emb, labels, n_classes, TapRecipe(steps=steps), device
+    ),
     "tap-head/one-pass": lambda emb, labels, n_classes, steps, device: train_tap_head(
-        emb, labels, n_classes, TapRecipe(steps=steps, chunk=-(-len(emb) // 16) * 16), device),
+        emb, labels, n_classes, TapRecipe(steps=steps, chunk=-(-len(emb) // 16) * 16), device
+    ),
     "zs-head": lambda emb, labels, n_classes, steps, device: train_adapter(
-        "zs-head", emb, labels, n_classes, TapRecipe(steps=steps), _prototypes(n_classes), 100.0, None, device),
+        "zs-head", emb, labels, n_classes, TapRecipe(steps=steps), _prototypes(n_classes), 100.0, None, device
+    ),
     "tap-residual": lambda emb, labels, n_classes, steps, device: train_adapter(
-        "tap-residual", emb, labels, n_classes, TapRecipe(steps=steps), _prototypes(n_classes), 100.0, None, device),
+        "tap-residual", emb, labels, n_classes, TapRecipe(steps=steps), _prototypes(n_classes), 100.0, None, device
+    ),
     "tap-head+ot": lambda emb, labels, n_classes, steps, device: train_tap_head(
-        emb, labels, n_classes, TapRecipe(steps=steps), device, loss=_ot()),
+        emb, labels, n_classes, TapRecipe(steps=steps), device, loss=_ot()
+    ),
 }
 # Not here: taskres (TaskRes's mini-batches of 256: a step's cost and memory do not grow with the
 # descriptions), and the prompt learners (tap-coop, protext), whose step runs every class through the
@@ -105,15 +111,28 @@ def same_weights_check(sizes: list[tuple[int, int]], steps: int, device: str) ->
         one_pass = -(-n // 512) * 512
         small = max(512, one_pass // 8 // 512 * 512)
         for name, loss in (("tap-head", lambda: None), ("tap-head+ot", _ot)):
-            runs = [train_tap_head(x, y, classes, TapRecipe(steps=steps, chunk=c), device, loss=loss())
-                    for c in (one_pass, small)]
+            runs = [
+                train_tap_head(x, y, classes, TapRecipe(steps=steps, chunk=c), device, loss=loss()) for c in (one_pass, small)
+            ]
             diff = float(np.abs(runs[0].weight - runs[1].weight).max())
             scale = float(np.abs(runs[0].weight).max())
-            out.append({"adapter": name, "descriptions": n, "classes": classes, "steps": steps, "chunk": small,
-                        "max_abs_diff": diff, "max_rel_diff": diff / scale,
-                        "loss_diff": abs(runs[0].losses[-1] - runs[1].losses[-1])})
-            print(f"same weights {name} {n:,} x {classes:,}, {steps} steps, chunks of {small:,} vs one pass: "
-                  f"max |dW| {diff:.2e} ({diff / scale:.1e} of max |W|)", flush=True)
+            out.append(
+                {
+                    "adapter": name,
+                    "descriptions": n,
+                    "classes": classes,
+                    "steps": steps,
+                    "chunk": small,
+                    "max_abs_diff": diff,
+                    "max_rel_diff": diff / scale,
+                    "loss_diff": abs(runs[0].losses[-1] - runs[1].losses[-1]),
+                }
+            )
+            print(
+                f"same weights {name} {n:,} x {classes:,}, {steps} steps, chunks of {small:,} vs one pass: "
+                f"max |dW| {diff:.2e} ({diff / scale:.1e} of max |W|)",
+                flush=True,
+            )
     return out
 
 
@@ -136,10 +155,20 @@ def one(adapter: str, n: int, classes: int, steps: int, cap: float, device: str)
             torch.cuda.reset_peak_memory_stats()
         head = fn(x, y, classes, k, device)
     block = 512 if "+ot" in adapter else None
-    out = {"adapter": adapter, "descriptions": n, "classes": classes, "steps": k, "capped": k < steps,
-           "chunk": n if adapter.endswith("/one-pass") else min(n, chunk_size(n, DIM, classes, block)),
-           "warmup_s": warm, "train_s": head.seconds, "s_per_step": head.seconds / k, "steps_per_s": k / head.seconds,
-           "rss_after_data_gib": rss_data, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    out = {
+        "adapter": adapter,
+        "descriptions": n,
+        "classes": classes,
+        "steps": k,
+        "capped": k < steps,
+        "chunk": n if adapter.endswith("/one-pass") else min(n, chunk_size(n, DIM, classes, block)),
+        "warmup_s": warm,
+        "train_s": head.seconds,
+        "s_per_step": head.seconds / k,
+        "steps_per_s": k / head.seconds,
+        "rss_after_data_gib": rss_data,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
     if device.startswith("cuda"):
         out["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if adapter == "tap-head" and out["s_per_step"] < 5:
@@ -207,45 +236,100 @@ def main() -> None:
     p.add_argument("--adapters", default=",".join(ADAPTERS), help="comma-separated names from ADAPTERS")
     p.add_argument("--sizes", default=",".join(map(str, SIZES)))
     p.add_argument("--classes", default=",".join(map(str, CLASSES)))
-    p.add_argument("--check-sizes", default="10000x10,10000x100,10000x1000",
-                   help="NxC,...: sizes of the same-weights check (chunked vs one pass), '' for none")
+    p.add_argument(
+        "--check-sizes",
+        default="10000x10,10000x100,10000x1000",
+        help="NxC,...: sizes of the same-weights check (chunked vs one pass), '' for none",
+    )
     p.add_argument("--check-steps", type=int, default=10)
     args = p.parse_args()
     sizes, classes = [int(x) for x in args.sizes.split(",")], [int(x) for x in args.classes.split(",")]
-    checks = same_weights_check([tuple(map(int, c.split("x"))) for c in args.check_sizes.split(",") if c], args.check_steps,
-                                args.device)
+    checks = same_weights_check(
+        [tuple(map(int, c.split("x"))) for c in args.check_sizes.split(",") if c], args.check_steps, args.device
+    )
     results, skipped = [], []
     for adapter in args.adapters.split(","):
         for n in sizes:
             for c in classes:
                 est = estimated_gib(n, c, adapter.endswith("/one-pass"))
                 if not args.device.startswith("cuda") and est > args.max_gib:
-                    skipped.append({"adapter": adapter, "descriptions": n, "classes": c, "estimated_gib": round(est, 1),
-                                    "why": f"estimated {est:.1f} GiB > --max-gib {args.max_gib:g}"})
-                    print(f"{adapter} {n:>9,} x {c:>5,}: skipped, estimated {est:.1f} GiB > --max-gib {args.max_gib:g}", flush=True)
+                    skipped.append(
+                        {
+                            "adapter": adapter,
+                            "descriptions": n,
+                            "classes": c,
+                            "estimated_gib": round(est, 1),
+                            "why": f"estimated {est:.1f} GiB > --max-gib {args.max_gib:g}",
+                        }
+                    )
+                    print(
+                        f"{adapter} {n:>9,} x {c:>5,}: skipped, estimated {est:.1f} GiB > --max-gib {args.max_gib:g}", flush=True
+                    )
                     continue
-                cmd = [sys.executable, __file__, "--one", adapter, str(n), str(c), str(args.steps), str(args.cap_seconds), args.device]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    adapter,
+                    str(n),
+                    str(c),
+                    str(args.steps),
+                    str(args.cap_seconds),
+                    args.device,
+                ]
                 try:
                     p_ = subprocess.run(cmd, capture_output=True, text=True, timeout=args.config_timeout)
                 except subprocess.TimeoutExpired:
-                    skipped.append({"adapter": adapter, "descriptions": n, "classes": c,
-                                    "why": f"stopped after --config-timeout {args.config_timeout:g} s"})
+                    skipped.append(
+                        {
+                            "adapter": adapter,
+                            "descriptions": n,
+                            "classes": c,
+                            "why": f"stopped after --config-timeout {args.config_timeout:g} s",
+                        }
+                    )
                     print(f"{adapter} {n:>9,} x {c:>5,}: stopped after {args.config_timeout:g} s", flush=True)
                     continue
                 if p_.returncode != 0:
-                    skipped.append({"adapter": adapter, "descriptions": n, "classes": c, "why": f"failed: {p_.stderr.strip()[-300:]}"})
+                    skipped.append(
+                        {"adapter": adapter, "descriptions": n, "classes": c, "why": f"failed: {p_.stderr.strip()[-300:]}"}
+                    )
                     print(f"{adapter} {n:>9,} x {c:>5,}: FAILED {p_.stderr.strip()[-300:]}", flush=True)
                     continue
                 r = json.loads(p_.stdout.strip().splitlines()[-1])
                 r["estimated_gib"] = round(est, 2)
                 results.append(r)
-                print(f"{adapter} {n:>9,} x {c:>5,}: {r['s_per_step']:.4f} s/step, {r['steps_per_s']:.1f} steps/s over {r['steps']} steps, "
-                      f"peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
-    rows = [[r["adapter"], f"{r['descriptions']:,}", f"{r['classes']:,}", f"{r['chunk']:,}", r["steps"], f"{r['s_per_step']:.4f}",
-             f"{r['steps_per_s']:.3f}", f"{r['rss_after_data_gib']:.2f}", f"{r['peak_rss_gib']:.2f}"]
-            + ([f"{r['peak_cuda_gib']:.2f}"] if "peak_cuda_gib" in r else []) for r in results]
-    headers = ["adapter", "descriptions", "classes", "chunk", "steps timed", "s/step", "steps/s", "RSS after data GiB",
-               "peak RSS GiB"]
+                print(
+                    f"{adapter} {n:>9,} x {c:>5,}: {r['s_per_step']:.4f} s/step, {r['steps_per_s']:.1f} steps/s over {r['steps']} steps, "
+                    f"peak RSS {r['peak_rss_gib']:.2f} GiB",
+                    flush=True,
+                )
+    rows = [
+        [
+            r["adapter"],
+            f"{r['descriptions']:,}",
+            f"{r['classes']:,}",
+            f"{r['chunk']:,}",
+            r["steps"],
+            f"{r['s_per_step']:.4f}",
+            f"{r['steps_per_s']:.3f}",
+            f"{r['rss_after_data_gib']:.2f}",
+            f"{r['peak_rss_gib']:.2f}",
+        ]
+        + ([f"{r['peak_cuda_gib']:.2f}"] if "peak_cuda_gib" in r else [])
+        for r in results
+    ]
+    headers = [
+        "adapter",
+        "descriptions",
+        "classes",
+        "chunk",
+        "steps timed",
+        "s/step",
+        "steps/s",
+        "RSS after data GiB",
+        "peak RSS GiB",
+    ]
     if args.device.startswith("cuda"):
         headers.append("peak CUDA GiB")
     print()
@@ -260,18 +344,33 @@ def main() -> None:
         if "breakdown_s" in r:
             b = r["breakdown_s"]
             tot = sum(b.values())
-            shares.append(f"{r['adapter']} {r['descriptions']:,} x {r['classes']:,}: " + ", ".join(f"{k} {100 * v / tot:.0f}%" for k, v in b.items()))
+            shares.append(
+                f"{r['adapter']} {r['descriptions']:,} x {r['classes']:,}: "
+                + ", ".join(f"{k} {100 * v / tot:.0f}%" for k, v in b.items())
+            )
     print("\nwhere a step's time goes:\n" + "\n".join(shares))
     for s in skipped:
         print(f"skipped {s['adapter']} {s['descriptions']:,} x {s['classes']:,}: {s['why']}")
-    _common.write_results(NAME, {"dim": DIM, "steps": args.steps, "cap_seconds": args.cap_seconds, "max_gib": args.max_gib,
-                                 "device": args.device, "mixed_precision": "bf16 autocast" if args.device.startswith("cuda") else "none (fp32)",
-                                 "torch_threads": __import__("torch").get_num_threads(), "chunk_bytes": CHUNK_BYTES,
-                                 "check_steps": args.check_steps},
-                          {"results": results, "skipped": skipped, "growth": lines, "step_breakdown": shares,
-                           "same_weights": checks},
-                          ["full-batch steps: every step touches every description, in chunks (gradients accumulated)",
-                           "s/step excludes the warm-up step; peak RSS includes the synthetic data (N x 512 float32)"], args.out)
+    _common.write_results(
+        NAME,
+        {
+            "dim": DIM,
+            "steps": args.steps,
+            "cap_seconds": args.cap_seconds,
+            "max_gib": args.max_gib,
+            "device": args.device,
+            "mixed_precision": "bf16 autocast" if args.device.startswith("cuda") else "none (fp32)",
+            "torch_threads": __import__("torch").get_num_threads(),
+            "chunk_bytes": CHUNK_BYTES,
+            "check_steps": args.check_steps,
+        },
+        {"results": results, "skipped": skipped, "growth": lines, "step_breakdown": shares, "same_weights": checks},
+        [
+            "full-batch steps: every step touches every description, in chunks (gradients accumulated)",
+            "s/step excludes the warm-up step; peak RSS includes the synthetic data (N x 512 float32)",
+        ],
+        args.out,
+    )
 
 
 if __name__ == "__main__":

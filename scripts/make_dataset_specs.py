@@ -184,55 +184,97 @@ DOWNLOAD = "needs network access: torchvision downloads it into $TEXTADAPT_HOME/
 
 DEFS = [
     # ---- TAP's eight datasets
-    Def("dtd", "DTD (Describable Textures)",
+    Def(
+        "dtd",
+        "DTD (Describable Textures)",
         "47 texture classes; test split of DTD's partition 1 (1,880 images). CoOp/TAP use their own split file.",
         "torchvision's DTD classes (image folder names, sorted), as clip_benchmark takes them",
-        "dtd", "a close-up photo of a surface texture", "texture",
+        "dtd",
+        "a close-up photo of a surface texture",
+        "texture",
         "Recognise which of 47 describable texture patterns a close-up photo of a surface shows.",
-        [tv("DTD", DOWNLOAD, True, split="test", partition=1)]),
-    Def("eurosat", "EuroSAT (RGB)",
+        [tv("DTD", DOWNLOAD, True, split="test", partition=1)],
+    ),
+    Def(
+        "eurosat",
+        "EuroSAT (RGB)",
         "10 land use and land cover classes in 64x64 Sentinel-2 satellite photos. torchvision has no split: "
         "all 27,000 images are the test set (CoOp/TAP use their own split file).",
         "clip_benchmark's en_classnames.json (CLIP's names, in torchvision's sorted folder order)",
-        "eurosat", "a centered satellite photo", "land cover type",
+        "eurosat",
+        "a centered satellite photo",
+        "land cover type",
         "Recognise the land use or land cover shown in a small centered Sentinel-2 satellite photo.",
-        [tv("EuroSAT", DOWNLOAD)]),
-    Def("fgvc-aircraft", "FGVC-Aircraft",
+        [tv("EuroSAT", DOWNLOAD)],
+    ),
+    Def(
+        "fgvc-aircraft",
+        "FGVC-Aircraft",
         "100 aircraft model variants; official test split (3,333 images).",
         "torchvision's FGVCAircraft classes (data/variants.txt, annotation_level variant), as clip_benchmark takes them",
-        "fgvc_aircraft", "a photo of an aircraft", "aircraft model",
+        "fgvc_aircraft",
+        "a photo of an aircraft",
+        "aircraft model",
         "Recognise the exact aircraft model variant in a photo of an aeroplane.",
-        [tv("FGVCAircraft", DOWNLOAD, True, split="test", annotation_level="variant")]),
-    Def("food101", "Food-101",
+        [tv("FGVCAircraft", DOWNLOAD, True, split="test", annotation_level="variant")],
+    ),
+    Def(
+        "food101",
+        "Food-101",
         "101 food dishes; official test split (25,250 images).",
         "torchvision's Food101 classes (meta's class names, sorted: cheese_plate before cheesecake) with '_' as spaces, as clip_benchmark does",
-        "food101", "a photo of a food dish", "dish",
+        "food101",
+        "a photo of a food dish",
+        "dish",
         "Recognise which of 101 dishes a photo of food shows.",
-        [tv("Food101", DOWNLOAD, True, split="test")]),
-    Def("flowers102", "Oxford Flowers-102",
+        [tv("Food101", DOWNLOAD, True, split="test")],
+    ),
+    Def(
+        "flowers102",
+        "Oxford Flowers-102",
         "102 flower species; official test split (6,149 images).",
         "clip_benchmark's en_classnames.json (label order of imagelabels.mat)",
-        "flowers", "a photo of a flower", "flower",
+        "flowers",
+        "a photo of a flower",
+        "flower",
         "Recognise which of 102 flower species common in the United Kingdom a photo shows.",
-        [tv("Flowers102", DOWNLOAD, split="test")]),
-    Def("sun397", "SUN397",
+        [tv("Flowers102", DOWNLOAD, split="test")],
+    ),
+    Def(
+        "sun397",
+        "SUN397",
         "397 scene categories. torchvision has no split: all 108,754 images are the test set "
         "(CoOp/TAP use their own split file).",
         "torchvision's SUN397 classes (ClassName.txt) with '_' and '/' as spaces, as clip_benchmark does",
-        "sun397", "a photo of a scene", "scene",
+        "sun397",
+        "a photo of a scene",
+        "scene",
         "Recognise which of 397 scene categories (places, rooms, landscapes) a photo shows.",
-        [tv("SUN397", DOWNLOAD, True)]),
-    Def("ucf101", "UCF101 (middle frames)",
+        [tv("SUN397", DOWNLOAD, True)],
+    ),
+    Def(
+        "ucf101",
+        "UCF101 (middle frames)",
         "101 human actions; one image per video: its middle frame, as CoOp and TAP use it (test split of "
         "CoOp's split_zhou_UCF101.json, 3,783 frames).",
         "classInd.txt's order (CoOp's labels); names split at capitals as CoOp does (ApplyEyeMakeup -> "
         "Apply Eye Makeup). clip_benchmark has no UCF101: its zero-shot fallback, the ImageNet templates",
-        "imagenet1k", "a video frame of a person performing an action", "action",
+        "imagenet1k",
+        "a video frame of a person performing an action",
+        "action",
         "Recognise which of 101 human actions a person performs in a frame from a YouTube video.",
-        [{"kind": "folder", "dir": "~/data/ucf101", "how":
-          "put the middle frame of each test video of CoOp's split_zhou_UCF101.json (from UCF-101-midframes) "
-          "in ~/data/ucf101/test/<CoOp class folder>/, e.g. test/Apply_Eye_Makeup/v_ApplyEyeMakeup_g01_c01.jpg"}]),
-    Def("imagenet-r", "ImageNet-R (renditions)",
+        [
+            {
+                "kind": "folder",
+                "dir": "~/data/ucf101",
+                "how": "put the middle frame of each test video of CoOp's split_zhou_UCF101.json (from UCF-101-midframes) "
+                "in ~/data/ucf101/test/<CoOp class folder>/, e.g. test/Apply_Eye_Makeup/v_ApplyEyeMakeup_g01_c01.jpg",
+            }
+        ],
+    ),
+    Def(
+        "imagenet-r",
+        "ImageNet-R (renditions)",
         "200 ImageNet classes as art, cartoons, sketches, paintings, origami, toys, tattoos... (30,000 images).",
         "clip_benchmark: ImageNet-1k's names (en_classnames.json) of the 200 WordNet ids in its builder.py, "
         "in WordNet-id order. clip_benchmark has no ImageNet-R templates: its fallback, the ImageNet ones",
@@ -240,60 +282,132 @@ DEFS = [
         "an artistic rendition such as a cartoon, sketch, painting, sculpture, origami, toy or tattoo",
         "object",
         "Recognise which of 200 ImageNet categories an artistic rendition (art, cartoon, sketch, toy...) depicts.",
-        [{"kind": "folder", "dir": "~/data/imagenet-r", "how":
-          "wget https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar && mkdir -p ~/data/imagenet-r && "
-          "tar xf imagenet-r.tar -C ~/data/imagenet-r && mv ~/data/imagenet-r/imagenet-r ~/data/imagenet-r/test"}]),
+        [
+            {
+                "kind": "folder",
+                "dir": "~/data/imagenet-r",
+                "how": "wget https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar && mkdir -p ~/data/imagenet-r && "
+                "tar xf imagenet-r.tar -C ~/data/imagenet-r && mv ~/data/imagenet-r/imagenet-r ~/data/imagenet-r/test",
+            }
+        ],
+    ),
     # ---- the usual CLIP benchmarks
-    Def("cifar10", "CIFAR-10", "10 classes of 32x32 photos; official test split (10,000 images).",
+    Def(
+        "cifar10",
+        "CIFAR-10",
+        "10 classes of 32x32 photos; official test split (10,000 images).",
         "torchvision's CIFAR10 classes (batches.meta), as clip_benchmark takes them",
-        "cifar10", "a tiny low-resolution photo", "object",
+        "cifar10",
+        "a tiny low-resolution photo",
+        "object",
         "Recognise which of 10 common objects or animals a tiny 32x32 photo shows.",
-        [tv("CIFAR10", DOWNLOAD, True, train=False)]),
-    Def("cifar100", "CIFAR-100", "100 classes of 32x32 photos; official test split (10,000 images).",
+        [tv("CIFAR10", DOWNLOAD, True, train=False)],
+    ),
+    Def(
+        "cifar100",
+        "CIFAR-100",
+        "100 classes of 32x32 photos; official test split (10,000 images).",
         "torchvision's CIFAR100 classes (fine_label_names) with '_' as spaces (clip_benchmark keeps the '_')",
-        "cifar100", "a tiny low-resolution photo", "object",
+        "cifar100",
+        "a tiny low-resolution photo",
+        "object",
         "Recognise which of 100 objects, animals, plants, people or scenes a tiny 32x32 photo shows.",
-        [tv("CIFAR100", DOWNLOAD, True, train=False)]),
-    Def("caltech101", "Caltech-101",
+        [tv("CIFAR100", DOWNLOAD, True, train=False)],
+    ),
+    Def(
+        "caltech101",
+        "Caltech-101",
         "101 object classes; torchvision has no split: all 8,677 images (BACKGROUND_Google left out) are the test set.",
         "clip_benchmark's en_classnames.json without its first name, 'background': torchvision's Caltech101 "
         "drops the BACKGROUND_Google folder that clip_benchmark's own loader keeps",
-        "caltech101", "a photo of an object", "object",
+        "caltech101",
+        "a photo of an object",
+        "object",
         "Recognise which of 101 object categories a photo shows.",
-        [tv("Caltech101", DOWNLOAD, target_type="category")]),
-    Def("oxford-pets", "Oxford-IIIT Pet", "37 cat and dog breeds; official test split (3,669 images).",
+        [tv("Caltech101", DOWNLOAD, target_type="category")],
+    ),
+    Def(
+        "oxford-pets",
+        "Oxford-IIIT Pet",
+        "37 cat and dog breeds; official test split (3,669 images).",
         "clip_benchmark's en_classnames.json (the same as torchvision's OxfordIIITPet classes)",
-        "pets", "a photo of a pet", "pet breed",
+        "pets",
+        "a photo of a pet",
+        "pet breed",
         "Recognise which of 37 cat and dog breeds a photo of a pet shows.",
-        [tv("OxfordIIITPet", DOWNLOAD, True, split="test", target_types="category")]),
-    Def("stanford-cars", "Stanford Cars", "196 car models (make, model, year); official test split (8,041 images).",
+        [tv("OxfordIIITPet", DOWNLOAD, True, split="test", target_types="category")],
+    ),
+    Def(
+        "stanford-cars",
+        "Stanford Cars",
+        "196 car models (make, model, year); official test split (8,041 images).",
         "torchvision's StanfordCars classes (devkit cars_meta.mat), as clip_benchmark takes them",
-        "cars", "a photo of a car", "car model",
+        "cars",
+        "a photo of a car",
+        "car model",
         "Recognise the make, model and year of a car in a photo.",
-        [tv("StanfordCars", "torchvision can no longer download it (the original site is gone): put cars_test/, "
-            "cars_test_annos_withlabels.mat and devkit/ in $TEXTADAPT_HOME/images/stanford_cars", True, split="test")]),
-    Def("stl10", "STL-10", "10 classes of 96x96 photos; official test split (8,000 images).",
+        [
+            tv(
+                "StanfordCars",
+                "torchvision can no longer download it (the original site is gone): put cars_test/, "
+                "cars_test_annos_withlabels.mat and devkit/ in $TEXTADAPT_HOME/images/stanford_cars",
+                True,
+                split="test",
+            )
+        ],
+    ),
+    Def(
+        "stl10",
+        "STL-10",
+        "10 classes of 96x96 photos; official test split (8,000 images).",
         "torchvision's STL10 classes (class_names.txt), as clip_benchmark takes them",
-        "stl10", "a small photo", "object",
+        "stl10",
+        "a small photo",
+        "object",
         "Recognise which of 10 common objects or animals a small 96x96 photo shows.",
-        [tv("STL10", DOWNLOAD, True, split="test")]),
-    Def("gtsrb", "GTSRB (German traffic signs)", "43 traffic sign classes; official test split (12,630 images).",
+        [tv("STL10", DOWNLOAD, True, split="test")],
+    ),
+    Def(
+        "gtsrb",
+        "GTSRB (German traffic signs)",
+        "43 traffic sign classes; official test split (12,630 images).",
         "clip_benchmark's en_classnames.json (CLIP's descriptive names, in class-id order)",
-        "gtsrb", "a zoomed-in photo of a German traffic sign", "traffic sign",
+        "gtsrb",
+        "a zoomed-in photo of a German traffic sign",
+        "traffic sign",
         "Recognise which of 43 German traffic signs a small, zoomed-in photo shows.",
-        [tv("GTSRB", DOWNLOAD, split="test")]),
-    Def("country211", "Country211", "211 countries where a Flickr photo was taken; test split (21,100 images).",
+        [tv("GTSRB", DOWNLOAD, split="test")],
+    ),
+    Def(
+        "country211",
+        "Country211",
+        "211 countries where a Flickr photo was taken; test split (21,100 images).",
         "clip_benchmark's en_classnames.json (country names, in torchvision's sorted ISO-code folder order)",
-        "country211", "a photo taken somewhere in the world", "location",
+        "country211",
+        "a photo taken somewhere in the world",
+        "location",
         "Recognise in which of 211 countries a photo from Flickr was taken.",
-        [tv("Country211", DOWNLOAD, split="test")]),
-    Def("resisc45", "NWPU-RESISC45", "45 aerial scene classes (31,500 images; no official split).",
+        [tv("Country211", DOWNLOAD, split="test")],
+    ),
+    Def(
+        "resisc45",
+        "NWPU-RESISC45",
+        "45 aerial scene classes (31,500 images; no official split).",
         "CLIP's names (NWPU-RESISC45 folder names, '_' as spaces, sorted): see data/classnames/README.md",
-        "resisc45", "an aerial photo", "aerial scene",
+        "resisc45",
+        "an aerial photo",
+        "aerial scene",
         "Recognise which of 45 scene classes (land use, buildings, terrain) an aerial photo shows.",
-        [{"kind": "folder", "dir": "~/data/resisc45", "folders": "underscores", "how":
-          "torchvision has no RESISC45: extract NWPU-RESISC45.rar and move its 45 class folders "
-          "(airplane, baseball_diamond, ...) to ~/data/resisc45/test/"}]),
+        [
+            {
+                "kind": "folder",
+                "dir": "~/data/resisc45",
+                "folders": "underscores",
+                "how": "torchvision has no RESISC45: extract NWPU-RESISC45.rar and move its 45 class folders "
+                "(airplane, baseball_diamond, ...) to ~/data/resisc45/test/",
+            }
+        ],
+    ),
 ]
 
 
@@ -312,11 +426,16 @@ def render(d: Def) -> str:
         steps, steps_note = TAP_STEPS[d.name], "TAP's steps for this dataset (methods.md)"
     else:
         steps, steps_note = default_steps(len(classes))
-    out = [f"# {d.title}: {d.about}",
-           f"# Class names, in label order: {d.names_from}.",
-           f"# Zero-shot templates: clip_benchmark's en_zeroshot_classification_templates.json[{d.templates_key!r}].",
-           "# Written by scripts/make_dataset_specs.py; edit that script and re-run it rather than this file.",
-           f"name = {toml_str(d.name)}", f"title = {toml_str(d.title)}", "", "classes = ["]
+    out = [
+        f"# {d.title}: {d.about}",
+        f"# Class names, in label order: {d.names_from}.",
+        f"# Zero-shot templates: clip_benchmark's en_zeroshot_classification_templates.json[{d.templates_key!r}].",
+        "# Written by scripts/make_dataset_specs.py; edit that script and re-run it rather than this file.",
+        f"name = {toml_str(d.name)}",
+        f"title = {toml_str(d.title)}",
+        "",
+        "classes = [",
+    ]
     folders = None
     for img in d.images:
         if img.get("folders") == "underscores":
@@ -326,12 +445,24 @@ def render(d: Def) -> str:
     if d.name == "imagenet-r":
         folders = imagenet_r()[1]
     out += [f"  {toml_str(c)}," for c in classes]
-    out += ["]", "", "[prompting]", f"domain = {toml_str(d.domain)}", f"category = {toml_str(d.category)}",
-            f"task = {toml_str(d.task)}"]
+    out += [
+        "]",
+        "",
+        "[prompting]",
+        f"domain = {toml_str(d.domain)}",
+        f"category = {toml_str(d.category)}",
+        f"task = {toml_str(d.task)}",
+    ]
     if d.name in TARGETED:
-        out += ["# This dataset's own targeted questions (TAP's per-dataset questions, in textadapt's wording): the `targeted`",
-                "# template set for it, instead of prompts/targeted/. \" Answer in one sentence.\" is appended to each.",
-                "targeted = ["] + [f"  {toml_str(q)}," for q in TARGETED[d.name]] + ["]"]
+        out += (
+            [
+                "# This dataset's own targeted questions (TAP's per-dataset questions, in textadapt's wording): the `targeted`",
+                '# template set for it, instead of prompts/targeted/. " Answer in one sentence." is appended to each.',
+                "targeted = [",
+            ]
+            + [f"  {toml_str(q)}," for q in TARGETED[d.name]]
+            + ["]"]
+        )
     out += ["", "[zeroshot]", "templates = ["]
     out += [f"  {toml_str(t)}," for t in templates]
     out += ["]", "", "[train]", f"# {steps_note}.", f"steps = {steps}"]
@@ -340,8 +471,10 @@ def render(d: Def) -> str:
         if img["kind"] == "torchvision":
             out += [f"class = {toml_str(img['class'])}", f"kwargs = {toml_inline(img['kwargs'])}"]
             if img["check_classes"]:
-                out += ["# The first run compares these names with torchvision's `classes` (case, '_' and '/' aside).",
-                        "check_classes = true"]
+                out += [
+                    "# The first run compares these names with torchvision's `classes` (case, '_' and '/' aside).",
+                    "check_classes = true",
+                ]
         else:
             out += [f"dir = {toml_str(img['dir'])}"]
             if folders is not None:

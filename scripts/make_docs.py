@@ -104,11 +104,16 @@ def settings_markdown() -> str:
                 default = _shown(field.default)
             else:
                 default = _shown(field.default_factory())
-            constraints = "".join(f", {op} {getattr(c, attr)}" for c in field.metadata
-                                  for attr, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")) if hasattr(c, attr))
+            constraints = "".join(
+                f", {op} {getattr(c, attr)}"
+                for c in field.metadata
+                for attr, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+                if hasattr(c, attr)
+            )
             description = (field.description or "").replace("|", "\\|")
-            lines.append(f"| `{name}` | `{prefix}{name.upper()}` | {_type(field.annotation)}{constraints} | {default} "
-                         f"| {description} |")
+            lines.append(
+                f"| `{name}` | `{prefix}{name.upper()}` | {_type(field.annotation)}{constraints} | {default} | {description} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -122,8 +127,11 @@ GENERATED: dict[str, Callable[[str], str]] = {
 
 def stale() -> list[str]:
     """The generated pages whose committed text is not what their generator writes."""
-    return [page for page, make in GENERATED.items()
-            if (REPO / page).read_text(encoding="utf-8") != make((REPO / page).read_text(encoding="utf-8"))]
+    return [
+        page
+        for page, make in GENERATED.items()
+        if (REPO / page).read_text(encoding="utf-8") != make((REPO / page).read_text(encoding="utf-8"))
+    ]
 
 
 def main() -> int:

@@ -67,8 +67,12 @@ def options_markdown() -> str:
     ]
     for name, field in RunOptions.model_fields.items():
         flag = name.upper() if cli_meta()[name].argument else f"`{flag_name(name)}`"
-        constraints = "".join(f", {op} {getattr(c, attr)}" for c in field.metadata
-                              for attr, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")) if hasattr(c, attr))
+        constraints = "".join(
+            f", {op} {getattr(c, attr)}"
+            for c in field.metadata
+            for attr, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+            if hasattr(c, attr)
+        )
         description = (field.description or "").replace("|", "\\|")
         lines.append(f"| `{name}` | {flag} | {type_name(field.annotation)}{constraints} | {_default(name)} | {description} |")
     lines += [

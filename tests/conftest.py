@@ -8,10 +8,10 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlsplit
 
 import pytest
@@ -81,7 +81,9 @@ def wait_until_up(name: str, proc: subprocess.Popen, url: str, log_path: Path, s
         except OSError:
             pass
         if time.monotonic() > deadline:
-            pytest.fail(f"{name} did not answer GET {url} within {seconds:.0f} s:\n{log_path.read_text(errors='replace')[-3000:]}")
+            pytest.fail(
+                f"{name} did not answer GET {url} within {seconds:.0f} s:\n{log_path.read_text(errors='replace')[-3000:]}"
+            )
         time.sleep(0.3)
 
 
@@ -96,8 +98,23 @@ def llama_server(tmp_path_factory):
     # One thread: as fast for this 135M model, and it never spins at a thread barrier. With 2 threads on
     # 2 cores, any other busy process (a llama.cpp or torch run beside the tests) slowed answers from
     # 0.3 s to over a minute (past the client's timeout); with 1 thread they stay seconds.
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_path()), "--model_alias", "smollm2",
-           "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "1024", "--n_threads", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(smollm2_path()),
+        "--model_alias",
+        "smollm2",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        "1024",
+        "--n_threads",
+        "1",
+    ]
     with open(log_path, "wb") as log:  # a file, not a pipe: a full pipe would stall the server
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}/v1"
@@ -208,8 +225,14 @@ class FaultProxy:
             def log_message(self, *args) -> None:
                 pass
 
-            def reply(self, status: int, body: bytes, content_type: str = "application/json",
-                      headers: tuple[tuple[str, str], ...] = (), send: int | None = None) -> None:
+            def reply(
+                self,
+                status: int,
+                body: bytes,
+                content_type: str = "application/json",
+                headers: tuple[tuple[str, str], ...] = (),
+                send: int | None = None,
+            ) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
@@ -240,7 +263,10 @@ class FaultProxy:
                     status, data, ctype = proxy._forward(self.path, body)
                     self.reply(status, data, ctype, send=len(data) // 2)  # Content-Length says the whole
                 elif fault.kind == "malformed":
-                    self.reply(200, b'{"id": "chatcmpl-1", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assi')
+                    self.reply(
+                        200,
+                        b'{"id": "chatcmpl-1", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assi',
+                    )
                 elif fault.kind == "content":
                     status, data, ctype = proxy._forward(self.path, body)
                     answer = json.loads(data)
@@ -259,7 +285,7 @@ def assert_secret_nowhere(secret: str, roots: list[Path], *outputs: str) -> None
     there (DuckDB may compress strings on disk, so its files are also read through DuckDB)."""
     import duckdb
 
-    needles = [secret, secret[len(secret) // 4: 3 * len(secret) // 4]]
+    needles = [secret, secret[len(secret) // 4 : 3 * len(secret) // 4]]
     for out in outputs:
         assert not [n for n in needles if n in out], f"the secret is in the output:\n{out[-2000:]}"
     files = [f for root in roots for f in Path(root).rglob("*") if f.is_file()]
@@ -286,9 +312,14 @@ def prefect_server(tmp_path_factory):
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false")
     log_path = home / "server.log"
     with open(log_path, "wb") as log:  # a file, not a pipe: a full pipe would stall the server
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     api = f"http://127.0.0.1:{port}/api"
     try:
         wait_until_up("prefect server", proc, f"{api}/health", log_path, 180)

@@ -8,8 +8,9 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -23,11 +24,18 @@ class Background:
         self.path = Path(log_dir) / f"{name.replace(' ', '-')}.log"
         self.proc: subprocess.Popen | None = None
 
-    def __enter__(self) -> "Background":
+    def __enter__(self) -> Background:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "wb") as f:  # a file, not a pipe: a full pipe would stall the process
-            self.proc = subprocess.Popen(self.cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.cmd,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.cwd,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         return self
 
     def alive(self) -> bool:

@@ -67,8 +67,18 @@ def test_chunked_steps_give_the_full_batch_weights(adapter):
 def test_chunked_steps_with_otter_plans_give_the_full_batch_weights():
     """+ot: the step's shuffled order and its plan blocks do not depend on the chunking."""
     text, y, centres = clusters(np.random.default_rng(3), per_class=100)
-    runs = [train_adapter("zs-head", text, y, 5, TapRecipe(steps=20, seed=1, chunk=chunk), centres.astype(np.float32),
-                          loss=OTTERSoftLabels(block=64)) for chunk in (None, 128)]
+    runs = [
+        train_adapter(
+            "zs-head",
+            text,
+            y,
+            5,
+            TapRecipe(steps=20, seed=1, chunk=chunk),
+            centres.astype(np.float32),
+            loss=OTTERSoftLabels(block=64),
+        )
+        for chunk in (None, 128)
+    ]
     np.testing.assert_allclose(runs[1].weight, runs[0].weight, rtol=1e-5, atol=1e-5)
 
 
@@ -80,5 +90,6 @@ def test_chunk_size_bounds_the_working_memory():
         assert rows <= n + 15  # never more than the descriptions (rounded up to whole noise runs)
     assert chunk_size(1_000_000, 512, 1000) < 20_000 < chunk_size(1_000_000, 512, 10)
     with pytest.raises(ValueError, match="multiple of the loss's plan block 512"):
-        train_adapter("tap-head", *clusters(np.random.default_rng(0))[:2], 5, TapRecipe(steps=1, chunk=100),
-                      loss=OTTERSoftLabels())
+        train_adapter(
+            "tap-head", *clusters(np.random.default_rng(0))[:2], 5, TapRecipe(steps=1, chunk=100), loss=OTTERSoftLabels()
+        )

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY
+
 from textadapt.flows.artifacts import artifact_key
 from textadapt.store import Store
 
@@ -35,19 +35,45 @@ def test_a_run_shows_its_gains_plot_and_report_paths_as_artifacts(prefect_server
     from textadapt.descriptions import import_descriptions
 
     described = {
-        "shapes": {"T-shirt or top": ["a short-sleeved top with a round neck", "a plain cotton t-shirt"],
-                   "trouser": ["two long trouser legs side by side", "a pair of long pants with a waistband"]},
-        "photos": {"T-shirt or top": ["a greyscale photo of a t-shirt laid flat"],
-                   "trouser": ["a greyscale photo of trousers seen from the front"]},
+        "shapes": {
+            "T-shirt or top": ["a short-sleeved top with a round neck", "a plain cotton t-shirt"],
+            "trouser": ["two long trouser legs side by side", "a pair of long pants with a waistband"],
+        },
+        "photos": {
+            "T-shirt or top": ["a greyscale photo of a t-shirt laid flat"],
+            "trouser": ["a greyscale photo of trousers seen from the front"],
+        },
     }
     with Store(home / "textadapt.duckdb") as store:
         for source, mapping in described.items():
             (tmp_path / f"{source}.json").write_text(json.dumps(mapping))
             import_descriptions(tmp_path / f"{source}.json", fmnist, source, store)
-    args = ["run", "fashion-mnist", "--backbone", TINY, "--templates", "", "--sources", "shapes,photos", "--max-classes", "2",
-            "--max-images", "20", "--steps", "10", "--seeds", "2"]
-    p = subprocess.run([CLI, *args], capture_output=True, text=True, env={**os.environ, "PREFECT_API_URL": prefect_server},
-                       timeout=600, stdin=subprocess.DEVNULL)
+    args = [
+        "run",
+        "fashion-mnist",
+        "--backbone",
+        TINY,
+        "--templates",
+        "",
+        "--sources",
+        "shapes,photos",
+        "--max-classes",
+        "2",
+        "--max-images",
+        "20",
+        "--steps",
+        "10",
+        "--seeds",
+        "2",
+    ]
+    p = subprocess.run(
+        [CLI, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PREFECT_API_URL": prefect_server},
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     md = Path(re.search(r"report: (\S+\.md)", p.stdout).group(1))
     run_id = md.stem
@@ -56,8 +82,11 @@ def test_a_run_shows_its_gains_plot_and_report_paths_as_artifacts(prefect_server
     by_key = {a.key: a for a in artifacts}
     assert set(by_key) == {artifact_key("fashion-mnist", w) for w in ("gains", "per-class", "report")}
     gains_key = artifact_key("fashion-mnist", "gains")
-    assert {k: a.type for k, a in by_key.items()} == {gains_key: "table", artifact_key("fashion-mnist", "per-class"): "markdown",
-                                                      artifact_key("fashion-mnist", "report"): "markdown"}
+    assert {k: a.type for k, a in by_key.items()} == {
+        gains_key: "table",
+        artifact_key("fashion-mnist", "per-class"): "markdown",
+        artifact_key("fashion-mnist", "report"): "markdown",
+    }
     assert all(run_id in (a.description if a.type == "table" else a.data) for a in artifacts)
     [flow_run] = runs.values()  # all three belong to this run's flow run, which the server saw complete
     assert flow_run.state.is_completed() and flow_run.parameters["dataset"] == "fashion-mnist"
@@ -69,9 +98,11 @@ def test_a_run_shows_its_gains_plot_and_report_paths_as_artifacts(prefect_server
     # The gains table (Prefect's table artifact: one row per method) holds exactly DuckDB's results for this run, every
     # method the harness scored, in % and points, each gain with its interval.
     with Store(home / "textadapt.duckdb", read_only=True) as s:
-        results = s.sql("SELECT method, kind, scoring, n_texts, top1, top1_std, mean_per_class, mean_per_class_std, "
-                        "delta_top1_low, delta_top1_high, delta_mean_per_class_low, delta_mean_per_class_high "
-                        f"FROM results WHERE run_id = '{run_id}'")[1]
+        results = s.sql(
+            "SELECT method, kind, scoring, n_texts, top1, top1_std, mean_per_class, mean_per_class_std, "
+            "delta_top1_low, delta_top1_high, delta_mean_per_class_low, delta_mean_per_class_high "
+            f"FROM results WHERE run_id = '{run_id}'"
+        )[1]
     table = by_key[gains_key]
     rows = {r["method"]: r for r in (json.loads(table.data) if isinstance(table.data, str) else table.data)}
     assert set(rows) == {m for m, *_ in results} and len(results) > 5
@@ -86,14 +117,25 @@ def test_a_run_shows_its_gains_plot_and_report_paths_as_artifacts(prefect_server
 
     for method, kind, scoring, n_texts, top1, top1_std, mean, mean_std, top1_low, top1_high, mean_low, mean_high in results:
         ref = method == best
-        assert rows[method] == pytest.approx({
-            "method": method, "kind": kind, "scoring": scoring, "training texts": n_texts,
-            "top-1 %": pts(top1), "top-1 sd": pts(top1_std), "mean per-class %": pts(mean), "mean per-class sd": pts(mean_std),
-            "top-1 gain": None if ref else pts(top1 - best_top1), "top-1 gain low": None if ref else pts(top1_low),
-            "top-1 gain high": None if ref else pts(top1_high),
-            "mean per-class gain": None if ref else pts(mean - best_mean),
-            "mean per-class gain low": None if ref else pts(mean_low), "mean per-class gain high": None if ref else pts(mean_high),
-        }, abs=0.011), method
+        assert rows[method] == pytest.approx(
+            {
+                "method": method,
+                "kind": kind,
+                "scoring": scoring,
+                "training texts": n_texts,
+                "top-1 %": pts(top1),
+                "top-1 sd": pts(top1_std),
+                "mean per-class %": pts(mean),
+                "mean per-class sd": pts(mean_std),
+                "top-1 gain": None if ref else pts(top1 - best_top1),
+                "top-1 gain low": None if ref else pts(top1_low),
+                "top-1 gain high": None if ref else pts(top1_high),
+                "mean per-class gain": None if ref else pts(mean - best_mean),
+                "mean per-class gain low": None if ref else pts(mean_low),
+                "mean per-class gain high": None if ref else pts(mean_high),
+            },
+            abs=0.011,
+        ), method
     assert rows["tap-head:import:shapes"]["training texts"] == 4 and rows["tap-head:import:photos"]["training texts"] == 2
     assert rows["tap-head:import:shapes"]["top-1 sd"] is not None  # two seeds: a spread
     assert "UNTRAINED BACKBONE" in table.description

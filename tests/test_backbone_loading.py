@@ -20,8 +20,8 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-
 from conftest import TINY
+
 from textadapt import encoders
 from textadapt.encoders import load_backbone, save_checkpoint
 from textadapt.store import Store
@@ -51,8 +51,11 @@ def hf_cache(tmp_path_factory):
         model = open_clip.create_model("ViT-B-32")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(snapshot / "open_clip_model.safetensors"))
     model_cfg = {**open_clip.get_model_config("ViT-B-32"), "quick_gelu": True}  # what the hub repository's config says
-    (snapshot / "open_clip_config.json").write_text(json.dumps({
-        "model_cfg": model_cfg, "preprocess_cfg": {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode")}}))
+    (snapshot / "open_clip_config.json").write_text(
+        json.dumps(
+            {"model_cfg": model_cfg, "preprocess_cfg": {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode")}}
+        )
+    )
     return hf_home, snapshot / "open_clip_model.safetensors"
 
 
@@ -112,9 +115,12 @@ def test_gelu_and_quickgelu_builds_of_the_same_weights_are_different_models(offl
         assert not torch.allclose(openai.model.encode_text(tokens), gelu.model.encode_text(tokens), atol=1e-4)
     assert gelu.id != openai.id and gelu.id.startswith("ViT-B-32@")
     # The QuickGELU model reached by every other route is the same model, with the same cache.
-    for spec in (f"ViT-B-32-quickgelu:{plain}",  # open_clip's own -quickgelu config, the documented way for a local file
-                 f"ViT-B-32:{weights}",  # a hub snapshot whose open_clip_config.json says quick_gelu
-                 "ViT-B-32-quickgelu:openai", "ViT-B-32:auto"):
+    for spec in (
+        f"ViT-B-32-quickgelu:{plain}",  # open_clip's own -quickgelu config, the documented way for a local file
+        f"ViT-B-32:{weights}",  # a hub snapshot whose open_clip_config.json says quick_gelu
+        "ViT-B-32-quickgelu:openai",
+        "ViT-B-32:auto",
+    ):
         bb = load_backbone(spec, "cpu")
         assert bb.quick_gelu and bb.id == openai.id, spec
     hub = load_backbone(f"hf-hub:{REPO_ID}", "cpu")  # open_clip reads quick_gelu from the hub's config
@@ -169,12 +175,35 @@ def test_a_run_with_the_openai_tag_uses_the_quickgelu_model(offline_hub, home, t
     described = {"T-shirt or top": ["a short-sleeved top with a round neck"], "trouser": ["two long trouser legs side by side"]}
     (tmp_path / "d.json").write_text(json.dumps(described))
     run_env = {**os.environ, **env}
-    imported = subprocess.run([CLI, "descriptions", "import", str(tmp_path / "d.json"), "--dataset", "fashion-mnist",
-                               "--source", "tiny"], capture_output=True, text=True, env=run_env, timeout=300,
-                              stdin=subprocess.DEVNULL)
+    imported = subprocess.run(
+        [CLI, "descriptions", "import", str(tmp_path / "d.json"), "--dataset", "fashion-mnist", "--source", "tiny"],
+        capture_output=True,
+        text=True,
+        env=run_env,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
     assert imported.returncode == 0, imported.stdout + imported.stderr
-    args = ["run", "fashion-mnist", "--backbone", "ViT-B-32:openai", "--templates", "", "--sources", "tiny", "--max-classes", "2",
-            "--max-images", "40", "--samples", "1", "--steps", "5", "--seeds", "1"]
+    args = [
+        "run",
+        "fashion-mnist",
+        "--backbone",
+        "ViT-B-32:openai",
+        "--templates",
+        "",
+        "--sources",
+        "tiny",
+        "--max-classes",
+        "2",
+        "--max-images",
+        "40",
+        "--samples",
+        "1",
+        "--steps",
+        "5",
+        "--seeds",
+        "1",
+    ]
     p = subprocess.run([CLI, *args], capture_output=True, text=True, env=run_env, timeout=900, stdin=subprocess.DEVNULL)
     assert p.returncode == 0, p.stdout + p.stderr
     expected = load_backbone("ViT-B-32:openai", "cpu")  # QuickGELU towers (the first test shows it)

@@ -42,21 +42,37 @@ def sql_that_writes(tmp_path: Path) -> None:
     db = tmp_path / "c.duckdb"
     with Store(db) as s:
         s.start_run("r1", "fashion-mnist", {})
-    p = subprocess.run([str(Path(sys.executable).parent / "textadapt"), "--db", str(db), "sql", "DELETE FROM runs WHERE true"],
-                       capture_output=True, text=True, env=os.environ.copy(), timeout=120, stdin=subprocess.DEVNULL)
+    p = subprocess.run(
+        [str(Path(sys.executable).parent / "textadapt"), "--db", str(db), "sql", "DELETE FROM runs WHERE true"],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
     assert p.returncode == 2
     with Store(db, read_only=True) as s:
         assert s.sql("SELECT run_id FROM runs")[1] == [("r1",)]  # untouched
     raise TextadaptError(" ".join(p.stderr.split()))  # what the user reads, unwrapped
 
 
-@pytest.mark.parametrize("make, message", [
-    pytest.param(spec_not_utf8, r"mine\.toml:12: not UTF-8 text \(byte 0xe0 at offset \d+\); save the file as UTF-8",
-                 id="dataset-spec-not-utf8"),
-    pytest.param(template_not_utf8, r"mine/q\.j2:2: not UTF-8 text \(byte 0xa0 at offset \d+\)", id="template-not-utf8"),
-    pytest.param(sql_that_writes, r"error: \S+c\.duckdb: 'DELETE FROM runs WHERE true' writes to the cache, which `textadapt sql` "
-                 r"opens read-only; add --write if you mean it", id="sql-write-without-write"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        pytest.param(
+            spec_not_utf8,
+            r"mine\.toml:12: not UTF-8 text \(byte 0xe0 at offset \d+\); save the file as UTF-8",
+            id="dataset-spec-not-utf8",
+        ),
+        pytest.param(template_not_utf8, r"mine/q\.j2:2: not UTF-8 text \(byte 0xa0 at offset \d+\)", id="template-not-utf8"),
+        pytest.param(
+            sql_that_writes,
+            r"error: \S+c\.duckdb: 'DELETE FROM runs WHERE true' writes to the cache, which `textadapt sql` "
+            r"opens read-only; add --write if you mean it",
+            id="sql-write-without-write",
+        ),
+    ],
+)
 def test_bad_file_or_statement_is_refused_naming_it(tmp_path, make, message):
     with pytest.raises(TextadaptError, match=message):
         make(tmp_path)
@@ -65,20 +81,43 @@ def test_bad_file_or_statement_is_refused_naming_it(tmp_path, make, message):
 CLEAN_SENTENCE = "A shirt with buttons and a collar"
 
 
-@pytest.mark.parametrize("content, rejected, description, raw", [
-    # bytes that are not UTF-8 inside the answer: kept as U+FFFD in raw_text, left out of the description
-    pytest.param(b"A shirt \xff\xfe with buttons and a collar", None, CLEAN_SENTENCE, "A shirt \ufffd\ufffd with buttons",
-                 id="invalid-utf8-bytes"),
-    # a lone surrogate escape (no database can store it): the same
-    pytest.param(b"A shirt \\udc9f with buttons and a collar", None, CLEAN_SENTENCE, "A shirt \ufffd with buttons",
-                 id="lone-surrogate-escape"),
-    # 1 MB with no sentence end: rejected as too long, raw_text capped and saying how long it was
-    pytest.param(b"A long shirt " + b"with many buttons " * 58_000, "too long", None, "[... cut: 1,044,013 characters in all]",
-                 id="1MB-runaway-answer"),
-    # 1 MB that starts with a sentence: that sentence is the description, raw_text capped
-    pytest.param(b"A shirt with buttons and a collar. " + b"And more. " * 100_000, None, CLEAN_SENTENCE,
-                 "[... cut: 1,000,035 characters in all]", id="1MB-answer-after-a-sentence"),
-])
+@pytest.mark.parametrize(
+    "content, rejected, description, raw",
+    [
+        # bytes that are not UTF-8 inside the answer: kept as U+FFFD in raw_text, left out of the description
+        pytest.param(
+            b"A shirt \xff\xfe with buttons and a collar",
+            None,
+            CLEAN_SENTENCE,
+            "A shirt \ufffd\ufffd with buttons",
+            id="invalid-utf8-bytes",
+        ),
+        # a lone surrogate escape (no database can store it): the same
+        pytest.param(
+            b"A shirt \\udc9f with buttons and a collar",
+            None,
+            CLEAN_SENTENCE,
+            "A shirt \ufffd with buttons",
+            id="lone-surrogate-escape",
+        ),
+        # 1 MB with no sentence end: rejected as too long, raw_text capped and saying how long it was
+        pytest.param(
+            b"A long shirt " + b"with many buttons " * 58_000,
+            "too long",
+            None,
+            "[... cut: 1,044,013 characters in all]",
+            id="1MB-runaway-answer",
+        ),
+        # 1 MB that starts with a sentence: that sentence is the description, raw_text capped
+        pytest.param(
+            b"A shirt with buttons and a collar. " + b"And more. " * 100_000,
+            None,
+            CLEAN_SENTENCE,
+            "[... cut: 1,000,035 characters in all]",
+            id="1MB-answer-after-a-sentence",
+        ),
+    ],
+)
 def test_broken_or_huge_llm_output_is_stored_cleaned_or_rejected(llama_server, tmp_path, content, rejected, description, raw):
     settings = Settings()
     spec, _ = restrict(find_spec("fashion-mnist", settings.dataset_search_path), None, 2, None)

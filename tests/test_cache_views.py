@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, TINY
+
 from textadapt.store import Store
 
 CLI = str(Path(sys.executable).parent / "textadapt")

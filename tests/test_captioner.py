@@ -11,10 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from textadapt import TextadaptError
-from textadapt import captioner
-from textadapt.captioner import (CONTENT_FREE, caption_log_likelihood, caption_prior, classify_with_captioner,
-                                 content_free_pixels, ig_scores)
+from textadapt import TextadaptError, captioner
+from textadapt.captioner import (
+    CONTENT_FREE,
+    caption_log_likelihood,
+    caption_prior,
+    classify_with_captioner,
+    content_free_pixels,
+    ig_scores,
+)
 from textadapt.datasets import ImageSet
 
 TINY_COCA = "textadapt-tiny-coca:random"  # textadapt/model_configs/textadapt-tiny-coca.json
@@ -68,8 +73,9 @@ def test_padding_and_chunking_do_not_change_scores(coca, monkeypatch):
     # Tiny decoder calls (one caption at a time) and vocabulary chunks give the same numbers.
     monkeypatch.setattr(captioner, "DECODER_ROWS", 1)
     monkeypatch.setattr(captioner, "VOCAB_ROWS", 5)
-    np.testing.assert_allclose(caption_log_likelihood(coca, images, [CAPTIONS[2], "dog", CAPTIONS[0]]), with_long,
-                               rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(
+        caption_log_likelihood(coca, images, [CAPTIONS[2], "dog", CAPTIONS[0]]), with_long, rtol=1e-5, atol=1e-4
+    )
 
 
 def test_image_encoder_runs_once_per_image(coca):
@@ -87,7 +93,9 @@ def test_priors_are_the_likelihood_of_their_content_free_input(coca):
     # the null image is the all-zero preprocessed tensor: its IG score is 0 for every caption
     null_ll = caption_log_likelihood(coca, content_free_pixels(coca, "null-image"), CAPTIONS)
     np.testing.assert_allclose(ig_scores(null_ll, null), 0.0, atol=1e-4)
-    np.testing.assert_allclose(null, [reference_loglik(coca, torch.zeros(1, 3, 32, 32), c) for c in CAPTIONS], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(
+        null, [reference_loglik(coca, torch.zeros(1, 3, 32, 32), c) for c in CAPTIONS], rtol=1e-5, atol=1e-4
+    )
 
     noise = caption_prior(coca, CAPTIONS, "noise-images", n_noise=3)
     per_image = caption_log_likelihood(coca, content_free_pixels(coca, "noise-images", n_noise=3), CAPTIONS)
@@ -127,11 +135,14 @@ def test_classify_with_captioner_on_an_image_set(coca):
     images = ImageSet(arrays, np.array([0, 1, 2, 0, 1]), "synthetic")
     classes = ["T-shirt/top", "trouser", "ankle boot"]
     calls = []
-    scores = classify_with_captioner(coca, images, classes, template="a photo of a {}.", batch_size=2,
-                                     progress=lambda done, total: calls.append((done, total)))
+    scores = classify_with_captioner(
+        coca, images, classes, template="a photo of a {}.", batch_size=2, progress=lambda done, total: calls.append((done, total))
+    )
     loglik, prior = scores  # unpacks for the harness
     captions = [f"a photo of a {c}." for c in classes]
-    np.testing.assert_allclose(loglik, caption_log_likelihood(coca, [images.pil(i) for i in range(5)], captions), rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(
+        loglik, caption_log_likelihood(coca, [images.pil(i) for i in range(5)], captions), rtol=1e-6, atol=1e-5
+    )
     np.testing.assert_allclose(prior, caption_prior(coca, captions), rtol=1e-6, atol=1e-5)
     np.testing.assert_allclose(scores.ig(0.7), loglik - 0.7 * prior[None, :])
     assert calls[0] == (0, 5) and calls[-1] == (5, 5)

@@ -55,7 +55,9 @@ def test_json_questions_get_their_class_slot():
 
 
 def test_questions_get_a_bare_class_slot():
-    raw = "1. What does a {} look like in a photo?\n2. How is the [class] shaped?\n3. Describe the clothing item's collar.\n4. Hi?"
+    raw = (
+        "1. What does a {} look like in a photo?\n2. How is the [class] shaped?\n3. Describe the clothing item's collar.\n4. Hi?"
+    )
     description, rejected = clean(raw, "questions", category="clothing item")
     assert rejected is None
     assert description.splitlines() == ["What does {} look like in a photo?", "How is {} shaped?", "Describe {}'s collar."]

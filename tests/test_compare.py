@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import TINY
+
 from textadapt import TextadaptError, stats
 from textadapt.compare import compare
 from textadapt.store import Store
@@ -24,8 +24,15 @@ HASHES = [f"{i:064x}" for i in range(N)]
 CLASSES = ["cat", "dog"]
 
 
-def store_run(store: Store, run_id: str, methods: dict[str, np.ndarray], labels=LABELS, hashes=HASHES, classes=CLASSES,
-              kinds: dict[str, str] | None = None) -> None:
+def store_run(
+    store: Store,
+    run_id: str,
+    methods: dict[str, np.ndarray],
+    labels=LABELS,
+    hashes=HASHES,
+    classes=CLASSES,
+    kinds: dict[str, str] | None = None,
+) -> None:
     """A scored run as harness.save leaves it: results, class_results and every method's (seeds, images) predictions."""
     store.start_run(run_id, "toy", {})
     for method, predicted in methods.items():
@@ -50,8 +57,12 @@ def store(tmp_path):
 
 def test_a_known_gain_on_stored_predictions(store):
     i = np.arange(N)
-    store_run(store, "before", {"head:x": right_where(i % 10 < 6), "zero-shot": right_where(i % 10 < 3)},
-              kinds={"zero-shot": "zero-shot"})
+    store_run(
+        store,
+        "before",
+        {"head:x": right_where(i % 10 < 6), "zero-shot": right_where(i % 10 < 3)},
+        kinds={"zero-shot": "zero-shot"},
+    )
     store_run(store, "after", {"head:x": right_where(i % 10 < 8, seeds=3)})
     c = compare(store, "before", "after")  # bare runs: their best adapted method
     assert (c.a.method, c.b.method, c.a.seeds, c.b.seeds) == ("head:x", "head:x", 1, 3)
@@ -88,11 +99,14 @@ def test_the_same_images_in_another_order_are_paired_by_hash(store):
     assert [k.difference for k in shuffled.classes] == [k.difference for k in plain.classes]
 
 
-@pytest.mark.parametrize("other, message", [
-    (dict(hashes=HASHES[:-1] + ["f" * 64]), r"different test images \(100 and 100; 1 of A's images are not among B's"),
-    (dict(labels=LABELS[::-1].copy()), "the same images carry different labels"),
-    (dict(classes=["cat", "wolf"]), r"different classes \(2 and 2; the first difference is class 1\)"),
-])
+@pytest.mark.parametrize(
+    "other, message",
+    [
+        (dict(hashes=HASHES[:-1] + ["f" * 64]), r"different test images \(100 and 100; 1 of A's images are not among B's"),
+        (dict(labels=LABELS[::-1].copy()), "the same images carry different labels"),
+        (dict(classes=["cat", "wolf"]), r"different classes \(2 and 2; the first difference is class 1\)"),
+    ],
+)
 def test_sides_scored_differently_are_refused(store, other, message):
     store_run(store, "a", {"m": right_where(np.arange(N) < 50)})
     store_run(store, "b", {"m": right_where(np.arange(N) < 50)}, **other)
@@ -126,10 +140,16 @@ def test_compare_two_real_runs_before_and_after_an_edit(home, tmp_path, fmnist):
     compare's numbers are DuckDB's, in every format."""
     from textadapt.descriptions import import_descriptions
 
-    files = {"shapes": {"T-shirt or top": ["a short-sleeved top with a round neck", "a plain cotton t-shirt"],
-                        "trouser": ["two long trouser legs side by side", "a pair of long pants with a waistband"]},
-             "photos": {"T-shirt or top": ["a greyscale photo of a t-shirt laid flat"],
-                        "trouser": ["a greyscale photo of trousers seen from the front"]}}
+    files = {
+        "shapes": {
+            "T-shirt or top": ["a short-sleeved top with a round neck", "a plain cotton t-shirt"],
+            "trouser": ["two long trouser legs side by side", "a pair of long pants with a waistband"],
+        },
+        "photos": {
+            "T-shirt or top": ["a greyscale photo of a t-shirt laid flat"],
+            "trouser": ["a greyscale photo of trousers seen from the front"],
+        },
+    }
 
     def imported(edit: str = "") -> None:
         with Store(home / "textadapt.duckdb") as store:
@@ -138,8 +158,24 @@ def test_compare_two_real_runs_before_and_after_an_edit(home, tmp_path, fmnist):
                 (tmp_path / f"{source}.json").write_text(json.dumps(mapping))
                 import_descriptions(tmp_path / f"{source}.json", fmnist, source, store)
 
-    args = ["run", "fashion-mnist", "--backbone", TINY, "--templates", "", "--sources", "shapes,photos", "--max-classes", "2",
-            "--max-images", "40", "--steps", "10", "--seeds", "2"]
+    args = [
+        "run",
+        "fashion-mnist",
+        "--backbone",
+        TINY,
+        "--templates",
+        "",
+        "--sources",
+        "shapes,photos",
+        "--max-classes",
+        "2",
+        "--max-images",
+        "40",
+        "--steps",
+        "10",
+        "--seeds",
+        "2",
+    ]
     imported()
     before = re.search(r"report: \S+/(\S+)\.md", textadapt(*args).stdout).group(1)
     imported(edit=", on a plain background")  # the "template edit": the photos descriptions changed
@@ -165,7 +201,11 @@ def test_compare_two_real_runs_before_and_after_an_edit(home, tmp_path, fmnist):
     assert "\r" not in p.stdout
     rows = list(csv.reader(io.StringIO(p.stdout)))
     assert rows[0][:3] == ["class_index", "class", "images"] and [r[1] for r in rows[1:]] == [
-        "(top-1)", "(mean per class)", "T-shirt or top", "trouser"]
+        "(top-1)",
+        "(mean per class)",
+        "T-shirt or top",
+        "trouser",
+    ]
 
     p = textadapt("compare", before, "nope", check=False)
     assert p.returncode == 2 and "no run 'nope'" in p.stderr and "Traceback" not in p.stderr

@@ -22,7 +22,6 @@ from urllib.parse import urlsplit
 import jsonschema
 import pytest
 import yaml
-
 from conftest import REPO
 
 COMPOSE = REPO / "docker-compose.yml"
@@ -81,7 +80,7 @@ def image_env(build_args: dict[str, str] | None = None) -> dict[str, str]:
     """The environment the Dockerfile's final stage gives every container of the image: its ENV lines, their
     ${ARG}s resolved from ``build_args``, else from the ARG's default."""
     text = DOCKERFILE.read_text().replace("\\\n", " ")
-    final = text[text.rindex("\nFROM "):]
+    final = text[text.rindex("\nFROM ") :]
     args: dict[str, str] = {}
     env: dict[str, str] = {}
     for line in final.splitlines():
@@ -145,7 +144,9 @@ def test_compose_file_validates_against_the_compose_spec(raw, compose):
 
     # The schema is strict enough to catch a misspelt key where compose would fail.
     broken = copy.deepcopy(compose)
-    broken["services"]["vllm"]["deploy"]["resources"]["reservation"] = broken["services"]["vllm"]["deploy"]["resources"].pop("reservations")
+    broken["services"]["vllm"]["deploy"]["resources"]["reservation"] = broken["services"]["vllm"]["deploy"]["resources"].pop(
+        "reservations"
+    )
     assert not validator.is_valid(broken)
     broken = copy.deepcopy(compose)
     broken["services"]["worker"]["depends_on"]["vllm"]["condition"] = "service_ready"
@@ -259,8 +260,12 @@ def test_every_textadapt_variable_is_one_the_code_reads(compose, monkeypatch):
     known = _settings_env_names()
     assert {"TEXTADAPT_HOME", "TEXTADAPT_LLM", "TEXTADAPT_LLM_BASE_URL", "TEXTADAPT_CONFIG"} <= known  # the scan works
     fields = {f"TEXTADAPT_{f}".upper() for f in Settings.model_fields}
-    used = {(where, k) for where, env in [*all_env(compose).items(), ("Dockerfile", image_env())] for k in env
-            if k.startswith("TEXTADAPT_")}
+    used = {
+        (where, k)
+        for where, env in [*all_env(compose).items(), ("Dockerfile", image_env())]
+        for k in env
+        if k.startswith("TEXTADAPT_")
+    }
     assert used, "no TEXTADAPT_* variable set: the worker could not reach vLLM"
     unknown = sorted(f"{where}: {k}" for where, k in used if k not in known)
     assert not unknown, f"set but never read by textadapt: {unknown}"
@@ -316,7 +321,12 @@ def test_the_worker_reaches_vllm_and_the_prefect_server(compose):
     assert any(str(p).endswith(f":{api.port}") for p in server["ports"])
     db = urlsplit(environment(server)["PREFECT_API_DATABASE_CONNECTION_URL"])
     pg = environment(services["postgres"])
-    assert (db.hostname, db.username, db.password, db.path) == ("postgres", pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"], f"/{pg['POSTGRES_DB']}")
+    assert (db.hostname, db.username, db.password, db.path) == (
+        "postgres",
+        pg["POSTGRES_USER"],
+        pg["POSTGRES_PASSWORD"],
+        f"/{pg['POSTGRES_DB']}",
+    )
 
 
 @pytest.mark.parametrize("shell", [{}, {"TEXTADAPT_VLLM_MODEL": "org/Other-14B-AWQ"}], ids=["default", "model-set"])
@@ -399,8 +409,13 @@ def test_one_variable_names_the_work_pool(raw, tmp_path):
         pool = env["PREFECT_DEFAULT_WORK_POOL_NAME"]
         assert pool == shell.get("PREFECT_DEFAULT_WORK_POOL_NAME", "textadapt")
         calls = fake_prefect(tmp_path / str(i))  # the worker's command runs through sh: see what it asks Prefect
-        run = subprocess.run(compose["services"]["worker"]["command"], capture_output=True, text=True, timeout=60,
-                             env={**env, "PATH": f"{calls.parent}:{os.environ['PATH']}"})
+        run = subprocess.run(
+            compose["services"]["worker"]["command"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**env, "PATH": f"{calls.parent}:{os.environ['PATH']}"},
+        )
         assert run.returncode == 0, run.stderr
         assert [json.loads(line) for line in calls.read_text().splitlines()] == [
             ["work-pool", "inspect", pool],
@@ -444,26 +459,43 @@ def test_the_worker_and_prefect_deploy_set_up_what_the_stack_runs(raw, prefect_s
     compose = interpolate(raw, {"PREFECT_DEFAULT_WORK_POOL_NAME": "gpu-box"})
     prefect = str(Path(sys.executable).parent / "prefect")
     calls = fake_prefect(tmp_path / "bin", real=prefect)
-    env = {**os.environ, **worker_env(compose), "PREFECT_API_URL": prefect_server, "PATH": f"{calls.parent}:{os.environ['PATH']}",
-           "TEXTADAPT_HOME": str(tmp_path / "home"), "HF_HOME": str(tmp_path / "hf")}  # the container's paths, here
+    env = {
+        **os.environ,
+        **worker_env(compose),
+        "PREFECT_API_URL": prefect_server,
+        "PATH": f"{calls.parent}:{os.environ['PATH']}",
+        "TEXTADAPT_HOME": str(tmp_path / "home"),
+        "HF_HOME": str(tmp_path / "hf"),
+    }  # the container's paths, here
 
     def api(path: str, body: dict | None = None):
-        req = urllib.request.Request(f"{prefect_server}{path}", data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{prefect_server}{path}",
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.load(r)
 
     for _start in range(2):  # the first start creates the pool; a restart finds it
-        run = subprocess.run(compose["services"]["worker"]["command"], cwd=REPO, env=env, capture_output=True, text=True,
-                             timeout=300, stdin=subprocess.DEVNULL)
+        run = subprocess.run(
+            compose["services"]["worker"]["command"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            stdin=subprocess.DEVNULL,
+        )
         assert run.returncode == 0, f"the worker's command exited {run.returncode}\n{run.stdout}\n{run.stderr}"
         pool = api("/work_pools/gpu-box")
         assert (pool["type"], pool["concurrency_limit"]) == ("process", 1)
     made = [json.loads(line)[:2] for line in calls.read_text().splitlines()]
     assert made.count(["work-pool", "create"]) == 1 and made.count(["worker", "start"]) == 2
 
-    p = subprocess.run([prefect, "deploy", "--all"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-                       stdin=subprocess.DEVNULL)
+    p = subprocess.run(
+        [prefect, "deploy", "--all"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL
+    )
     assert p.returncode == 0, f"prefect deploy --all exited {p.returncode}\n{p.stdout}\n{p.stderr}"
     declared = yaml.safe_load(PREFECT_YAML.read_text())["deployments"]
     names = {"deployments": {"name": {"any_": [d["name"] for d in declared]}}}
@@ -481,10 +513,15 @@ def test_the_worker_and_prefect_deploy_set_up_what_the_stack_runs(raw, prefect_s
 
 def test_images_match_the_pinned_versions(compose):
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    pins = dict(re.match(r"([A-Za-z0-9_.-]+)==(\S+)", line).groups()
-                for line in (REPO / "constraints.txt").read_text().splitlines() if "==" in line and not line.startswith("#"))
+    pins = dict(
+        re.match(r"([A-Za-z0-9_.-]+)==(\S+)", line).groups()
+        for line in (REPO / "constraints.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
     image = compose["services"]["prefect-server"]["image"]
-    assert image.startswith(f"prefecthq/prefect:{pins['prefect']}-python"), "the server must run the Prefect the worker's client is"
+    assert image.startswith(f"prefecthq/prefect:{pins['prefect']}-python"), (
+        "the server must run the Prefect the worker's client is"
+    )
     python = re.search(r"python:(\d+\.\d+)", DOCKERFILE.read_text()).group(1)
     assert image.endswith(f"python{python}")
     assert project["requires-python"] == f">={python}"
@@ -528,8 +565,14 @@ def test_dockerfile_copies_files_that_exist_and_are_in_the_context():
     for mount in re.findall(r"--mount=\S*from=(\w+)", text):
         assert mount in stages
     # What the image installs from "." must be in the context: the package, its flows and assets.
-    for needed in ("pyproject.toml", "README.md", "textadapt/config.py", "textadapt/flows/adapt.py", "prompts/targeted",
-                   "data/datasets"):
+    for needed in (
+        "pyproject.toml",
+        "README.md",
+        "textadapt/config.py",
+        "textadapt/flows/adapt.py",
+        "prompts/targeted",
+        "data/datasets",
+    ):
         assert (REPO / needed).exists() and not _ignored(needed, rules), needed
     assert _ignored(".venv", rules) and _ignored("tests/test_compose.py", rules)
 
@@ -541,8 +584,9 @@ def test_the_image_installs_the_tested_versions_and_runs_its_default_llm():
     text = DOCKERFILE.read_text().replace("\\\n", " ")
     resolving, installed = 0, []
     for stage in re.split(r"^FROM ", text, flags=re.M)[1:]:
-        copied = {w for line in stage.splitlines() if line.split()[:1] == ["COPY"] for w in line.split()[1:-1]
-                  if not w.startswith("--")}
+        copied = {
+            w for line in stage.splitlines() if line.split()[:1] == ["COPY"] for w in line.split()[1:-1] if not w.startswith("--")
+        }
         for run in re.findall(r"^RUN (.*)$", stage, re.M):
             for cmd in re.split(r"&&|;|\|\|", run):
                 words = cmd.split()
@@ -566,7 +610,7 @@ def test_the_image_installs_the_tested_versions_and_runs_its_default_llm():
 def test_the_docs_describe_this_stack(raw):
     """The compose section of docs/service.md names every service and every variable `docker compose` reads."""
     page = (REPO / "docs" / "service.md").read_text()
-    section = page[page.index("\n## docker compose\n"):]
+    section = page[page.index("\n## docker compose\n") :]
     end = section.find("\n## ", 1)
     section = section if end < 0 else section[:end]
     for service in raw["services"]:

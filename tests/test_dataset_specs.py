@@ -15,12 +15,12 @@ import re
 import sys
 from pathlib import Path
 
+import clip_benchmark
 import numpy as np
 import pytest
 import torchvision
 from PIL import Image
 
-import clip_benchmark
 from textadapt import TextadaptError
 from textadapt.datasets import FolderSource, TorchvisionSource, load_spec, load_test_images, torchvision_images
 from textadapt.prompts import check_templates, list_templates, render, templates_for
@@ -31,8 +31,16 @@ UPSTREAM = REPO / "data" / "classnames"
 CB = Path(clip_benchmark.__file__).parent / "datasets"
 CB_NAMES = json.loads((CB / "en_classnames.json").read_text())
 CB_TEMPLATES = json.loads((CB / "en_zeroshot_classification_templates.json").read_text())
-TAP_STEPS = {"dtd": 5500, "eurosat": 400, "fgvc-aircraft": 500, "food101": 400, "flowers102": 600,
-             "sun397": 2000, "ucf101": 1050, "imagenet-r": 5000}
+TAP_STEPS = {
+    "dtd": 5500,
+    "eurosat": 400,
+    "fgvc-aircraft": 500,
+    "food101": 400,
+    "flowers102": 600,
+    "sun397": 2000,
+    "ucf101": 1050,
+    "imagenet-r": 5000,
+}
 
 
 def spec_named(name: str):
@@ -58,13 +66,20 @@ def imagenet_r_pairs() -> list[tuple[str, str]]:
 
 
 # Where each spec's names come from. clip_benchmark's own list, read from the installed package...
-CLIP_BENCHMARK = {"eurosat": "eurosat", "flowers102": "flowers", "oxford-pets": "pets", "gtsrb": "gtsrb",
-                  "country211": "country211"}
+CLIP_BENCHMARK = {
+    "eurosat": "eurosat",
+    "flowers102": "flowers",
+    "oxford-pets": "pets",
+    "gtsrb": "gtsrb",
+    "country211": "country211",
+}
 # ...or what clip_benchmark builds at run time from torchvision's `classes` (the datasets' own files).
 FROM_UPSTREAM = {
     "dtd": lambda: sorted(upstream("dtd")),  # torchvision sorts the folder names
     "food101": lambda: [c.replace("_", " ") for c in sorted(upstream("food101"))],  # sorted keys; clip_benchmark: "_" -> " "
-    "sun397": lambda: [c[3:].replace("_", " ").replace("/", " ") for c in upstream("sun397")],  # "/a/" dropped as torchvision does
+    "sun397": lambda: [
+        c[3:].replace("_", " ").replace("/", " ") for c in upstream("sun397")
+    ],  # "/a/" dropped as torchvision does
     "stanford-cars": lambda: upstream("stanford_cars"),
     "fgvc-aircraft": lambda: upstream("fgvc_aircraft"),
     "cifar10": lambda: upstream("cifar10"),
@@ -73,11 +88,26 @@ FROM_UPSTREAM = {
     "resisc45": lambda: upstream("resisc45"),
     "ucf101": lambda: [" ".join(re.findall(r"[A-Z][^A-Z]*", c)) for c in upstream("ucf101")],
 }
-TEMPLATES_KEY = {"dtd": "dtd", "eurosat": "eurosat", "fgvc-aircraft": "fgvc_aircraft", "food101": "food101",
-                 "flowers102": "flowers", "sun397": "sun397", "ucf101": "imagenet1k", "imagenet-r": "imagenet1k",
-                 "cifar10": "cifar10", "cifar100": "cifar100", "caltech101": "caltech101", "oxford-pets": "pets",
-                 "stanford-cars": "cars", "stl10": "stl10", "gtsrb": "gtsrb", "country211": "country211",
-                 "resisc45": "resisc45", "imagenet1k": "imagenet1k"}
+TEMPLATES_KEY = {
+    "dtd": "dtd",
+    "eurosat": "eurosat",
+    "fgvc-aircraft": "fgvc_aircraft",
+    "food101": "food101",
+    "flowers102": "flowers",
+    "sun397": "sun397",
+    "ucf101": "imagenet1k",
+    "imagenet-r": "imagenet1k",
+    "cifar10": "cifar10",
+    "cifar100": "cifar100",
+    "caltech101": "caltech101",
+    "oxford-pets": "pets",
+    "stanford-cars": "cars",
+    "stl10": "stl10",
+    "gtsrb": "gtsrb",
+    "country211": "country211",
+    "resisc45": "resisc45",
+    "imagenet1k": "imagenet1k",
+}
 
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
@@ -166,8 +196,16 @@ def test_taps_datasets_ask_their_own_targeted_questions_and_the_others_the_shipp
         return
     assert [t.name for t in targeted] == [f"targeted/spec/{i}" for i in range(5)]
     # the dataset's domain is the head noun of every question (the texture of..., a satellite photo of...)
-    head = {"dtd": "texture", "eurosat": "satellite", "fgvc-aircraft": "aircraft", "food101": "dish", "flowers102": "flower",
-            "sun397": "scene", "ucf101": "person doing the action", "imagenet-r": ""}[spec.name]
+    head = {
+        "dtd": "texture",
+        "eurosat": "satellite",
+        "fgvc-aircraft": "aircraft",
+        "food101": "dish",
+        "flowers102": "flower",
+        "sun397": "scene",
+        "ucf101": "person doing the action",
+        "imagenet-r": "",
+    }[spec.name]
     rendition = ("cartoon", "drawing", "sketch", "art", "sculpture")
     for i, t in enumerate(targeted):
         text = render(t, spec, spec.classes[0])

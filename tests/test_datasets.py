@@ -76,9 +76,11 @@ def test_class_count_that_does_not_match_the_labels_is_refused(tmp_path, home):
 def test_missing_images_say_how_to_get_them(tmp_path, home):
     text = GOOD.read_text().replace('name = "fashion-mnist"', 'name = "mine"')
     text = text.replace("/usr/share/datasets/fashion-mnist", str(tmp_path / "nowhere"))
-    text = text.split("[[images]]\nkind = \"torchvision\"")[0]  # no network source either
+    text = text.split('[[images]]\nkind = "torchvision"')[0]  # no network source either
     spec = load_spec(write_spec(tmp_path, text))
-    with pytest.raises(TextadaptError, match=r"(?s)no images for dataset 'mine'.*looked in .*nowhere.*apt-get install dataset-fashion-mnist"):
+    with pytest.raises(
+        TextadaptError, match=r"(?s)no images for dataset 'mine'.*looked in .*nowhere.*apt-get install dataset-fashion-mnist"
+    ):
         load_test_images(spec, home)
 
 

@@ -30,18 +30,29 @@ def test_cupl_imagenet_file_imports_against_the_imagenet_spec(tmp_path):
 
 def test_names_that_match_no_class_are_reported(tmp_path, fmnist):
     f = tmp_path / "mine.json"
-    f.write_text(json.dumps({"T-shirt_or_top": ["A plain top with short sleeves."], "SANDAL": ["Open straps on a flat sole."],
-                             "hat": ["A brim around a crown."]}))
+    f.write_text(
+        json.dumps(
+            {
+                "T-shirt_or_top": ["A plain top with short sleeves."],
+                "SANDAL": ["Open straps on a flat sole."],
+                "hat": ["A brim around a crown."],
+            }
+        )
+    )
     with Store(tmp_path / "c.duckdb") as store:
         r = import_descriptions(f, fmnist, "mine", store)
         assert r.unmatched == ["hat"]
         assert r.per_class == {"T-shirt or top": 1, "sandal": 1}
         assert export_descriptions(store, "fashion-mnist", "import/mine") == {
-            "T-shirt or top": ["A plain top with short sleeves."], "sandal": ["Open straps on a flat sole."]}
+            "T-shirt or top": ["A plain top with short sleeves."],
+            "sandal": ["Open straps on a flat sole."],
+        }
 
 
-@pytest.mark.parametrize("content, message", [("[1, 2]", "expected a JSON object"), ('{"bag": "one"}', "not a list of strings"),
-                                              ("{not json", "not a JSON file")])
+@pytest.mark.parametrize(
+    "content, message",
+    [("[1, 2]", "expected a JSON object"), ('{"bag": "one"}', "not a list of strings"), ("{not json", "not a JSON file")],
+)
 def test_bad_files_are_refused(tmp_path, fmnist, content, message):
     f = tmp_path / "bad.json"
     f.write_text(content)

@@ -55,8 +55,9 @@ LINK = re.compile(r"!?\[[^\]\n]*\]\(([^)\s]+)\)")  # [text](target) and ![alt](t
 
 
 def _markdown_files() -> list[Path]:
-    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.md"], cwd=REPO,
-                             capture_output=True, text=True)
+    tracked = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.md"], cwd=REPO, capture_output=True, text=True
+    )
     names = tracked.stdout.split() if tracked.returncode == 0 and tracked.stdout.strip() else []
     found = [REPO / n for n in names] or sorted(p for p in REPO.rglob("*.md") if ".venv" not in p.parts)
     return [p for p in found if p.exists()]
@@ -113,11 +114,13 @@ def broken_links(page: Path) -> list[str]:
 def test_a_broken_link_is_found(tmp_path):
     (tmp_path / "other.md").write_text("# Other page\n\n## A `code` heading\n", encoding="utf-8")
     page = tmp_path / "page.md"
-    page.write_text("# Top\n[ok](other.md#a-code-heading) [self](#top) [web](https://example.org/x.md)\n"
-                    "`[in code](nowhere.md)`\n```\n[in a block](nowhere.md)\n```\n"
-                    "[gone](missing.md) [bad anchor](other.md#b) ![img](pic.png)\n", encoding="utf-8")
-    assert broken_links(page) == ["missing.md: no such file", "other.md#b: no heading #b in other.md",
-                                  "pic.png: no such file"]
+    page.write_text(
+        "# Top\n[ok](other.md#a-code-heading) [self](#top) [web](https://example.org/x.md)\n"
+        "`[in code](nowhere.md)`\n```\n[in a block](nowhere.md)\n```\n"
+        "[gone](missing.md) [bad anchor](other.md#b) ![img](pic.png)\n",
+        encoding="utf-8",
+    )
+    assert broken_links(page) == ["missing.md: no such file", "other.md#b: no heading #b in other.md", "pic.png: no such file"]
 
 
 @pytest.mark.parametrize("page", _markdown_files(), ids=lambda p: str(p.relative_to(REPO)))

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY
+
 from textadapt import TextadaptError
 from textadapt.datasets import load_test_images, restrict
 from textadapt.encoders import _hub_reachable, encode_images, encode_texts, load_backbone, save_checkpoint

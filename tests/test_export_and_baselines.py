@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from conftest import TINY
 from test_flow import query, textadapt
+
 from textadapt.config import Settings
 from textadapt.datasets import load_test_images, restrict
 from textadapt.encoders import encode_images
@@ -37,8 +37,9 @@ def test_zero_shot_equals_clip_benchmark(tiny_backbone, fmnist, tmp_path):
 
     pixels = torch.stack([tiny_backbone.preprocess(images.pil(i)) for i in range(len(images))])
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(pixels, torch.as_tensor(images.labels)), batch_size=64)
-    weights = zero_shot_classifier(tiny_backbone.model, tiny_backbone.tokenizer, spec.classes,
-                                   [t.replace("{}", "{c}") for t in templates], "cpu", amp=False)
+    weights = zero_shot_classifier(
+        tiny_backbone.model, tiny_backbone.tokenizer, spec.classes, [t.replace("{}", "{c}") for t in templates], "cpu", amp=False
+    )
     logits, true = run_classification(tiny_backbone.model, weights, loader, "cpu", amp=False)
     theirs = logits.numpy()
     assert np.array_equal(theirs.argmax(axis=1), our_logits.argmax(axis=1))
@@ -49,13 +50,34 @@ def test_zero_shot_equals_clip_benchmark(tiny_backbone, fmnist, tmp_path):
 
 
 def test_exported_classifier_predicts_what_the_run_scored(home, tmp_path, fmnist):
-    run = textadapt("run", "fashion-mnist", "--backbone", TINY, "--max-classes", "4", "--samples", "1", "--max-images", "80",
-                    "--steps", "40", "--templates", "generic", "--methods", "tap,zs-head+ot", "--scoring", "all", "--seeds", "1")
+    run = textadapt(
+        "run",
+        "fashion-mnist",
+        "--backbone",
+        TINY,
+        "--max-classes",
+        "4",
+        "--samples",
+        "1",
+        "--max-images",
+        "80",
+        "--steps",
+        "40",
+        "--templates",
+        "generic",
+        "--methods",
+        "tap,zs-head+ot",
+        "--scoring",
+        "all",
+        "--seeds",
+        "1",
+    )
     run_id = Path(re.search(r"report: (\S+\.md)", run.stdout).group(1)).stem
 
     # The test images, as files in class folders: what a user points predict at.
     spec, images = restrict(fmnist, load_test_images(fmnist, Settings().home), 4, 80)
     from PIL import Image
+
     files = []
     for i in range(len(images)):
         path = tmp_path / "images" / spec.classes[images.labels[i]] / f"{i:03d}.png"
@@ -76,7 +98,9 @@ def test_exported_classifier_predicts_what_the_run_scored(home, tmp_path, fmnist
         hits = np.array([top[str(f)] == f.parent.name for f in files])
         labels = np.array([spec.classes.index(f.parent.name) for f in files])
         per_class = [hits[labels == c].mean() for c in range(4)]
-        stored = dict(query(home, f"SELECT class_index, accuracy FROM class_results WHERE run_id = '{run_id}' AND method = '{method}'"))
+        stored = dict(
+            query(home, f"SELECT class_index, accuracy FROM class_results WHERE run_id = '{run_id}' AND method = '{method}'")
+        )
         top1 = query(home, f"SELECT top1 FROM results WHERE run_id = '{run_id}' AND method = '{method}'")[0][0]
         assert hits.mean() == top1, method
         assert np.allclose(per_class, [stored[c] for c in range(4)]), method

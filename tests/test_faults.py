@@ -50,6 +50,7 @@ def two_classes():
 
 def about(class_name: str, fault: Fault, attempts: int | None = None):
     """Break the requests whose prompt names ``class_name``: all of them, or only each one's first ``attempts``."""
+
     def decide(n: int, body: dict) -> Fault | None:
         prompt = body["messages"][0]["content"]
         if class_name not in prompt:
@@ -90,14 +91,25 @@ def attempt_gaps(proxy: FaultProxy, class_name: str) -> list[list[float]]:
 PERSISTENT = [
     # fault, what the error must say, client settings, attempts per request
     pytest.param(Fault("status", 500), "InternalServerError: Error code: 500", {}, 3, id="http-500"),
-    pytest.param(Fault("status", 503, headers=(("Retry-After", "0.3"),)), "InternalServerError: Error code: 503", {}, 3,
-                 id="http-503"),
+    pytest.param(
+        Fault("status", 503, headers=(("Retry-After", "0.3"),)), "InternalServerError: Error code: 503", {}, 3, id="http-503"
+    ),
     pytest.param(Fault("status", 429, headers=(("Retry-After", "1"),)), "RateLimitError: Error code: 429", {}, 3, id="http-429"),
     # one question: the healthy request is alone at the server, well within the short timeout
-    pytest.param(Fault("stall", seconds=6), "APITimeoutError: Request timed out", {"questions": 1, "llm_timeout": 5, "llm_max_retries": 1}, 2,
-                 id="timeout"),
-    pytest.param(Fault("truncate"), "RemoteProtocolError: peer closed connection without sending complete message body", {}, 3,
-                 id="truncated-body"),
+    pytest.param(
+        Fault("stall", seconds=6),
+        "APITimeoutError: Request timed out",
+        {"questions": 1, "llm_timeout": 5, "llm_max_retries": 1},
+        2,
+        id="timeout",
+    ),
+    pytest.param(
+        Fault("truncate"),
+        "RemoteProtocolError: peer closed connection without sending complete message body",
+        {},
+        3,
+        id="truncated-body",
+    ),
     pytest.param(Fault("malformed"), "MalformedResponse: the response is not valid JSON", {}, 1, id="malformed-json"),
 ]
 
@@ -139,11 +151,14 @@ def test_a_server_fault_costs_only_the_failed_requests(llama_server, two_classes
     assert [r[2] for r in stored(db)] == [1] * 2 * q
 
 
-@pytest.mark.parametrize("fault, settings", [
-    pytest.param(Fault("status", 500), {}, id="http-500"),
-    pytest.param(Fault("truncate"), {}, id="truncated-body"),
-    pytest.param(Fault("stall", seconds=6), {"llm_timeout": 5}, id="timeout"),  # one question: alone at the server
-])
+@pytest.mark.parametrize(
+    "fault, settings",
+    [
+        pytest.param(Fault("status", 500), {}, id="http-500"),
+        pytest.param(Fault("truncate"), {}, id="truncated-body"),
+        pytest.param(Fault("stall", seconds=6), {"llm_timeout": 5}, id="timeout"),  # one question: alone at the server
+    ],
+)
 def test_a_passing_fault_is_retried_and_costs_nothing(llama_server, two_classes, tmp_path, fault, settings):
     """Each request about trousers fails once; the client's retry gets it."""
     q = 1 if fault.kind == "stall" else 2
@@ -222,11 +237,35 @@ def test_a_failed_run_is_recorded_and_the_rerun_asks_only_for_the_rest(llama_ser
     prompts.mkdir(parents=True)
     for name in ("caption", "look"):
         shutil.copy(Settings().prompts_dir / "generic" / f"{name}.j2", prompts)
-    args = ["run", "fashion-mnist", "--llm", "openai:smollm2", "--backbone", TINY, "--templates", "generic", "--max-classes", "2",
-            "--samples", "1", "--max-tokens", "12", "--train-only", "--steps", "10"]
+    args = [
+        "run",
+        "fashion-mnist",
+        "--llm",
+        "openai:smollm2",
+        "--backbone",
+        TINY,
+        "--templates",
+        "generic",
+        "--max-classes",
+        "2",
+        "--samples",
+        "1",
+        "--max-tokens",
+        "12",
+        "--train-only",
+        "--steps",
+        "10",
+    ]
     with FaultProxy(llama_server, about(BAD, Fault("status", 500))) as proxy:
-        env = {**os.environ, "TEXTADAPT_LLM_BASE_URL": proxy.url, "TEXTADAPT_LLM_API_KEY": key, "TEXTADAPT_LLM_MAX_RETRIES": "1",
-               "TEXTADAPT_PROMPTS_DIR": str(prompts.parent), "PREFECT_LOGGING_LEVEL": "DEBUG", "OPENAI_LOG": "debug"}  # the most a user could log
+        env = {
+            **os.environ,
+            "TEXTADAPT_LLM_BASE_URL": proxy.url,
+            "TEXTADAPT_LLM_API_KEY": key,
+            "TEXTADAPT_LLM_MAX_RETRIES": "1",
+            "TEXTADAPT_PROMPTS_DIR": str(prompts.parent),
+            "PREFECT_LOGGING_LEVEL": "DEBUG",
+            "OPENAI_LOG": "debug",
+        }  # the most a user could log
         failed = textadapt(*args, env=env)
         assert failed.returncode == 2, failed.stdout + failed.stderr
         shown = " ".join(failed.stderr.split())  # the console wraps long lines
@@ -236,7 +275,9 @@ def test_a_failed_run_is_recorded_and_the_rerun_asks_only_for_the_rest(llama_ser
             [(status, error, llm)] = s.sql("SELECT status, error, llm FROM runs")[1]
             kept = s.sql("SELECT class_name, count(*) FROM generations GROUP BY ALL")[1]
         assert status == "failed" and llm == f"openai:smollm2@{proxy.url}"
-        assert error.startswith("TextadaptError: 2 of 4 LLM requests failed") and "Error code: 500" in error and "'trouser'" in error
+        assert (
+            error.startswith("TextadaptError: 2 of 4 LLM requests failed") and "Error code: 500" in error and "'trouser'" in error
+        )
         assert kept == [(GOOD, 2)]
 
         proxy.fault = about(BAD, Fault("content", content=b""))  # up again, but with nothing to say about trousers
@@ -247,10 +288,11 @@ def test_a_failed_run_is_recorded_and_the_rerun_asks_only_for_the_rest(llama_ser
     with Store(home / "textadapt.duckdb", read_only=True) as s:
         assert s.sql("SELECT status FROM runs ORDER BY started_at")[1] == [("failed",), ("completed",)]
         # (SmolLM2's answers about the good class are sampled: accepted or not, they are stored once)
-        assert s.sql("SELECT class_name, count(*), count(*) FILTER (rejected = 'empty') FROM generations GROUP BY ALL ORDER BY ALL")[1] \
-            == [(GOOD, 2, 0), (BAD, 2, 2)]
+        assert s.sql(
+            "SELECT class_name, count(*), count(*) FILTER (rejected = 'empty') FROM generations GROUP BY ALL ORDER BY ALL"
+        )[1] == [(GOOD, 2, 0), (BAD, 2, 2)]
     report = Path(re.search(r"report: (\S+\.md)", rerun.stdout).group(1)).read_text()
-    assert "| generic | 4 |" in report and "empty: 2" in report and "trained on \"a photo of a {class}.\" for them" in report
+    assert "| generic | 4 |" in report and "empty: 2" in report and 'trained on "a photo of a {class}." for them' in report
     prefect_home = Path(os.environ["PREFECT_HOME"])
     assert_secret_nowhere(key, [home, prefect_home], failed.stdout, failed.stderr, rerun.stdout, rerun.stderr)
     # ... and that search looked where Prefect keeps runs: its database holds the failed run's error

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, TINY
+
 from textadapt.encoders import _hub_reachable
 from textadapt.store import Store
 
@@ -44,8 +44,16 @@ def test_run_caches_everything_and_reports_every_method(home, tmp_path, monkeypa
     report = Path(re.search(r"report: (\S+\.md)", first.stdout).group(1))
     text = report.read_text()
     assert text.startswith("**UNTRAINED BACKBONE")
-    methods = ("zero-shot:class-name", "zero-shot:a-photo-of", "zero-shot:ensemble", "waffle", "cupl:generic", "cupl:targeted",
-               "tap-head:generic", "tap-head:targeted")
+    methods = (
+        "zero-shot:class-name",
+        "zero-shot:a-photo-of",
+        "zero-shot:ensemble",
+        "waffle",
+        "cupl:generic",
+        "cupl:targeted",
+        "tap-head:generic",
+        "tap-head:targeted",
+    )
     for method in methods:
         assert f"| `{method}` |" in text
 
@@ -54,16 +62,20 @@ def test_run_caches_everything_and_reports_every_method(home, tmp_path, monkeypa
     trained = int(re.search(r"Trained on (\d+) descriptions", text).group(1))
     used = f"SELECT count(*) FROM run_generations r JOIN descriptions d USING (key) WHERE r.run_id = '{report.stem}' AND r.excluded IS NULL"
     assert query(home, used) == [(trained,)]
-    accepted, duplicates = query(home, "SELECT count(*) FILTER (rejected IS NULL), count(*) FILTER (excluded LIKE 'duplicate of%') "
-                                       f"FROM generations JOIN run_generations USING (key) WHERE run_generations.run_id = '{report.stem}'")[0]
+    accepted, duplicates = query(
+        home,
+        "SELECT count(*) FILTER (rejected IS NULL), count(*) FILTER (excluded LIKE 'duplicate of%') "
+        f"FROM generations JOIN run_generations USING (key) WHERE run_generations.run_id = '{report.stem}'",
+    )[0]
     assert accepted - duplicates == trained
     assert query(home, "SELECT count(DISTINCT template), count(DISTINCT class_name) FROM generations") == [(10, 3)]
     run_id = report.stem
     assert sorted(query(home, f"SELECT method FROM results WHERE run_id = '{run_id}'")) == sorted((m,) for m in methods)
     assert query(home, f"SELECT count(*) FROM class_results WHERE run_id = '{run_id}'") == [(3 * len(methods),)]
     # the adapters trained with 3 seeds (the default), and the report gives their spread
-    assert query(home, f"SELECT seeds, len(top1_per_seed) FROM results WHERE run_id = '{run_id}' AND method = 'tap-head:targeted'") \
-        == [([7777, 7778, 7779], 3)]
+    assert query(
+        home, f"SELECT seeds, len(top1_per_seed) FROM results WHERE run_id = '{run_id}' AND method = 'tap-head:targeted'"
+    ) == [([7777, 7778, 7779], 3)]
     assert query(home, f"SELECT count(*) FROM run_generations WHERE run_id = '{run_id}'") == [(60,)]
 
     # Nothing changed: no LLM call, no text encoded.
@@ -88,7 +100,9 @@ def test_run_caches_everything_and_reports_every_method(home, tmp_path, monkeypa
     assert "30 LLM calls, 0 cached" in fresh.stdout  # 3 classes x 5 questions x 2 samples
     assert query(home, "SELECT count(*), count(*) FILTER (refresh = 1) FROM generations") == [(96, 30)]
     fresh_run = re.search(r"report: \S+/(\S+)\.md", fresh.stdout).group(1)
-    assert query(home, f"SELECT DISTINCT g.refresh FROM run_generations r JOIN generations g USING (key) WHERE r.run_id = '{fresh_run}'") == [(1,)]
+    assert query(
+        home, f"SELECT DISTINCT g.refresh FROM run_generations r JOIN generations g USING (key) WHERE r.run_id = '{fresh_run}'"
+    ) == [(1,)]
     again = textadapt("run", "fashion-mnist", *SMALL, "--templates", "targeted")
     assert "0 LLM calls" in again.stdout  # later runs use the newest round
 
@@ -109,8 +123,21 @@ def test_published_descriptions_train_without_an_llm(home):
 
     imported = textadapt("descriptions", "import", str(CUPL), "--dataset", "imagenet1k", "--source", "cupl")
     assert "2 classes of imagenet1k have no description" in imported.stderr
-    p = textadapt("run", "imagenet1k", "--templates", "", "--sources", "cupl", "--train-only", "--max-classes", "20",
-                  "--backbone", TINY, "--steps", "10")
+    p = textadapt(
+        "run",
+        "imagenet1k",
+        "--templates",
+        "",
+        "--sources",
+        "cupl",
+        "--train-only",
+        "--max-classes",
+        "20",
+        "--backbone",
+        TINY,
+        "--steps",
+        "10",
+    )
     assert "no LLM generation" in p.stdout
     [(llm, calls, status)] = query(home, "SELECT llm, llm_calls, status FROM runs")
     assert (calls, status) == (0, "completed") and llm.startswith("none")
@@ -119,7 +146,10 @@ def test_published_descriptions_train_without_an_llm(home):
     # a train-only run keeps its classifiers too: it can be exported with no image ever seen
     assert query(home, "SELECT n_classes FROM classifiers WHERE method = 'tap-head:import:cupl'") == [(20,)]
     trained = int(re.search(r"Trained on (\d+) descriptions", report).group(1))
-    assert trained == query(home, "SELECT count(*) FROM run_generations r JOIN descriptions USING (key) WHERE r.excluded IS NULL")[0][0]
+    assert (
+        trained
+        == query(home, "SELECT count(*) FROM run_generations r JOIN descriptions USING (key) WHERE r.excluded IS NULL")[0][0]
+    )
     assert 20 * 30 < trained < 20 * 200
 
 
@@ -136,25 +166,38 @@ def test_strict_backbone_fails_before_any_llm_call(home):
 
 
 # The CLI in a Python that says, as it exits, whether Prefect was ever imported (its temporary API starts only after).
-IMPORTS_PREFECT = ("import atexit, sys\n"
-                   "atexit.register(lambda: print('prefect imported:', 'prefect' in sys.modules, file=sys.stderr))\n"
-                   "from textadapt.cli import app\n"
-                   "app(prog_name='textadapt')")
+IMPORTS_PREFECT = (
+    "import atexit, sys\n"
+    "atexit.register(lambda: print('prefect imported:', 'prefect' in sys.modules, file=sys.stderr))\n"
+    "from textadapt.cli import app\n"
+    "app(prog_name='textadapt')"
+)
 
 
-@pytest.mark.parametrize("args, message", [
-    pytest.param(["run", "fashion-mnst"], "unknown dataset 'fashion-mnst'", id="unknown-dataset"),
-    pytest.param(["schedule", "fashion-mnst", "--cron", "0 3 * * *"], "unknown dataset 'fashion-mnst'",
-                 id="schedule-unknown-dataset"),
-    pytest.param(["run", "fashion-mnist", "--backbone", "ViT-B-32"], "backbone spec 'ViT-B-32' is not ARCH:WEIGHTS",
-                 id="backbone-spec"),
-    pytest.param(["run", "fashion-mnist", "--llm", "gpt-4o"], "unknown LLM spec 'gpt-4o'", id="llm-spec"),
-    pytest.param(["run", "fashion-mnist", "--templates", "no-such-set"], "no-such-set", id="missing-template-set"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        pytest.param(["run", "fashion-mnst"], "unknown dataset 'fashion-mnst'", id="unknown-dataset"),
+        pytest.param(
+            ["schedule", "fashion-mnst", "--cron", "0 3 * * *"], "unknown dataset 'fashion-mnst'", id="schedule-unknown-dataset"
+        ),
+        pytest.param(
+            ["run", "fashion-mnist", "--backbone", "ViT-B-32"], "backbone spec 'ViT-B-32' is not ARCH:WEIGHTS", id="backbone-spec"
+        ),
+        pytest.param(["run", "fashion-mnist", "--llm", "gpt-4o"], "unknown LLM spec 'gpt-4o'", id="llm-spec"),
+        pytest.param(["run", "fashion-mnist", "--templates", "no-such-set"], "no-such-set", id="missing-template-set"),
+    ],
+)
 def test_bad_input_fails_before_prefect_is_imported(home, args, message):
     """One clear message, and no Prefect: not imported in the CLI's process, so no temporary API server was started."""
-    p = subprocess.run([sys.executable, "-c", IMPORTS_PREFECT, *args], capture_output=True, text=True, env=os.environ.copy(),
-                       timeout=300, stdin=subprocess.DEVNULL)
+    p = subprocess.run(
+        [sys.executable, "-c", IMPORTS_PREFECT, *args],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
     shown = " ".join(p.stderr.split())  # the console wraps long lines
     assert p.returncode == 2, p.stdout + p.stderr
     assert "error: " in shown and message in shown and "Traceback" not in shown, shown
@@ -175,10 +218,26 @@ def test_a_run_killed_mid_generation_loses_only_what_was_in_flight(home, tmp_pat
     asks only for the rest, and the result equals an uninterrupted run's."""
     import signal
 
-    args = ["run", "fashion-mnist", "--backbone", TINY, "--templates", "targeted", "--max-classes", "2", "--samples", "3",
-            "--max-images", "200", "--steps", "20"]  # 2 classes x 5 questions x 3 samples = 30 generations
+    args = [
+        "run",
+        "fashion-mnist",
+        "--backbone",
+        TINY,
+        "--templates",
+        "targeted",
+        "--max-classes",
+        "2",
+        "--samples",
+        "3",
+        "--max-images",
+        "200",
+        "--steps",
+        "20",
+    ]  # 2 classes x 5 questions x 3 samples = 30 generations
     env = {**os.environ, "PREFECT_LOGGING_LEVEL": "DEBUG"}  # the progress lines (at DEBUG) say when generation is under way
-    proc = subprocess.Popen([CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, stdin=subprocess.DEVNULL
+    )
     killed_at = None
     for line in proc.stdout:
         m = re.search(r"generating: (\d+)/30", line)
@@ -198,8 +257,14 @@ def test_a_run_killed_mid_generation_loses_only_what_was_in_flight(home, tmp_pat
     assert query(home, "SELECT status FROM runs ORDER BY started_at") == [("interrupted",), ("completed",)]
 
     other = tmp_path / "uninterrupted"
-    p = subprocess.run([CLI, *args], capture_output=True, text=True, env={**os.environ, "TEXTADAPT_HOME": str(other)},
-                       timeout=900, stdin=subprocess.DEVNULL)
+    p = subprocess.run(
+        [CLI, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TEXTADAPT_HOME": str(other)},
+        timeout=900,
+        stdin=subprocess.DEVNULL,
+    )
     assert p.returncode == 0, p.stderr
     answers = "SELECT key, raw_text FROM generations ORDER BY key"
     results = "SELECT method, top1, mean_per_class FROM results ORDER BY method"
@@ -235,12 +300,19 @@ def test_a_run_killed_with_kill_9_leaves_no_process_behind(home):
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         silent.settimeout(300)
-        env = {**os.environ, "TEXTADAPT_LLM_BASE_URL": f"http://127.0.0.1:{silent.getsockname()[1]}/v1",
-               "TEXTADAPT_LLM_TIMEOUT": "600"}
+        env = {
+            **os.environ,
+            "TEXTADAPT_LLM_BASE_URL": f"http://127.0.0.1:{silent.getsockname()[1]}/v1",
+            "TEXTADAPT_LLM_TIMEOUT": "600",
+        }
         env.pop("PREFECT_API_URL", None)
-        run = subprocess.Popen([CLI, "run", "fashion-mnist", "--llm", "openai:silent", "--backbone", TINY, "--max-classes", "2",
-                                "--train-only"], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)
+        run = subprocess.Popen(
+            [CLI, "run", "fashion-mnist", "--llm", "openai:silent", "--backbone", TINY, "--max-classes", "2", "--train-only"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         try:
             conn, _ = silent.accept()  # the flow runs, against the API, and asks the LLM server for its models
         except TimeoutError:

@@ -69,8 +69,14 @@ def test_noise_augmentation_narrows_a_modality_gap():
         y_img = np.repeat(np.arange(n), 100)
         gap = 0.8 * unit(rng.normal(size=dim))
         images = unit(u[y_img] + gap + rng.normal(scale=3.6 / np.sqrt(dim), size=(len(y_img), dim))).astype(np.float32)
-        acc = {s: score(predict(images, train_adapter("tap-head", text, y, n, TapRecipe(steps=300, seed=seed, noise_std=s)).weight),
-                        y_img, n).top1 for s in (0.0, 0.1)}
+        acc = {
+            s: score(
+                predict(images, train_adapter("tap-head", text, y, n, TapRecipe(steps=300, seed=seed, noise_std=s)).weight),
+                y_img,
+                n,
+            ).top1
+            for s in (0.0, 0.1)
+        }
         assert acc[0.1] > acc[0.0], acc
 
 
@@ -98,9 +104,19 @@ def test_tap_residual_trains_only_the_residual():
 def test_method_and_scoring_options():
     assert parse_methods(["tap", "zs-head+ot"]) == [("tap-head", "ce"), ("zs-head", "ot")]
     every = parse_methods(["all"])
-    assert every == [("tap-head", "ce"), ("tap-head", "ot"), ("zs-head", "ce"), ("zs-head", "ot"), ("tap-residual", "ce"),
-                     ("tap-residual", "ot"), ("taskres", "ce"), ("taskres", "ot"), ("tap-coop", "ce"), ("tap-coop", "ot"),
-                     ("protext", "l1")]
+    assert every == [
+        ("tap-head", "ce"),
+        ("tap-head", "ot"),
+        ("zs-head", "ce"),
+        ("zs-head", "ot"),
+        ("tap-residual", "ce"),
+        ("tap-residual", "ot"),
+        ("taskres", "ce"),
+        ("taskres", "ot"),
+        ("tap-coop", "ce"),
+        ("tap-coop", "ot"),
+        ("protext", "l1"),
+    ]
     names = [method_name(a, loss, "generic") for a, loss in every]
     assert len(set(names)) == len(names) and "protext:generic" in names and "taskres+ot:generic" in names
     # the old names are aliases: what is stored is the canonical name, so one recipe never has two names in results
@@ -132,9 +148,11 @@ def test_every_adapter_trains_through_the_harness(tiny_backbone, fmnist, home):
     from textadapt.store import Store
 
     spec, _ = restrict(fmnist, None, 3, None)
-    texts = {"T-shirt or top": ["a short-sleeved cotton top", "a plain t-shirt with a round neck", "a light summer top"],
-             "trouser": ["long trousers with two legs", "a pair of pants with a waistband", "straight-leg jeans"],
-             "pullover": ["a knitted pullover with long sleeves", "a warm wool sweater", "a thick jumper"]}
+    texts = {
+        "T-shirt or top": ["a short-sleeved cotton top", "a plain t-shirt with a round neck", "a light summer top"],
+        "trouser": ["long trousers with two legs", "a pair of pants with a waistband", "straight-leg jeans"],
+        "pullover": ["a knitted pullover with long sleeves", "a warm wool sweater", "a thick jumper"],
+    }
     entries = [("generic", f"{c}-{k}", spec.classes.index(c), t, None) for c, ts in texts.items() for k, t in enumerate(ts)]
     sets = pipeline.select(entries).sets
     store = Store(home / "textadapt.duckdb")

@@ -104,8 +104,10 @@ class CountingProxy:
         server_w = None
         try:
             server_r, server_w = await asyncio.open_connection(*self.upstream)
-            tasks = {asyncio.ensure_future(pipe(client_r, server_w, start)),
-                     asyncio.ensure_future(pipe(server_r, client_w, answered))}
+            tasks = {
+                asyncio.ensure_future(pipe(client_r, server_w, start)),
+                asyncio.ensure_future(pipe(server_r, client_w, answered)),
+            }
             try:
                 await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             finally:
@@ -186,9 +188,15 @@ def test_one_failing_request_does_not_stop_the_others(llama_server):
 
 def test_refused_connection_reports_the_url_without_the_key():
     port = free_port()  # nothing listens there
-    b = make_backend("openai:smollm2", Settings(
-        llm_base_url=f"http://127.0.0.1:{port}/v1", llm_api_key=KEY, llm_max_retries=1, llm_timeout=2,
-    ))
+    b = make_backend(
+        "openai:smollm2",
+        Settings(
+            llm_base_url=f"http://127.0.0.1:{port}/v1",
+            llm_api_key=KEY,
+            llm_max_retries=1,
+            llm_timeout=2,
+        ),
+    )
     reqs = requests(["sandal"], samples=2) + requests(["shirt"], samples=1)
     got = []
     with pytest.raises(LLMUnreachable) as err:  # the preflight: no request is sent
@@ -256,6 +264,7 @@ def test_a_flow_run_through_the_http_backend_keeps_requests_in_flight(llama_serv
     from pathlib import Path
 
     from conftest import TINY
+
     from textadapt.store import Store
 
     key = "sk-test-do-not-store-4f1c9"
@@ -264,9 +273,30 @@ def test_a_flow_run_through_the_http_backend_keeps_requests_in_flight(llama_serv
         monkeypatch.setenv("TEXTADAPT_LLM_API_KEY", key)
         monkeypatch.setenv("TEXTADAPT_LLM_CONCURRENCY", "4")
         p = subprocess.run(
-            [str(Path(sys.executable).parent / "textadapt"), "run", "fashion-mnist", "--llm", "openai:smollm2", "--backbone", TINY,
-             "--templates", "targeted", "--max-classes", "2", "--samples", "2", "--max-images", "100", "--steps", "10"],
-            capture_output=True, text=True, env=os.environ.copy(), timeout=900, stdin=subprocess.DEVNULL,
+            [
+                str(Path(sys.executable).parent / "textadapt"),
+                "run",
+                "fashion-mnist",
+                "--llm",
+                "openai:smollm2",
+                "--backbone",
+                TINY,
+                "--templates",
+                "targeted",
+                "--max-classes",
+                "2",
+                "--samples",
+                "2",
+                "--max-images",
+                "100",
+                "--steps",
+                "10",
+            ],
+            capture_output=True,
+            text=True,
+            env=os.environ.copy(),
+            timeout=900,
+            stdin=subprocess.DEVNULL,
         )
     assert p.returncode == 0, p.stdout + p.stderr
     # 2 classes x 5 questions x 2 samples, and the flow's preflight GET /models

@@ -27,9 +27,23 @@ from textadapt.prompts import list_templates
 from textadapt.store import Store
 
 TAP = Sampling()  # the recipe: temperature 0.99, 50 tokens, stop "."; top_p 1, nothing else
-SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repetition_penalty", "presence_penalty",
-                   "frequency_penalty", "max_tokens", "max_completion_tokens", "stop", "response_format", "typical_p",
-                   "mirostat_mode", "tfs_z"}
+SAMPLING_FIELDS = {
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repeat_penalty",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "max_tokens",
+    "max_completion_tokens",
+    "stop",
+    "response_format",
+    "typical_p",
+    "mirostat_mode",
+    "tfs_z",
+}
 
 
 def http_backend(url: str, model: str = "smollm2", **settings) -> OpenAIBackend:
@@ -54,10 +68,19 @@ def test_llama_server_receives_the_recipe_and_nothing_of_its_defaults(llama_serv
         got = list(b.generate([Request(f"k{i}", "What does a sandal look like?", sampling, seed=i) for i in (1, 2)]))
     assert b.server == "llama.cpp"  # learned from GET /models (owned_by "me")
     assert len(got) == 2 and all(a.text for _, a in got)
-    assert [sampled(s.body) for s in proxy.seen] == [{
-        "temperature": 0.99, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0,
-        "presence_penalty": 0.0, "frequency_penalty": 0.0, "max_tokens": 50, "stop": ["."],
-    }] * 2
+    assert [sampled(s.body) for s in proxy.seen] == [
+        {
+            "temperature": 0.99,
+            "top_p": 1.0,
+            "top_k": 0,
+            "min_p": 0.0,
+            "repeat_penalty": 1.0,
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0.0,
+            "max_tokens": 50,
+            "stop": ["."],
+        }
+    ] * 2
     assert all(a.params is None for _, a in got)  # sent as planned: the stored params are the key's
 
 
@@ -68,8 +91,16 @@ def test_the_cache_key_holds_all_of_the_sampling(fmnist):
     spec, _ = restrict(fmnist, None, 2, None)
     plain = plan_generations(spec, templates, "m", TAP, 1)
     params = next(p for p in plain if p.template.name.startswith("generic/")).sampling.as_dict()
-    assert params == {"temperature": 0.99, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
-                      "max_tokens": 50, "stop": ["."], "answer": "text"}
+    assert params == {
+        "temperature": 0.99,
+        "top_p": 1.0,
+        "top_k": 0,
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+        "max_tokens": 50,
+        "stop": ["."],
+        "answer": "text",
+    }
     structured = plan_generations(spec, templates, "m", Sampling(structured=True), 1)
     is_list = [p.template.parse == "list" for p in plain]
     assert any(is_list) and not all(is_list)
@@ -119,8 +150,20 @@ class ReasoningStandIn:
     OpenAI it refuses fields it does not know (top_k, min_p, ...). Errors are OpenAI's bodies with status 400.
     ``bodies`` lists every chat request's body, ``refused`` the (field, code) of each 400."""
 
-    KNOWN = {"model", "messages", "n", "seed", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop",
-             "presence_penalty", "frequency_penalty", "response_format"}
+    KNOWN = {
+        "model",
+        "messages",
+        "n",
+        "seed",
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "max_completion_tokens",
+        "stop",
+        "presence_penalty",
+        "frequency_penalty",
+        "response_format",
+    }
 
     def __init__(self):
         self.bodies: list[dict] = []
@@ -152,12 +195,26 @@ class ReasoningStandIn:
                     return self.send(400, {"error": error})
                 n = body.get("n") or 1
                 listed = "List" in body["messages"][0]["content"]
-                text = ('{"items": ["a soft sole", "two straps"]}' if body.get("response_format") else
-                        "- a soft sole\n- two straps" if listed else "A sandal has straps. And more")
-                self.send(200, {"id": "chatcmpl-1", "object": "chat.completion", "model": body["model"],
-                                "choices": [{"index": i, "finish_reason": "stop",
-                                             "message": {"role": "assistant", "content": text}} for i in range(n)],
-                                "usage": {"prompt_tokens": 12, "completion_tokens": 40 * n, "total_tokens": 12 + 40 * n}})
+                text = (
+                    '{"items": ["a soft sole", "two straps"]}'
+                    if body.get("response_format")
+                    else "- a soft sole\n- two straps"
+                    if listed
+                    else "A sandal has straps. And more"
+                )
+                self.send(
+                    200,
+                    {
+                        "id": "chatcmpl-1",
+                        "object": "chat.completion",
+                        "model": body["model"],
+                        "choices": [
+                            {"index": i, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
+                            for i in range(n)
+                        ],
+                        "usage": {"prompt_tokens": 12, "completion_tokens": 40 * n, "total_tokens": 12 + 40 * n},
+                    },
+                )
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
@@ -168,28 +225,53 @@ class ReasoningStandIn:
         """OpenAI's error for the first thing it refuses in ``body``, None if it takes it."""
         for name in body:
             if name not in cls.KNOWN:
-                return {"message": f"Unrecognized request argument supplied: {name}", "type": "invalid_request_error",
-                        "param": None, "code": None}
+                return {
+                    "message": f"Unrecognized request argument supplied: {name}",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": None,
+                }
         if body["model"] == "gpt-4-0613" and body.get("response_format"):  # an old model: no structured output
             if body["response_format"]["type"] == "json_schema":
-                return {"message": "Invalid parameter: 'response_format' of type 'json_schema' is not supported with this "
-                        "model.", "type": "invalid_request_error", "param": "response_format", "code": None}
-            return {"message": "'messages' must contain the word 'json' in some form, to use 'response_format' of type "
-                    "'json_object'.", "type": "invalid_request_error", "param": "messages", "code": None}
+                return {
+                    "message": "Invalid parameter: 'response_format' of type 'json_schema' is not supported with this model.",
+                    "type": "invalid_request_error",
+                    "param": "response_format",
+                    "code": None,
+                }
+            return {
+                "message": "'messages' must contain the word 'json' in some form, to use 'response_format' of type "
+                "'json_object'.",
+                "type": "invalid_request_error",
+                "param": "messages",
+                "code": None,
+            }
         if body["model"].startswith("gpt-4"):
             return None
         if "max_tokens" in body:
-            return {"message": "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
-                    "'max_completion_tokens' instead.", "type": "invalid_request_error", "param": "max_tokens",
-                    "code": "unsupported_parameter"}
+            return {
+                "message": "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+                "'max_completion_tokens' instead.",
+                "type": "invalid_request_error",
+                "param": "max_tokens",
+                "code": "unsupported_parameter",
+            }
         for name in ("temperature", "top_p"):
             if name in body and body[name] != 1:
-                return {"message": f"Unsupported value: '{name}' does not support {body[name]} with this model. Only the "
-                        "default (1) value is supported.", "type": "invalid_request_error", "param": name,
-                        "code": "unsupported_value"}
+                return {
+                    "message": f"Unsupported value: '{name}' does not support {body[name]} with this model. Only the "
+                    "default (1) value is supported.",
+                    "type": "invalid_request_error",
+                    "param": name,
+                    "code": "unsupported_value",
+                }
         if "stop" in body:
-            return {"message": "Unsupported parameter: 'stop' is not supported with this model.",
-                    "type": "invalid_request_error", "param": "stop", "code": "unsupported_parameter"}
+            return {
+                "message": "Unsupported parameter: 'stop' is not supported with this model.",
+                "type": "invalid_request_error",
+                "param": "stop",
+                "code": "unsupported_parameter",
+            }
         return None
 
     def close(self) -> None:
@@ -223,8 +305,15 @@ def test_a_reasoning_model_known_by_name_gets_only_what_it_takes(stand_in, fmnis
     # the stored params say what was sent, and what of the recipe was not (the report's source)
     for description, rejected, params in rows:
         assert params["api"] == "reasoning" and params["max_completion_tokens"] == 2098
-        assert not_sent(params) == {"temperature": 0.99, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
-                                    "max_tokens": 50, "stop": ["."]}
+        assert not_sent(params) == {
+            "temperature": 0.99,
+            "top_p": 1.0,
+            "top_k": 0,
+            "min_p": 0.0,
+            "repetition_penalty": 1.0,
+            "max_tokens": 50,
+            "stop": ["."],
+        }
         assert description == "A sandal has straps." and rejected is None  # cleaning keeps the first sentence
     # another generation than the chat recipe's for the same identity: the key differs
     chat = plan_generations(spec, list_templates(Settings().prompts_dir, ["generic"])[:1], b.identity, TAP, 2)
@@ -249,8 +338,9 @@ def test_a_chat_model_on_openai_gets_only_openais_fields(stand_in, fmnist, tmp_p
     spec, _ = restrict(fmnist, None, 2, None)
     b, plan, stats, rows = reasoning_run(stand_in, "gpt-4o-mini", tmp_path, spec)
     assert b.server == "openai" and stats.made == 4 and stand_in.refused == []
-    assert [sampled(body) for body in stand_in.bodies] == [{"temperature": 0.99, "top_p": 1.0, "max_tokens": 50, "stop": ["."],
-                                                           "presence_penalty": 0.0, "frequency_penalty": 0.0}] * 4
+    assert [sampled(body) for body in stand_in.bodies] == [
+        {"temperature": 0.99, "top_p": 1.0, "max_tokens": 50, "stop": ["."], "presence_penalty": 0.0, "frequency_penalty": 0.0}
+    ] * 4
     assert all("not_sent" not in p for _, _, p in rows)
 
 
@@ -283,8 +373,10 @@ def test_a_pinned_name_replaces_the_url_in_the_identity(monkeypatch):
     inside = make_backend("openai:qwen", Settings(llm_base_url="http://vllm:8000/v1", llm_name="lab-vllm"))
     outside = make_backend("openai:qwen", Settings(llm_base_url="http://10.1.2.3:8000/v1", llm_name="lab-vllm"))
     assert inside.identity == outside.identity == "openai:qwen@lab-vllm"
-    assert make_backend("openai:other", Settings(llm_base_url="http://vllm:8000/v1", llm_name="lab-vllm")).identity \
-        == "openai:other@lab-vllm"  # the model stays in it: one name, two models, two caches
+    assert (
+        make_backend("openai:other", Settings(llm_base_url="http://vllm:8000/v1", llm_name="lab-vllm")).identity
+        == "openai:other@lab-vllm"
+    )  # the model stays in it: one name, two models, two caches
     assert make_backend("openai:qwen", Settings(llm_base_url="http://vllm:8000/v1")).identity == "openai:qwen@http://vllm:8000/v1"
     monkeypatch.setenv("TEXTADAPT_LLM_NAME", "lab vllm")
     with pytest.raises(TextadaptError, match="TEXTADAPT_LLM_NAME"):
@@ -315,9 +407,29 @@ def test_a_run_against_a_closed_port_fails_in_seconds(tmp_path, home):
     url = f"http://127.0.0.1:{free_port()}/v1"
     env = {**os.environ, "TEXTADAPT_LLM_BASE_URL": url}
     t0 = time.monotonic()
-    p = subprocess.run([str(Path(sys.executable).parent / "textadapt"), "run", "fashion-mnist", "--llm", "openai:smollm2",
-                        "--backbone", TINY, "--templates", "generic", "--max-classes", "3", "--train-only", "--steps", "5"],
-                       capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL)
+    p = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "textadapt"),
+            "run",
+            "fashion-mnist",
+            "--llm",
+            "openai:smollm2",
+            "--backbone",
+            TINY,
+            "--templates",
+            "generic",
+            "--max-classes",
+            "3",
+            "--train-only",
+            "--steps",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
     seconds = time.monotonic() - t0
     shown = " ".join(p.stderr.split())
     assert p.returncode == 2, p.stdout + p.stderr
@@ -345,14 +457,42 @@ def test_in_process_llama_cpp_is_given_every_sampler(monkeypatch):
     monkeypatch.setattr(Llama, "create_chat_completion", watched)
     b = make_backend("llama-cpp:smollm2", Settings(threads=2))
     sampling = b.sampling(Sampling(max_tokens=40))
-    reqs = [Request("s", "What does a sandal look like?", sampling, seed=1),
-            Request("l", "List three features of a sandal.", sampling.for_template("list"), seed=1)]
+    reqs = [
+        Request("s", "What does a sandal look like?", sampling, seed=1),
+        Request("l", "List three features of a sandal.", sampling.for_template("list"), seed=1),
+    ]
     got = dict((r.key, a) for r, a in b.generate(reqs))
     b.close()
-    assert {k: seen[0][k] for k in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "typical_p", "tfs_z",
-                                     "mirostat_mode", "presence_penalty", "frequency_penalty", "max_tokens", "stop")} == {
-        "temperature": 0.99, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0, "typical_p": 1.0, "tfs_z": 1.0,
-        "mirostat_mode": 0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "max_tokens": 40, "stop": ["."]}
+    assert {
+        k: seen[0][k]
+        for k in (
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "repeat_penalty",
+            "typical_p",
+            "tfs_z",
+            "mirostat_mode",
+            "presence_penalty",
+            "frequency_penalty",
+            "max_tokens",
+            "stop",
+        )
+    } == {
+        "temperature": 0.99,
+        "top_p": 1.0,
+        "top_k": 0,
+        "min_p": 0.0,
+        "repeat_penalty": 1.0,
+        "typical_p": 1.0,
+        "tfs_z": 1.0,
+        "mirostat_mode": 0,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "max_tokens": 40,
+        "stop": ["."],
+    }
     assert seen[0]["response_format"] is None
     assert seen[1]["response_format"] == {"type": "json_object", "schema": LIST_SCHEMA} and seen[1]["stop"] == []
     assert got["l"].text.lstrip().startswith("{")
@@ -393,17 +533,33 @@ def test_vllm_engine_args_reach_the_engine_and_sampling_is_explicit(monkeypatch)
     fake = FakeVLLM()
     monkeypatch.setitem(sys.modules, "vllm", fake.vllm)
     monkeypatch.setitem(sys.modules, "vllm.sampling_params", fake.sp)
-    args = {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.85, "max_model_len": 4096, "dtype": "bfloat16",
-            "quantization": "awq"}
+    args = {
+        "tensor_parallel_size": 2,
+        "gpu_memory_utilization": 0.85,
+        "max_model_len": 4096,
+        "dtype": "bfloat16",
+        "quantization": "awq",
+    }
     monkeypatch.setenv("TEXTADAPT_VLLM_ENGINE_ARGS", json.dumps(args))
     b = make_backend("vllm:Qwen/Qwen2.5-7B-Instruct-AWQ")
     assert b.identity == 'vllm:Qwen/Qwen2.5-7B-Instruct-AWQ[{"dtype":"bfloat16","quantization":"awq"}]'
     sampling = b.sampling(TAP)
     got = list(b.generate([Request("a", "q", sampling, seed=3), Request("b", "q", sampling.for_template("list"), seed=4)]))
     assert fake.llm_kwargs == [{"model": "Qwen/Qwen2.5-7B-Instruct-AWQ", **args}]
-    assert fake.params[0] == {"n": 1, "temperature": 0.99, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
-                              "presence_penalty": 0.0, "frequency_penalty": 0.0, "max_tokens": 50, "stop": ["."], "seed": 3,
-                              "structured_outputs": None}
+    assert fake.params[0] == {
+        "n": 1,
+        "temperature": 0.99,
+        "top_p": 1.0,
+        "top_k": 0,
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "max_tokens": 50,
+        "stop": ["."],
+        "seed": 3,
+        "structured_outputs": None,
+    }
     assert fake.params[1]["structured_outputs"] == ("structured", {"json": LIST_SCHEMA}) and fake.params[1]["stop"] is None
     assert got[0][1].text == "A sandal has straps."
     # the default identity is unchanged; bad arguments are named

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY
 from PIL import Image
 
-from conftest import TINY
 from textadapt import TextadaptError
 from textadapt.checks import check_dataset, preflight
 from textadapt.config import Settings
@@ -32,17 +32,31 @@ pytestmark = pytest.mark.skipif(
 )
 CLI = str(Path(sys.executable).parent / "textadapt")
 # class folder -> the stamps folder its PNGs come from (11 classes, 198 images, 10 to 35 per class)
-FOLDERS = {"birds": "animals/birds", "bovines": "animals/mammals/bovines", "chess_pieces": "symbols/chess", "clothes": "clothes",
-           "fish": "animals/fish", "flowers": "plants/flowers", "fruit": "food/fruit", "hand_tools": "household/tools",
-           "planets": "space/planets", "road_signs": "town/roadsigns", "vegetables": "food/vegetables"}
+FOLDERS = {
+    "birds": "animals/birds",
+    "bovines": "animals/mammals/bovines",
+    "chess_pieces": "symbols/chess",
+    "clothes": "clothes",
+    "fish": "animals/fish",
+    "flowers": "plants/flowers",
+    "fruit": "food/fruit",
+    "hand_tools": "household/tools",
+    "planets": "space/planets",
+    "road_signs": "town/roadsigns",
+    "vegetables": "food/vegetables",
+}
 BLACK_PAWN = STAMPS / "symbols" / "chess" / "b_6_pawn.png"
-FILLED = {"domain": "a cut-out photo on a plain background", "category": "kind of object",
-          "task": "Recognise which kind of object a cut-out photo shows."}
+FILLED = {
+    "domain": "a cut-out photo on a plain background",
+    "category": "kind of object",
+    "task": "Recognise which kind of object a cut-out photo shows.",
+}
 
 
 def textadapt(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([CLI, *args], capture_output=True, text=True, env=os.environ.copy(), timeout=900,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [CLI, *args], capture_output=True, text=True, env=os.environ.copy(), timeout=900, stdin=subprocess.DEVNULL
+    )
 
 
 @pytest.fixture
@@ -77,13 +91,24 @@ def test_an_image_folder_becomes_a_dataset_with_two_commands_and_runs(cutouts, h
     path = home / "datasets" / "cutouts.toml"
     assert f"wrote {path}: 11 classes, 198 images" in made.stdout
     spec = load_spec(path)
-    assert spec.classes == ["birds", "bovines", "chess pieces", "clothes", "fish", "flowers", "fruit", "hand tools", "planets",
-                            "road signs", "vegetables"]  # sorted folders, readable names
+    assert spec.classes == [
+        "birds",
+        "bovines",
+        "chess pieces",
+        "clothes",
+        "fish",
+        "flowers",
+        "fruit",
+        "hand tools",
+        "planets",
+        "road signs",
+        "vegetables",
+    ]  # sorted folders, readable names
     assert spec.images[0].folders[2] == "chess_pieces" and spec.images[0].split == ""  # the mapping is kept; no split folder
 
     # Until the wording is written, check (and run) refuse, naming each field with its file and line.
     listed = textadapt("datasets").stdout
-    row = listed[listed.index("│ cutouts"):listed.index("│ dtd")]  # the table wraps the row over lines
+    row = listed[listed.index("│ cutouts") : listed.index("│ dtd")]  # the table wraps the row over lines
     assert "11 (to fill in:" in row and all(f"prompting.{f}" in row for f in ("domain", "category", "task")), listed
     refused = textadapt("datasets", "check", "cutouts")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
@@ -100,8 +125,22 @@ def test_an_image_folder_becomes_a_dataset_with_two_commands_and_runs(cutouts, h
     descriptions = {c: [f"A cut-out photo of {c}.", f"Some {c} on a white background."] for c in spec.classes}
     (home / "d.json").write_text(json.dumps(descriptions))
     assert textadapt("descriptions", "import", str(home / "d.json"), "--dataset", "cutouts", "--source", "mine").returncode == 0
-    run = textadapt("run", "cutouts", "--backbone", TINY, "--templates", "", "--sources", "mine", "--max-images", "22",
-                    "--steps", "5", "--seeds", "1")
+    run = textadapt(
+        "run",
+        "cutouts",
+        "--backbone",
+        TINY,
+        "--templates",
+        "",
+        "--sources",
+        "mine",
+        "--max-images",
+        "22",
+        "--steps",
+        "5",
+        "--seeds",
+        "1",
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     report = Path(re.search(r"report: (\S+\.md)", run.stdout).group(1)).read_text()
     assert "test images: 22 from `folder:" in report and "11 classes" in report
@@ -119,11 +158,13 @@ def break_everything(cutouts: Path, home: Path) -> list[str]:
     (cutouts / "insects").mkdir()  # a class folder the spec does not list
     shutil.copy(STAMPS / "animals/insects/bee.png", cutouts / "insects")
     (home / "reports").write_text("")  # the report folder cannot be created
-    return [rf"{re.escape(str(path))}:\d+: field 'prompting.domain' is still a placeholder",
-            rf"{re.escape(str(cutouts / 'birds' / 'crow.png'))}: cannot be decoded: image file is truncated",
-            rf"{re.escape(str(cutouts / 'fish' / 'notes.png'))}: not an image Pillow can read",
-            rf"{re.escape(str(cutouts))}: 1 folder\(s\) of images are no class of {re.escape(str(path))}: insects",
-            rf"{re.escape(str(home / 'reports'))}: the report folder is a file, not a folder"]
+    return [
+        rf"{re.escape(str(path))}:\d+: field 'prompting.domain' is still a placeholder",
+        rf"{re.escape(str(cutouts / 'birds' / 'crow.png'))}: cannot be decoded: image file is truncated",
+        rf"{re.escape(str(cutouts / 'fish' / 'notes.png'))}: not an image Pillow can read",
+        rf"{re.escape(str(cutouts))}: 1 folder\(s\) of images are no class of {re.escape(str(path))}: insects",
+        rf"{re.escape(str(home / 'reports'))}: the report folder is a file, not a folder",
+    ]
 
 
 def test_a_run_names_every_bad_input_at_once_before_any_llm_call(cutouts, home):
@@ -131,7 +172,7 @@ def test_a_run_names_every_bad_input_at_once_before_any_llm_call(cutouts, home):
     run = textadapt("run", "cutouts", "--backbone", TINY, "--samples", "1")  # the default templates: an LLM would be asked
     shown = run.stdout + run.stderr
     assert run.returncode == 2 and "Traceback" not in shown, shown
-    error = run.stderr[run.stderr.index("error: "):]
+    error = run.stderr[run.stderr.index("error: ") :]
     assert "5 problem(s), found before any LLM call" in error
     for pattern in expected:
         assert re.search(pattern, error), f"{pattern!r} not in:\n{error}"
@@ -149,20 +190,29 @@ def test_check_names_every_bad_input_without_prefect_or_the_cache(cutouts, home)
     assert "4 problem(s) in dataset 'cutouts'" in checked.stderr
     assert not (home / "textadapt.duckdb").exists()
     # the same command in a fresh interpreter never imports Prefect
-    probe = ("import sys; from textadapt.cli import app\n"
-             "try: app(['datasets', 'check', 'cutouts'])\nexcept SystemExit: pass\n"
-             "print('prefect imported' if 'prefect' in sys.modules else 'no prefect')")
+    probe = (
+        "import sys; from textadapt.cli import app\n"
+        "try: app(['datasets', 'check', 'cutouts'])\nexcept SystemExit: pass\n"
+        "print('prefect imported' if 'prefect' in sys.modules else 'no prefect')"
+    )
     p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=os.environ.copy(), timeout=300)
     assert p.stdout.strip().endswith("no prefect"), p.stdout + p.stderr
 
 
-@pytest.mark.parametrize("breaks, message", [
-    (lambda d, h: (d / "planets").rename(d / "planet"),
-     r"no folder for class 8 'planets'.*\n?.*1 folder\(s\) of images are no class of \S+: planet"),
-    (lambda d, h: [f.unlink() for f in (d / "fish").iterdir()], r"no test image for classes \['fish'\]"),
-    (lambda d, h: fill_in(h / "datasets" / "cutouts.toml", task="FILL IN: later"),
-     r"field 'prompting.task' is still a placeholder"),
-])
+@pytest.mark.parametrize(
+    "breaks, message",
+    [
+        (
+            lambda d, h: (d / "planets").rename(d / "planet"),
+            r"no folder for class 8 'planets'.*\n?.*1 folder\(s\) of images are no class of \S+: planet",
+        ),
+        (lambda d, h: [f.unlink() for f in (d / "fish").iterdir()], r"no test image for classes \['fish'\]"),
+        (
+            lambda d, h: fill_in(h / "datasets" / "cutouts.toml", task="FILL IN: later"),
+            r"field 'prompting.task' is still a placeholder",
+        ),
+    ],
+)
 def test_layout_problems_are_listed_with_what_to_do(cutouts, home, breaks, message):
     new_dataset(cutouts, home)
     breaks(cutouts, home)
@@ -192,8 +242,11 @@ def test_split_folders_are_found_or_the_error_says_where_to_look(tmp_path, cutou
 
     path = new_dataset(cutouts, home)  # a plain ImageFolder, but the spec says split = "test"
     path.write_text(path.read_text().replace('split = ""', 'split = "test"'))
-    with pytest.raises(TextadaptError, match=rf"looked for class folders in {re.escape(str(cutouts / 'test'))}; "
-                                              rf"{re.escape(str(cutouts))} itself holds class folders: set split = \"\""):
+    with pytest.raises(
+        TextadaptError,
+        match=rf"looked for class folders in {re.escape(str(cutouts / 'test'))}; "
+        rf"{re.escape(str(cutouts))} itself holds class folders: set split = \"\"",
+    ):
         load_test_images(find_spec("cutouts", Settings().dataset_search_path), home)
 
 
@@ -205,8 +258,13 @@ def test_datasets_new_refuses_what_it_cannot_do_cleanly(tmp_path, cutouts, home)
         write_new_spec("empty", tmp_path / "cutouts" / "birds", home / "datasets")  # PNGs, but no class folders
     with pytest.raises(TextadaptError, match=r"dataset name 'my data'"):
         write_new_spec("my data", cutouts, home / "datasets")
-    assert [readable_name(f) for f in ("001.Black_footed_Albatross", "ApplyEyeMakeup", "sea_turtle", "T-shirt", "n01443537")] == \
-        ["Black footed Albatross", "Apply Eye Makeup", "sea turtle", "T-shirt", "n01443537"]
+    assert [readable_name(f) for f in ("001.Black_footed_Albatross", "ApplyEyeMakeup", "sea_turtle", "T-shirt", "n01443537")] == [
+        "Black footed Albatross",
+        "Apply Eye Makeup",
+        "sea turtle",
+        "T-shirt",
+        "n01443537",
+    ]
 
 
 def test_max_images_takes_an_even_seeded_share_of_every_class(cutouts, home):

@@ -90,16 +90,19 @@ def test_docs_option_table_is_current():
     assert all(f"`{a}`" in text for a in ALL_ADAPTERS)  # what --methods accepts, from the harness itself
 
 
-@pytest.mark.parametrize("args, says", [
-    (["run", "fashion-mnist", "--prior", "emty-text"], "Invalid value for '--prior'"),
-    (["run", "fashion-mnist", "--scoring", "plain,iig"], "Invalid value for '--scoring'"),
-    (["run", "fashion-mnist", "--methods", "tap-hed"], "unknown adapter 'tap-hed'"),
-    (["run", "fashion-mnist", "--samples", "0"], "Invalid value for '--samples'"),
-    (["run", "fashion-mnist", "--task-runner", "ray"], "Invalid value for '--task-runner'"),
-    (["schedule", "fashion-mnist", "--cron", "0 3 * * *", "--prior", "none"], "Invalid value for '--prior'"),
-    (["sql", "--format", "yaml", "SELECT 1"], "Invalid value for '--format'"),
-    (["predict", "x.json", "y.png", "--format", "yaml"], "Invalid value for '--format'"),
-])
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["run", "fashion-mnist", "--prior", "emty-text"], "Invalid value for '--prior'"),
+        (["run", "fashion-mnist", "--scoring", "plain,iig"], "Invalid value for '--scoring'"),
+        (["run", "fashion-mnist", "--methods", "tap-hed"], "unknown adapter 'tap-hed'"),
+        (["run", "fashion-mnist", "--samples", "0"], "Invalid value for '--samples'"),
+        (["run", "fashion-mnist", "--task-runner", "ray"], "Invalid value for '--task-runner'"),
+        (["schedule", "fashion-mnist", "--cron", "0 3 * * *", "--prior", "none"], "Invalid value for '--prior'"),
+        (["sql", "--format", "yaml", "SELECT 1"], "Invalid value for '--format'"),
+        (["predict", "x.json", "y.png", "--format", "yaml"], "Invalid value for '--format'"),
+    ],
+)
 def test_a_bad_choice_is_refused_as_the_command_line_is_read(home, args, says):
     result = invoke(*args)
     assert result.exit_code == 2, result.output
@@ -118,8 +121,15 @@ def test_help_shows_every_default_including_the_settings_ones(monkeypatch):
     monkeypatch.setenv("TEXTADAPT_BACKBONE", "RN50:openai")
     monkeypatch.setenv("COLUMNS", "250")
     text = invoke("run", "--help").output
-    for shown in ("RN50:openai", "llama-cpp:smollm2", "generic,targeted", "[default: 7777]", "[default: empty-text]",
-                  "[default: threads]", "[default: tap-head]"):
+    for shown in (
+        "RN50:openai",
+        "llama-cpp:smollm2",
+        "generic,targeted",
+        "[default: 7777]",
+        "[default: empty-text]",
+        "[default: threads]",
+        "[default: tap-head]",
+    ):
         assert shown in text, shown
     assert "Settings.backbone" in text  # where that default comes from
 
@@ -133,8 +143,12 @@ def test_version():
 
 def test_csv_lines_end_with_a_newline_only(home):
     Store(home / "textadapt.duckdb").close()
-    p = subprocess.run([CLI, "sql", "--format", "csv", "SELECT 1 AS a, 'x,y' AS b UNION ALL SELECT 2, 'z'"],
-                       capture_output=True, env={**__import__("os").environ}, timeout=120)
+    p = subprocess.run(
+        [CLI, "sql", "--format", "csv", "SELECT 1 AS a, 'x,y' AS b UNION ALL SELECT 2, 'z'"],
+        capture_output=True,
+        env={**__import__("os").environ},
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout == b'a,b\n1,"x,y"\n2,z\n'
 
@@ -162,8 +176,13 @@ def test_only_the_flows_import_prefect():
         if "flows" in path.relative_to(REPO / "textadapt").parts:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             assert not [n for n in names if n == "prefect" or n.startswith("prefect.")], f"{path} imports Prefect"
 
 

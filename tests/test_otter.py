@@ -89,8 +89,12 @@ def world(seed, n_classes=8, dim=64, per_class=30, ambiguous=6, class_spread=0.5
             x.append(unit(centre + noise * unit(rng.normal(size=dim))))
             y.append(c)
             leans.append(other)
-    return (torch.tensor(np.array(x), dtype=torch.float32), torch.tensor(y), np.array(leans),
-            torch.tensor(u, dtype=torch.float32))
+    return (
+        torch.tensor(np.array(x), dtype=torch.float32),
+        torch.tensor(y),
+        np.array(leans),
+        torch.tensor(u, dtype=torch.float32),
+    )
 
 
 def teacher_at(classes, scale=100.0):
@@ -170,8 +174,8 @@ def test_loss_equals_otters_when_every_class_is_one_pair():
     theirs = otter_image_loss(img_logits, target, alpha=0.5)
     entropy = -(target * torch.log(target.clamp_min(1e-30))).sum(dim=1).mean()
     assert torch.allclose(ours, theirs + 0.5 * entropy, atol=1e-5)
-    g_ours, = torch.autograd.grad(ours, logits)
-    g_theirs, = torch.autograd.grad(otter_image_loss(logits[:, y], target, 0.5), logits)
+    (g_ours,) = torch.autograd.grad(ours, logits)
+    (g_theirs,) = torch.autograd.grad(otter_image_loss(logits[:, y], target, 0.5), logits)
     assert torch.allclose(g_ours, g_theirs, atol=1e-6)
 
 

@@ -143,7 +143,9 @@ def test_match_objective_moves_classes_towards_their_descriptions(tiny_backbone,
     means = np.stack([x[y == c].mean(axis=0) for c in range(len(NAMES))])
     means /= np.linalg.norm(means, axis=1, keepdims=True)
     start = train_prompt_learner(tiny_backbone, x, y, NAMES, PromptRecipe(steps=0))
-    head = train_prompt_learner(tiny_backbone, x, y, NAMES, PromptRecipe(steps=40, lr=1e-2, objective="match", match_loss=match_loss))
+    head = train_prompt_learner(
+        tiny_backbone, x, y, NAMES, PromptRecipe(steps=40, lr=1e-2, objective="match", match_loss=match_loss)
+    )
     assert head.losses[-1] < head.losses[0]
     cos_before, cos_after = (start.weight * means).sum(1), (head.weight * means).sum(1)
     assert cos_after.mean() > cos_before.mean() + 0.2, (cos_before, cos_after)
@@ -223,7 +225,7 @@ def protext_text_encoder(model, prompts, tokens, deep, depth, n_ctx):
     x = prompts + model.positional_embedding
     for i, block in enumerate(model.transformer.resblocks):
         if 0 < i < depth:
-            x = torch.cat([x[:, :1], deep[i - 1].expand(x.shape[0], -1, -1), x[:, 1 + n_ctx:]], dim=1)
+            x = torch.cat([x[:, :1], deep[i - 1].expand(x.shape[0], -1, -1), x[:, 1 + n_ctx :]], dim=1)
         x = block(x, attn_mask=model.attn_mask)
     x = model.ln_final(x)
     return x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ model.text_projection
@@ -232,7 +234,7 @@ def protext_text_encoder(model, prompts, tokens, deep, depth, n_ctx):
 def protext_prompts(model, ctx, tokens, n_ctx):
     """VLPromptLearner.forward: the prompt's token embeddings with the n_ctx after the start token replaced by ctx."""
     embedding = model.token_embedding(tokens)
-    return torch.cat([embedding[:, :1], ctx.unsqueeze(0).expand(len(tokens), -1, -1), embedding[:, 1 + n_ctx:]], dim=1)
+    return torch.cat([embedding[:, :1], ctx.unsqueeze(0).expand(len(tokens), -1, -1), embedding[:, 1 + n_ctx :]], dim=1)
 
 
 @pytest.mark.parametrize("dataset", ["oxford-pets", "dtd"])  # 4 vectors from "a photo of a"; 16 random ones in "X .. X {c}."
@@ -254,7 +256,7 @@ def test_protext_trains_as_protexts_code(tiny_backbone, dataset):
     n_ctx, depth = recipe.n_ctx, 2  # depth 9, capped at the tiny tower's 2 layers
     assert start.depth == depth and start.deep.shape == (1, n_ctx, 64)
     if recipe.ctx_init:  # ProText's init: the token embeddings of "a photo of a" (protext.py:88-95)
-        assert torch.equal(start.ctx, model.token_embedding(tok(["a photo of a"])[0, 1:1 + n_ctx]))
+        assert torch.equal(start.ctx, model.token_embedding(tok(["a photo of a"])[0, 1 : 1 + n_ctx]))
         prompt = "a photo of a {}."
     else:
         prompt = " ".join(["X"] * n_ctx) + " {}."
@@ -277,8 +279,18 @@ def test_protext_trains_as_protexts_code(tiny_backbone, dataset):
         final = protext_text_encoder(model, protext_prompts(model, ctx, tokens, n_ctx), tokens, deep, depth, n_ctx)
     assert head.losses[0] == pytest.approx(first, rel=1e-5)
     np.testing.assert_allclose(head.weight, F.normalize(final, dim=-1).numpy(), atol=2e-5)
-    assert np.abs(head.weight - F.normalize(protext_text_encoder(model, protext_prompts(model, start.ctx, tokens, n_ctx), tokens,
-                                                                 start.deep, depth, n_ctx), dim=-1).detach().numpy()).max() > 1e-3
+    assert (
+        np.abs(
+            head.weight
+            - F.normalize(
+                protext_text_encoder(model, protext_prompts(model, start.ctx, tokens, n_ctx), tokens, start.deep, depth, n_ctx),
+                dim=-1,
+            )
+            .detach()
+            .numpy()
+        ).max()
+        > 1e-3
+    )
 
 
 def test_protext_recipe_per_dataset():

@@ -38,8 +38,13 @@ def waffle_reference(class_names: list[str], rep: int, word_list: list[str], cha
     def make_descriptor_sentence(d):
         if d.startswith("a") or d.startswith("an"):
             return f"which is {d}"
-        elif (d.startswith("has") or d.startswith("often") or d.startswith("typically") or d.startswith("may")
-              or d.startswith("can")):
+        elif (
+            d.startswith("has")
+            or d.startswith("often")
+            or d.startswith("typically")
+            or d.startswith("may")
+            or d.startswith("can")
+        ):
             return f"which {d}"
         elif d.startswith("used"):
             return f"which is {d}"
@@ -130,7 +135,7 @@ def test_waffle_score_is_the_mean_of_the_similarities(tiny_backbone, fmnist, tmp
     scale = harness.logit_scale(tiny_backbone)
     for rep, weight in [(waffle.seeds[0], waffle.weights[0]), (waffle.seeds[-1], waffle.weights[-1])]:  # two draws: time
         texts = harness.waffle_texts(fmnist.classes, rep)
-        per_class = [texts[i * 30:(i + 1) * 30] for i in range(len(fmnist.classes))]
+        per_class = [texts[i * 30 : (i + 1) * 30] for i in range(len(fmnist.classes))]
         with torch.inference_mode():
             encodings = [F.normalize(tiny_backbone.model.encode_text(tiny_backbone.tokenizer(v))) for v in per_class]
             theirs = torch.stack([(images @ v.T).mean(dim=1) for v in encodings], dim=1).numpy()
@@ -154,8 +159,13 @@ def dclip_reference(descriptors: dict[str, list[str]]) -> dict[str, list[str]]:
     def make_descriptor_sentence(d):
         if d.startswith("a") or d.startswith("an"):
             return f"which is {d}"
-        elif (d.startswith("has") or d.startswith("often") or d.startswith("typically") or d.startswith("may")
-              or d.startswith("can")):
+        elif (
+            d.startswith("has")
+            or d.startswith("often")
+            or d.startswith("typically")
+            or d.startswith("may")
+            or d.startswith("can")
+        ):
             return f"which {d}"
         elif d.startswith("used"):
             return f"which is {d}"
@@ -171,9 +181,16 @@ def dclip_reference(descriptors: dict[str, list[str]]) -> dict[str, list[str]]:
 
 def test_dclip_sentences_and_score_are_the_references(tiny_backbone, fmnist, tmp_path):
     descriptors = {  # DCLIP's descriptor lists are lower-case and have no final period
-        "T-shirt or top": ["a short-sleeved garment", "an item worn on the upper body", "has a round neck",
-                           "used for casual wear", "can be printed with designs", "often made of cotton", "typically loose",
-                           "short sleeves"],
+        "T-shirt or top": [
+            "a short-sleeved garment",
+            "an item worn on the upper body",
+            "has a round neck",
+            "used for casual wear",
+            "can be printed with designs",
+            "often made of cotton",
+            "typically loose",
+            "short sleeves",
+        ],
         "trouser": ["two long legs", "may have pockets", "a zip fly"],
         "pullover": [],  # no descriptor: DCLIP scores the class on its name with the empty descriptor
     }
@@ -205,8 +222,11 @@ def test_cupl_class_weights_are_the_references(tiny_backbone, fmnist, tmp_path):
     """classify_imagenet.py ``zeroshot_classifier_gpt`` lines 39-63 (use_both False): per class, the
     normalised embeddings of its descriptions (tokenised with truncate=True), averaged, renormalised."""
     described = {
-        "T-shirt or top": ["A T-shirt is a short-sleeved top.", "It has a round neck and no buttons.",
-                           "A plain cotton shirt " + "with a small printed logo on its front " * 12 + "."],  # > 77 tokens
+        "T-shirt or top": [
+            "A T-shirt is a short-sleeved top.",
+            "It has a round neck and no buttons.",
+            "A plain cotton shirt " + "with a small printed logo on its front " * 12 + ".",
+        ],  # > 77 tokens
         "trouser": ["Trousers cover both legs from the waist to the ankles."],
     }
     classes = list(described)
@@ -252,8 +272,10 @@ def test_tap_head_is_lafters_training_loop():
     initial = text_adapter[0].weight.detach().clone()
     params = [(f"text_adapter.{k}", p) for k, p in text_adapter.named_parameters()]
     no_decay = ["bias", "LayerNorm.bias", "LayerNorm.weight"]
-    groups = [{"params": [p for n, p in params if not any(nd in n for nd in no_decay)], "weight_decay": 0.01},
-              {"params": [p for n, p in params if any(nd in n for nd in no_decay)], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for n, p in params if not any(nd in n for nd in no_decay)], "weight_decay": 0.01},
+        {"params": [p for n, p in params if any(nd in n for nd in no_decay)], "weight_decay": 0.0},
+    ]
     optimizer = torch.optim.AdamW(groups, lr=0.001, betas=(0.9, 0.999))
     criteria = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     noise_stream = torch.Generator().manual_seed(seed)
@@ -293,9 +315,10 @@ def test_coca_caption_likelihood_is_open_clips_caption_loss():
     with torch.inference_mode():
         for i in range(len(images)):
             for j, caption in enumerate(captions):
-                out = model(pixels[i:i + 1], coca.tokenizer([caption]))
-                _, caption_loss = loss(out["image_features"], out["text_features"], out["logits"], out["labels"],
-                                       out["logit_scale"])
+                out = model(pixels[i : i + 1], coca.tokenizer([caption]))
+                _, caption_loss = loss(
+                    out["image_features"], out["text_features"], out["logits"], out["labels"], out["logit_scale"]
+                )
                 theirs[i, j] = -caption_loss.item() * int((out["labels"] != model.pad_id).sum())
     ours = caption_log_likelihood(coca, images, captions)
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)

@@ -88,36 +88,71 @@ def scored_run(tmp_path_factory, tiny_backbone, fmnist):
             for k, text in enumerate(texts):
                 key = f"{set_name}-{class_name}-{k}"
                 tokens[key] = (10 + k, len(text.split()))
-                store.add_generation(Generation(
-                    key=key, dataset=spec.name, class_name=class_name, template=f"{set_name}/look", template_hash="h",
-                    model="test", prompt="?", params={}, sample_index=k, raw_text=text, description=text, rejected=None,
-                    prompt_tokens=tokens[key][0], completion_tokens=tokens[key][1], seconds=0.5))
+                store.add_generation(
+                    Generation(
+                        key=key,
+                        dataset=spec.name,
+                        class_name=class_name,
+                        template=f"{set_name}/look",
+                        template_hash="h",
+                        model="test",
+                        prompt="?",
+                        params={},
+                        sample_index=k,
+                        raw_text=text,
+                        description=text,
+                        rejected=None,
+                        prompt_tokens=tokens[key][0],
+                        completion_tokens=tokens[key][1],
+                        seconds=0.5,
+                    )
+                )
                 entries.append((set_name, key, spec.classes.index(class_name), text, None))
     selection = pipeline.select(entries)
     store.link_generations(run_id, selection.links)
     options = RunOptions(dataset="fashion-mnist", methods=["tap-head", "zs-head"], seed=1, seeds=2, steps=20)
     config = harness.HarnessConfig.from_options(options, steps=20)
     free, _ = harness.training_free(tiny_backbone, spec, store, selection.sets, set())
-    trained, _ = harness.adapted(tiny_backbone, spec, store, selection.sets, harness.teacher_prototypes(free), config,
-                                 log=lambda *_: None)
+    trained, _ = harness.adapted(
+        tiny_backbone, spec, store, selection.sets, harness.teacher_prototypes(free), config, log=lambda *_: None
+    )
     image_emb, _ = encode_images(tiny_backbone, images, store)
     results = harness.evaluate(free + trained, image_emb, images.labels, len(spec.classes), ["plain"], None)
     # A method the report has never heard of: it must show up everywhere all the same.
     w = np.random.default_rng(0).normal(size=trained[0].weights[0].shape)
     s = score(predict(image_emb, w), images.labels, 3)
-    results.append(harness.MethodResult("future-method:x", harness.Classifier("future-method:x", "adapted", [w], [0]), "plain", s, [s]))
+    results.append(
+        harness.MethodResult("future-method:x", harness.Classifier("future-method:x", "adapted", [w], [0]), "plain", s, [s])
+    )
     gains = harness.gains(results, images.labels, len(spec.classes))
     best = harness.save(store, run_id, spec, results, gains, images)
     scores = {r.method: r.score for r in results}
     heads = {c.method: c.heads[0] for c in trained}
     report = RunReport(
-        run_id=run_id, spec=spec, backbone_spec="textadapt-tiny:random", backbone_id=tiny_backbone.id, untrained=True,
-        arch=tiny_backbone.arch, llm="test", image_source=images.source, n_images=len(images),
-        generation=pipeline.GenerationStats(planned=len(entries), cached=len(entries), made=0), sets=selection.sets,
-        scores=scores, heads=heads, best_baseline=best, text_encoder_calls=0, image_encoder_calls=len(images), steps=20, seed=1,
+        run_id=run_id,
+        spec=spec,
+        backbone_spec="textadapt-tiny:random",
+        backbone_id=tiny_backbone.id,
+        untrained=True,
+        arch=tiny_backbone.arch,
+        llm="test",
+        image_source=images.source,
+        n_images=len(images),
+        generation=pipeline.GenerationStats(planned=len(entries), cached=len(entries), made=0),
+        sets=selection.sets,
+        scores=scores,
+        heads=heads,
+        best_baseline=best,
+        text_encoder_calls=0,
+        image_encoder_calls=len(images),
+        steps=20,
+        seed=1,
         stage_seconds={"generation": 1.5, "training": 0.25, "scoring": 0.125},
-        examples={c: DESCRIPTIONS["generic"][c][-1:] for c in spec.classes}, results=results, seeds=config.seeds,
-        llm_usage=store.llm_usage(run_id), gains=gains,
+        examples={c: DESCRIPTIONS["generic"][c][-1:] for c in spec.classes},
+        results=results,
+        seeds=config.seeds,
+        llm_usage=store.llm_usage(run_id),
+        gains=gains,
     )
     yield report, store, tokens
     store.close()
@@ -155,24 +190,30 @@ def test_html_report_is_self_contained_and_matches_the_scores(run, tmp_path):
     methods = [r.method for r in report.results]
     assert "future-method:x" in methods and "zs-head:targeted" in methods
     per_class = table_starting(page, "class", "images", *methods)
-    rows = store.sql("SELECT method, class_index, n_images, accuracy, delta, delta_low, delta_high FROM class_results "
-                     f"WHERE run_id = '{report.run_id}'")[1]
+    rows = store.sql(
+        "SELECT method, class_index, n_images, accuracy, delta, delta_low, delta_high FROM class_results "
+        f"WHERE run_id = '{report.run_id}'"
+    )[1]
     db = {(m, i): (n, acc, (delta, low, high)) for m, i, n, acc, delta, low, high in rows}
     kinds = dict(store.sql(f"SELECT method, kind FROM results WHERE run_id = '{report.run_id}'")[1])
     adapted = [m for m in methods if kinds[m] == "adapted"]
     assert len(adapted) == 5  # tap-head and zs-head on two sets, and the unknown one
-    assert per_class[0][2 + len(methods):] == [f"delta {m}" for m in adapted]
+    assert per_class[0][2 + len(methods) :] == [f"delta {m}" for m in adapted]
     for i, row in enumerate(per_class[1:]):
         assert row[0] == report.spec.classes[i] and row[1] == str(db[(methods[0], i)][0])
-        assert row[2:2 + len(methods)] == [f"{100 * db[(m, i)][1]:.1f}" for m in methods]
-        assert row[2 + len(methods):] == [gain(*db[(m, i)][2]) for m in adapted]
+        assert row[2 : 2 + len(methods)] == [f"{100 * db[(m, i)][1]:.1f}" for m in methods]
+        assert row[2 + len(methods) :] == [gain(*db[(m, i)][2]) for m in adapted]
         assert all(low <= delta <= high for m in adapted for delta, low, high in [db[(m, i)][2]])
 
     gains = table_starting(page, "method", "kind", "scoring", "training texts", "top-1 %")
-    results = {m: row for m, *row in store.sql(
-        "SELECT method, kind, top1, top1_std, mean_per_class, mean_per_class_std, baseline, delta_top1, delta_top1_low, "
-        "delta_top1_high, delta_mean_per_class, delta_mean_per_class_low, delta_mean_per_class_high "
-        f"FROM results WHERE run_id = '{report.run_id}'")[1]}
+    results = {
+        m: row
+        for m, *row in store.sql(
+            "SELECT method, kind, top1, top1_std, mean_per_class, mean_per_class_std, baseline, delta_top1, delta_top1_low, "
+            "delta_top1_high, delta_mean_per_class, delta_mean_per_class_low, delta_mean_per_class_high "
+            f"FROM results WHERE run_id = '{report.run_id}'"
+        )[1]
+    }
     assert [r[0] for r in gains[1:]] == methods
 
     def pm(x, std):
@@ -197,9 +238,18 @@ def test_html_report_is_self_contained_and_matches_the_scores(run, tmp_path):
 
     # Tokens: the sum over the run's generations, per template set and in all.
     usage = table_starting(page, "template set", "generations", "prompt tokens", "completion tokens")
-    assert usage[1][:4] == ["generic", "7", str(sum(p for k, (p, _) in tokens.items() if k.startswith("generic"))),
-                            str(sum(c for k, (_, c) in tokens.items() if k.startswith("generic")))]
-    assert usage[-1][:4] == ["all", str(len(tokens)), str(sum(p for p, _ in tokens.values())), str(sum(c for _, c in tokens.values()))]
+    assert usage[1][:4] == [
+        "generic",
+        "7",
+        str(sum(p for k, (p, _) in tokens.items() if k.startswith("generic"))),
+        str(sum(c for k, (_, c) in tokens.items() if k.startswith("generic"))),
+    ]
+    assert usage[-1][:4] == [
+        "all",
+        str(len(tokens)),
+        str(sum(p for p, _ in tokens.values())),
+        str(sum(c for _, c in tokens.values())),
+    ]
     assert table_starting(page, "stage", "seconds")[1:] == [["generation", "1.5"], ["training", "0.2"], ["scoring", "0.1"]]
     assert page.startswith("<!DOCTYPE html>") and "UNTRAINED BACKBONE" in page
 
@@ -250,8 +300,10 @@ def test_stored_gains_are_the_scores_with_intervals_around_them(run):
         assert predicted.shape == (len(r.per_seed), report.n_images)
         assert (predicted == labels).mean(axis=1).tolist() == pytest.approx([s.top1 for s in r.per_seed])
     hashes, _ = store.run_images(report.run_id)
-    embedded = store.sql("SELECT count(DISTINCT image_hash) FROM image_embeddings WHERE image_hash IN "
-                         f"(SELECT image_hash FROM run_images WHERE run_id = '{report.run_id}')")[1][0][0]
+    embedded = store.sql(
+        "SELECT count(DISTINCT image_hash) FROM image_embeddings WHERE image_hash IN "
+        f"(SELECT image_hash FROM run_images WHERE run_id = '{report.run_id}')"
+    )[1][0][0]
     assert embedded == len(set(hashes)) > 1  # the hashes are the image embeddings' keys
 
 

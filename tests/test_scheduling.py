@@ -23,10 +23,34 @@ from textadapt.store import Store
 
 CLI = str(Path(sys.executable).parent / "textadapt")
 PREFECT = str(Path(sys.executable).parent / "prefect")
-SMALL = ["--backbone", TINY, "--templates", "", "--sources", "shapes", "--max-classes", "2", "--max-images", "20",
-         "--samples", "1", "--steps", "5", "--seeds", "1"]
-SMALL_PARAMETERS = {"backbone": TINY, "template_sets": [], "sources": ["shapes"], "max_classes": 2, "max_images": 20,
-                    "samples": 1, "steps": 5, "seeds": 1}  # the same as a flow's parameters (prefect.yaml)
+SMALL = [
+    "--backbone",
+    TINY,
+    "--templates",
+    "",
+    "--sources",
+    "shapes",
+    "--max-classes",
+    "2",
+    "--max-images",
+    "20",
+    "--samples",
+    "1",
+    "--steps",
+    "5",
+    "--seeds",
+    "1",
+]
+SMALL_PARAMETERS = {
+    "backbone": TINY,
+    "template_sets": [],
+    "sources": ["shapes"],
+    "max_classes": 2,
+    "max_images": 20,
+    "samples": 1,
+    "steps": 5,
+    "seeds": 1,
+}  # the same as a flow's parameters (prefect.yaml)
 SCHEDULED_RUN_SECONDS = 240  # a minute boundary, the scheduler's and the poller's loops, and a run of seconds (on 2 busy cores)
 
 
@@ -50,8 +74,10 @@ def service(prefect_server, home, monkeypatch, tmp_path):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     monkeypatch.setenv("PREFECT_API_URL", prefect_server)
-    described = {"T-shirt or top": ["a short-sleeved top with a round neck", "a plain cotton t-shirt"],
-                 "trouser": ["two long trouser legs side by side", "a pair of long pants with a waistband"]}
+    described = {
+        "T-shirt or top": ["a short-sleeved top with a round neck", "a plain cotton t-shirt"],
+        "trouser": ["two long trouser legs side by side", "a pair of long pants with a waistband"],
+    }
     (tmp_path / "shapes.json").write_text(json.dumps(described))
     cli("descriptions", "import", str(tmp_path / "shapes.json"), "--dataset", "fashion-mnist", "--source", "shapes")
     with temporary_settings({PREFECT_API_URL: prefect_server}):
@@ -97,8 +123,12 @@ def test_a_cron_schedule_fires_and_serve_runs_it(service, home, tmp_path):
     with client() as c:
         deployment = c.read_deployment_by_name("textadapt-adapt/fashion-mnist")
     with Background("textadapt serve", [CLI, "serve"], tmp_path) as serve:
-        run = wait_for("a scheduled run of textadapt-adapt/fashion-mnist to finish", lambda: finished_scheduled_run(deployment.id),
-                       SCHEDULED_RUN_SECONDS, serve)
+        run = wait_for(
+            "a scheduled run of textadapt-adapt/fashion-mnist to finish",
+            lambda: finished_scheduled_run(deployment.id),
+            SCHEDULED_RUN_SECONDS,
+            serve,
+        )
         assert run.state.is_completed(), f"{run.state.name}: {run.state.message}\n{serve.log()}"
     print(f"schedule to a completed scheduled run: {time.monotonic() - t0:.0f} s")
     assert_made_by_the_scheduler(run)
@@ -127,8 +157,12 @@ def test_a_prefect_yaml_deployment_runs_on_a_process_worker(service, home, tmp_p
         assert c.read_work_pool(pool).concurrency_limit == 1
     assert registered.work_pool_name == pool and registered.global_concurrency_limit.limit == 1
     with Background("prefect worker", [PREFECT, "worker", "start", "--pool", pool], tmp_path, cwd=tmp_path) as worker:
-        run = wait_for(f"a scheduled run of {deployment['name']} to finish", lambda: finished_scheduled_run(registered.id),
-                       SCHEDULED_RUN_SECONDS, worker)
+        run = wait_for(
+            f"a scheduled run of {deployment['name']} to finish",
+            lambda: finished_scheduled_run(registered.id),
+            SCHEDULED_RUN_SECONDS,
+            worker,
+        )
         assert run.state.is_completed(), f"{run.state.name}: {run.state.message}\n{worker.log()}"
     print(f"prefect deploy to a completed scheduled run on the worker: {time.monotonic() - t0:.0f} s")
     assert_made_by_the_scheduler(run)
@@ -176,8 +210,10 @@ def deploy_yaml(folder: Path, deployments: list[dict]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     # the pool as `prefect deploy` fills it in from PREFECT_DEFAULT_WORK_POOL_NAME (tests/test_compose.py deploys the template)
     pool = {"{{ $PREFECT_DEFAULT_WORK_POOL_NAME }}": "textadapt"}
-    deployments = [d | {"work_pool": {**d["work_pool"], "name": pool.get(d["work_pool"]["name"], d["work_pool"]["name"])}}
-                   for d in deployments]
+    deployments = [
+        d | {"work_pool": {**d["work_pool"], "name": pool.get(d["work_pool"]["name"], d["work_pool"]["name"])}}
+        for d in deployments
+    ]
     (folder / "prefect.yaml").write_text(yaml.safe_dump({**shipped, "deployments": deployments}))
     with client() as c:
         pools = {p.name for p in c.read_work_pools()}
@@ -188,9 +224,15 @@ def deploy_yaml(folder: Path, deployments: list[dict]) -> None:
 
 def shape(d) -> dict:
     """What a deployment is, as the server has it."""
-    return dict(id=d.id, parameters=d.parameters, tags=sorted(d.tags), pool=d.work_pool_name, updated=d.updated,
-                schedules=[(s.schedule.cron, s.schedule.timezone, s.active) for s in d.schedules],
-                limit=d.global_concurrency_limit.limit if d.global_concurrency_limit else None)
+    return dict(
+        id=d.id,
+        parameters=d.parameters,
+        tags=sorted(d.tags),
+        pool=d.work_pool_name,
+        updated=d.updated,
+        schedules=[(s.schedule.cron, s.schedule.timezone, s.active) for s in d.schedules],
+        limit=d.global_concurrency_limit.limit if d.global_concurrency_limit else None,
+    )
 
 
 def test_schedule_and_prefect_yaml_never_replace_each_others_deployment(service, tmp_path):
@@ -238,8 +280,19 @@ def test_serve_serves_what_schedule_made_and_nothing_else(service, tmp_path, hom
     from textadapt.flows.adapt import adapt
 
     cli("schedule", "fashion-mnist", "--cron", "0 3 * * *", *SMALL)
-    cli("schedule", "fashion-mnist", "--cron", "0 4 * * 1", "--timezone", "Europe/Paris", "--name", "mondays", *SMALL,
-        "--max-classes", "3")
+    cli(
+        "schedule",
+        "fashion-mnist",
+        "--cron",
+        "0 4 * * 1",
+        "--timezone",
+        "Europe/Paris",
+        "--name",
+        "mondays",
+        *SMALL,
+        "--max-classes",
+        "3",
+    )
     deploy_yaml(tmp_path / "project", yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"][:1])
     adapt.to_deployment(name="by-hand", tags=["textadapt"], parameters={"dataset": "fashion-mnist"}).apply()  # no pool
     served, others = ["fashion-mnist", "mondays"], ["fashion-mnist-nightly", "by-hand"]
@@ -248,12 +301,17 @@ def test_serve_serves_what_schedule_made_and_nothing_else(service, tmp_path, hom
     assert all(before[n]["id"] for n in served + others)
 
     with Background("textadapt serve", [CLI, "serve"], tmp_path) as serve:
+
         def status():
             with client() as c:
                 return {n: c.read_deployment_by_name(f"textadapt-adapt/{n}").status for n in served + others}
 
-        wait_for("serve to poll schedule's deployments", lambda: True if all(
-            status()[n] == DeploymentStatus.READY for n in served) else None, 120, serve)
+        wait_for(
+            "serve to poll schedule's deployments",
+            lambda: True if all(status()[n] == DeploymentStatus.READY for n in served) else None,
+            120,
+            serve,
+        )
         time.sleep(25)  # two more of the runner's polls (every 10 s)
         assert [status()[n] for n in others] == [DeploymentStatus.NOT_READY] * 2, serve.log()
 

@@ -21,13 +21,28 @@ from textadapt.config import RunOptions
 from textadapt.store import Store
 
 CLI = str(Path(sys.executable).parent / "textadapt")
-SUBSET = ["--backbone", TINY, "--templates", "targeted", "--max-classes", "2", "--max-images", "20", "--samples", "1",
-          "--steps", "10", "--batch-size", "8"]  # 2 classes x 5 questions x 1 sample = 10 generations
+SUBSET = [
+    "--backbone",
+    TINY,
+    "--templates",
+    "targeted",
+    "--max-classes",
+    "2",
+    "--max-images",
+    "20",
+    "--samples",
+    "1",
+    "--steps",
+    "10",
+    "--batch-size",
+    "8",
+]  # 2 classes x 5 questions x 1 sample = 10 generations
 
 
 def textadapt(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run([CLI, *args], capture_output=True, text=True, env=env or os.environ.copy(), timeout=900,
-                       stdin=subprocess.DEVNULL)
+    p = subprocess.run(
+        [CLI, *args], capture_output=True, text=True, env=env or os.environ.copy(), timeout=900, stdin=subprocess.DEVNULL
+    )
     if check and p.returncode != 0:
         raise AssertionError(f"textadapt {' '.join(args)} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
     return p
@@ -62,10 +77,17 @@ def test_schedule_registers_a_cron_deployment_that_serve_runs(prefect_api, llama
         first = client.read_deployment_by_name("textadapt-adapt/fashion-mnist")
         assert [s.schedule.cron for s in first.schedules] == ["0 3 * * *"]
         options = RunOptions.parse(first.parameters)  # one parameter per run option given
-        assert (options.max_classes, options.samples, options.template_sets, options.llm) == (2, 1, ["targeted"], "openai:smollm2")
+        assert (options.max_classes, options.samples, options.template_sets, options.llm) == (
+            2,
+            1,
+            ["targeted"],
+            "openai:smollm2",
+        )
         assert "seeds" not in first.parameters  # an option left at its default is not pinned in the deployment
     # Scheduling again updates the same deployment: one schedule, the new cron.
-    textadapt("schedule", "fashion-mnist", "--cron", "30 4 * * 1", "--timezone", "Europe/Paris", *SUBSET, "--llm", "openai:smollm2")
+    textadapt(
+        "schedule", "fashion-mnist", "--cron", "30 4 * * 1", "--timezone", "Europe/Paris", *SUBSET, "--llm", "openai:smollm2"
+    )
     with get_client(sync_client=True) as client:
         again = client.read_deployment_by_name("textadapt-adapt/fashion-mnist")
         assert again.id == first.id
@@ -77,8 +99,12 @@ def test_schedule_registers_a_cron_deployment_that_serve_runs(prefect_api, llama
 
     # `textadapt serve` runs a triggered run of the deployment to completion.
     with CountingProxy(llama_server) as proxy:
-        env = {**os.environ, "TEXTADAPT_LLM_BASE_URL": proxy.url, "TEXTADAPT_LLM_CONCURRENCY": "4",
-               "PREFECT_LOGGING_LEVEL": "DEBUG"}  # the progress lines ("generating: 0/10") are at DEBUG
+        env = {
+            **os.environ,
+            "TEXTADAPT_LLM_BASE_URL": proxy.url,
+            "TEXTADAPT_LLM_CONCURRENCY": "4",
+            "PREFECT_LOGGING_LEVEL": "DEBUG",
+        }  # the progress lines ("generating: 0/10") are at DEBUG
         log = home / "serve.log"
         home.mkdir(parents=True, exist_ok=True)
         with open(log, "wb") as f:
@@ -110,8 +136,9 @@ def test_schedule_registers_a_cron_deployment_that_serve_runs(prefect_api, llama
     assert limit.active_slots == 0  # every slot given back
 
     # `textadapt runs` lists it from the cache, with its gain over zero-shot.
-    [(run_id, status, options, flow_run_id)] = query(home / "textadapt.duckdb",
-                                                     "SELECT run_id, status, options, flow_run_id FROM runs")
+    [(run_id, status, options, flow_run_id)] = query(
+        home / "textadapt.duckdb", "SELECT run_id, status, options, flow_run_id FROM runs"
+    )
     assert status == "completed"
     options = RunOptions.model_validate_json(options)
     assert (options.seeds, options.backbone, options.max_classes, options.llm) == (1, TINY, 2, "openai:smollm2")
@@ -131,8 +158,20 @@ def test_a_partial_override_keeps_the_deployments_other_parameters(prefect_api):
 
     from textadapt.flows.adapt import adapt
 
-    textadapt("schedule", "fashion-mnist", "--cron", "0 3 * * *", "--name", "override", "--backbone", TINY, "--max-classes", "2",
-              "--prior", "blank-image")
+    textadapt(
+        "schedule",
+        "fashion-mnist",
+        "--cron",
+        "0 3 * * *",
+        "--name",
+        "override",
+        "--backbone",
+        TINY,
+        "--max-classes",
+        "2",
+        "--prior",
+        "blank-image",
+    )
     run = run_deployment("textadapt-adapt/override", parameters={"max_classes": 3}, timeout=0)  # as the UI's "custom run"
     with get_client(sync_client=True) as client:
         parameters = client.read_flow_run(run.id).parameters
@@ -159,12 +198,22 @@ def test_dask_runner_gives_the_same_generations_and_metrics(llama_server, prefec
     # differs between runners. Greedy answers do not (temperature 0).
     args = ["run", "fashion-mnist", *SUBSET, "--llm", "openai:smollm2", "--temperature", "0"]
     base = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # the temporary local API
-    base.update(TEXTADAPT_LLM_BASE_URL=llama_server, PREFECT_LOGGING_LEVEL="INFO",
-                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")  # 2 busy cores: the default 20 s is short
+    base.update(
+        TEXTADAPT_LLM_BASE_URL=llama_server, PREFECT_LOGGING_LEVEL="INFO", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120"
+    )  # 2 busy cores: the default 20 s is short
     homes = {"threads": tmp_path / "threads", "dask": tmp_path / "dask"}
     textadapt(*args, env={**base, "TEXTADAPT_HOME": str(homes["threads"]), "PREFECT_API_URL": prefect_server})
-    dask = textadapt(*args, "--task-runner", "dask", env={**base, "TEXTADAPT_HOME": str(homes["dask"]),
-                                                          "TEXTADAPT_DASK_WORKERS": "2", "TEXTADAPT_DASK_THREADS_PER_WORKER": "1"})
+    dask = textadapt(
+        *args,
+        "--task-runner",
+        "dask",
+        env={
+            **base,
+            "TEXTADAPT_HOME": str(homes["dask"]),
+            "TEXTADAPT_DASK_WORKERS": "2",
+            "TEXTADAPT_DASK_THREADS_PER_WORKER": "1",
+        },
+    )
     logs = dask.stdout + dask.stderr
     assert re.search(r"Dask: a local cluster, 2 workers, 2 threads", logs), logs[-3000:]
     flow_process = re.search(r"the cache is written by this process \((\S+)\)", logs).group(1)
@@ -279,8 +328,8 @@ def test_a_failed_batch_is_retried_and_cached_answers_are_not_asked_again(llama_
 
     from textadapt import pipeline
     from textadapt.config import Settings
-    from textadapt.llm import Sampling, make_backend
     from textadapt.flows.workers import Workers
+    from textadapt.llm import Sampling, make_backend
     from textadapt.prompts import list_templates
 
     with FailingFirst(llama_server, fail=2) as proxy:
@@ -295,8 +344,16 @@ def test_a_failed_batch_is_retried_and_cached_answers_are_not_asked_again(llama_
         @flow
         def generate(first_n: int):
             with Workers.open("threads", settings) as workers:
-                return pipeline.generate(plan[:first_n], backend, store, spec, lambda done, total: seen.append((done, total)),
-                                         runner=workers, llm_spec="openai:smollm2", settings=settings)
+                return pipeline.generate(
+                    plan[:first_n],
+                    backend,
+                    store,
+                    spec,
+                    lambda done, total: seen.append((done, total)),
+                    runner=workers,
+                    llm_spec="openai:smollm2",
+                    settings=settings,
+                )
 
         with Store(home / "textadapt.duckdb") as store:
             first = generate(4)  # 2 batches (class 0 x 2 templates x 2 samples); the first 2 requests fail
@@ -316,4 +373,6 @@ def test_schedule_without_a_prefect_server_says_how_to_get_one(monkeypatch):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     for args in (["schedule", "fashion-mnist", "--cron", "0 3 * * *"], ["serve"]):
         result = CliRunner().invoke(app, args)
-        assert result.exit_code == 2 and "PREFECT_API_URL" in result.output and "prefect server start" in result.output, result.output
+        assert result.exit_code == 2 and "PREFECT_API_URL" in result.output and "prefect server start" in result.output, (
+            result.output
+        )

@@ -56,8 +56,9 @@ def test_the_harness_names_every_text_it_encodes(tiny_backbone, fmnist, tmp_path
     """Once ``texts_to_encode`` is embedded (in batches, up front), the training-free classifiers and the
     adapters find every text they need in the cache: they encode nothing themselves."""
     spec, _ = restrict(fmnist, None, 3, None)
-    selection = pipeline.select([("targeted", f"k{c}{i}", c, f"a {spec.classes[c]} with {i} buttons.", None)
-                                 for c in range(3) for i in range(3)])
+    selection = pipeline.select(
+        [("targeted", f"k{c}{i}", c, f"a {spec.classes[c]} with {i} buttons.", None) for c in range(3) for i in range(3)]
+    )
     options = RunOptions(dataset=spec.name, methods=["tap-head", "zs-head+ot", "taskres"], seeds=2, steps=5)
     config = harness.HarnessConfig.from_options(options, steps=5)
     with Store(tmp_path / "c.duckdb") as store:
@@ -66,8 +67,9 @@ def test_the_harness_names_every_text_it_encodes(tiny_backbone, fmnist, tmp_path
         encoded = pipeline.embed_texts(tiny_backbone, texts, store, batch_size=64, progress=lambda d, t: seen.append((d, t)))
         assert encoded == len(set(texts)) and seen[-1] == (encoded, encoded) and len(seen) > 2  # several batches
         free, k = harness.training_free(tiny_backbone, spec, store, selection.sets, {"targeted"})
-        trained, n = harness.adapted(tiny_backbone, spec, store, selection.sets, harness.teacher_prototypes(free), config,
-                                     log=lambda *_: None)
+        trained, n = harness.adapted(
+            tiny_backbone, spec, store, selection.sets, harness.teacher_prototypes(free), config, log=lambda *_: None
+        )
     assert (k, n) == (0, 0)
     assert {c.method for c in free} >= {"waffle", "cupl:targeted", "dclip:targeted"} and len(trained) == 3
 
@@ -81,8 +83,9 @@ def test_a_stage_draws_a_bar_on_a_terminal_and_logs_elsewhere():
     logger.addHandler(handler)
     try:
         # a console like Prefect's log handler's: a theme of its own, without Rich's default styles
-        terminal = Console(file=io.StringIO(), force_terminal=True, width=100,
-                           theme=Theme({"log.info_level": "cyan"}, inherit=False))
+        terminal = Console(
+            file=io.StringIO(), force_terminal=True, width=100, theme=Theme({"log.info_level": "cyan"}, inherit=False)
+        )
         with stage_progress("generating", logger, terminal) as progress:
             for done in range(0, 41):
                 progress(done, 40)

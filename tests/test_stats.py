@@ -17,8 +17,17 @@ def classifiers(n: int, acc_a: float, acc_b: float, n_classes: int = 4, seed: in
 def test_two_identical_classifiers_gain_nothing_for_sure():
     labels, a, _ = classifiers(500, 0.6, 0.6)
     d = stats.differences(a[None], a, labels, 4, ["same"], "ref")
-    for arr in (d.top1, d.top1_low, d.top1_high, d.mean_per_class, d.mean_per_class_low, d.mean_per_class_high,
-                d.per_class, d.per_class_low, d.per_class_high):
+    for arr in (
+        d.top1,
+        d.top1_low,
+        d.top1_high,
+        d.mean_per_class,
+        d.mean_per_class_low,
+        d.mean_per_class_high,
+        d.per_class,
+        d.per_class_low,
+        d.per_class_high,
+    ):
         assert np.all(arr == 0)
     assert stats.paired_bootstrap(a, a) == stats.Interval(0.0, 0.0, 0.0)
     assert stats.mcnemar(a > 0, a > 0) == stats.McNemar(0, 0, 1.0)
@@ -59,9 +68,16 @@ def test_mcnemar_is_scipys_exact_binomial_test(only_a, only_b):
 def test_top1_interval_agrees_with_scipys_paired_bootstrap():
     labels, a, b = classifiers(400, 0.55, 0.65, seed=3)
     ours = stats.paired_bootstrap(b, a, n_resamples=20000)
-    ref = scipy_stats.bootstrap((b, a), lambda x, y, axis: x.mean(axis=axis) - y.mean(axis=axis), paired=True,
-                                vectorized=True, n_resamples=20000, method="percentile", confidence_level=0.95,
-                                random_state=np.random.default_rng(7)).confidence_interval
+    ref = scipy_stats.bootstrap(
+        (b, a),
+        lambda x, y, axis: x.mean(axis=axis) - y.mean(axis=axis),
+        paired=True,
+        vectorized=True,
+        n_resamples=20000,
+        method="percentile",
+        confidence_level=0.95,
+        random_state=np.random.default_rng(7),
+    ).confidence_interval
     # Two Monte Carlo estimates of the same percentiles: each off by about 0.05 points at this size.
     assert ours.low == pytest.approx(ref.low, abs=0.003) and ours.high == pytest.approx(ref.high, abs=0.003)
     assert ours.value == pytest.approx(b.mean() - a.mean())
@@ -86,9 +102,15 @@ def test_per_class_intervals_resample_each_class_on_its_own():
     mean_per_class = np.zeros(20000)
     for k in range(3):
         x, y = b[labels == k], a[labels == k]
-        ref = scipy_stats.bootstrap((x, y), lambda x, y, axis: x.mean(axis=axis) - y.mean(axis=axis), paired=True,
-                                    vectorized=True, n_resamples=20000, method="percentile",
-                                    random_state=np.random.default_rng(k)).confidence_interval
+        ref = scipy_stats.bootstrap(
+            (x, y),
+            lambda x, y, axis: x.mean(axis=axis) - y.mean(axis=axis),
+            paired=True,
+            vectorized=True,
+            n_resamples=20000,
+            method="percentile",
+            random_state=np.random.default_rng(k),
+        ).confidence_interval
         got = d.class_interval("b", k)
         assert got.value == pytest.approx(x.mean() - y.mean())
         assert got.low == pytest.approx(ref.low, abs=0.006) and got.high == pytest.approx(ref.high, abs=0.006)

@@ -14,7 +14,16 @@ def test_new_file_gets_the_current_schema(tmp_path):
     with Store(tmp_path / "c.duckdb") as s:
         assert s.sql("SELECT value FROM textadapt_meta WHERE key = 'schema_version'")[1] == [(str(SCHEMA_VERSION),)]
         tables = {r[0] for r in s.sql("SELECT table_name FROM information_schema.tables")[1]}
-    assert {"generations", "descriptions", "text_embeddings", "image_embeddings", "runs", "run_generations", "results", "class_results"} <= tables
+    assert {
+        "generations",
+        "descriptions",
+        "text_embeddings",
+        "image_embeddings",
+        "runs",
+        "run_generations",
+        "results",
+        "class_results",
+    } <= tables
 
 
 def test_embeddings_round_trip_and_are_keyed_by_backbone(tmp_path):
@@ -71,8 +80,10 @@ def test_migration_from_version_1_keeps_every_row(tmp_path):
     con.execute("CREATE TABLE textadapt_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
     con.execute("INSERT INTO textadapt_meta VALUES ('schema_version', '1')")
     con.execute(MIGRATIONS[0])
-    con.execute("INSERT INTO generations (key, dataset, class_name, template, template_hash, model, prompt, params, sample_index, "
-                "description) VALUES ('k1', 'd', 'bag', 'generic/look', 'h', 'm', 'p', '{}', 0, 'a bag with handles.')")
+    con.execute(
+        "INSERT INTO generations (key, dataset, class_name, template, template_hash, model, prompt, params, sample_index, "
+        "description) VALUES ('k1', 'd', 'bag', 'generic/look', 'h', 'm', 'p', '{}', 0, 'a bag with handles.')"
+    )
     con.execute("INSERT INTO run_generations VALUES ('r1', 'k1', 8)")
     con.close()
     with Store(path) as s:
@@ -86,7 +97,9 @@ def test_descriptions_view_has_one_row_per_list_item(tmp_path):
     from textadapt.store import Generation
 
     with Store(tmp_path / "c.duckdb") as s:
-        s.add_generations([Generation("k", "d", "shirt", "attributes/x", "h", "m", "p", {}, 0, "raw", "long sleeves\na collar", None)])
+        s.add_generations(
+            [Generation("k", "d", "shirt", "attributes/x", "h", "m", "p", {}, 0, "raw", "long sleeves\na collar", None)]
+        )
         assert s.sql("SELECT description FROM descriptions ORDER BY 1")[1] == [("a collar",), ("long sleeves",)]
 
 
@@ -97,11 +110,17 @@ def test_the_duckdb_shell_opens_the_cache(tmp_path):
     from textadapt.store import Generation
 
     with Store(tmp_path / "c.duckdb") as s:
-        s.add_generations([Generation("k", "d", "bag", "generic/look", "h", "m", "p", {}, 0, "raw", "A bag with two handles.", None)])
+        s.add_generations(
+            [Generation("k", "d", "bag", "generic/look", "h", "m", "p", {}, 0, "raw", "A bag with two handles.", None)]
+        )
     shell = shutil.which("duckdb", path=str(Path(sys.executable).parent))
     assert shell, "the duckdb shell (duckdb-cli) is not installed"
-    out = subprocess.run([shell, "-readonly", "-csv", str(tmp_path / "c.duckdb"), "-c", "SELECT class_name, description FROM descriptions"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [shell, "-readonly", "-csv", str(tmp_path / "c.duckdb"), "-c", "SELECT class_name, description FROM descriptions"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["class_name,description", "bag,A bag with two handles."]
 
@@ -122,9 +141,11 @@ def test_predictions_round_trip_and_answer_sql(tmp_path):
         assert s.predictions("r1", "waffle") is None and s.run_images("nope")[0] == []
         assert s.sql("SELECT count(*) FROM predictions WHERE run_id = 'r1'")[1] == [(100,)]
         # per-seed accuracy in SQL, as docs/schema.md shows it, is numpy's
-        rows = s.sql("SELECT s.seed, avg((p.predicted[s.seed] = i.label)::INT) FROM predictions p "
-                     "JOIN run_images i USING (run_id, image_index), range(1, 4) s(seed) "
-                     "WHERE p.run_id = 'r1' AND p.method = 'tap-head:targeted' GROUP BY ALL ORDER BY 1")[1]
+        rows = s.sql(
+            "SELECT s.seed, avg((p.predicted[s.seed] = i.label)::INT) FROM predictions p "
+            "JOIN run_images i USING (run_id, image_index), range(1, 4) s(seed) "
+            "WHERE p.run_id = 'r1' AND p.method = 'tap-head:targeted' GROUP BY ALL ORDER BY 1"
+        )[1]
         assert [a for _, a in rows] == pytest.approx((predicted["tap-head:targeted"] == labels).mean(axis=1).tolist())
 
 
@@ -137,8 +158,10 @@ def test_migration_to_predictions_keeps_results(tmp_path):
     con.execute("INSERT INTO textadapt_meta VALUES ('schema_version', '3')")
     for sql in MIGRATIONS[:3]:
         con.execute(sql)
-    con.execute("INSERT INTO results (run_id, method, kind, top1, mean_per_class, n_images) "
-                "VALUES ('r', 'waffle', 'zero-shot', 0.5, 0.4, 9)")
+    con.execute(
+        "INSERT INTO results (run_id, method, kind, top1, mean_per_class, n_images) "
+        "VALUES ('r', 'waffle', 'zero-shot', 0.5, 0.4, 9)"
+    )
     con.execute("INSERT INTO class_results VALUES ('r', 'waffle', 0, 'bag', 9, 0.5, 0.0)")
     con.close()
     with Store(path) as s:
@@ -149,8 +172,10 @@ def test_migration_to_predictions_keeps_results(tmp_path):
 
 def test_every_table_view_and_column_says_what_it_means_inside_the_file(tmp_path):
     with Store(tmp_path / "c.duckdb") as s:
-        missing = s.query("SELECT schema_name, table_name, column_name FROM duckdb_columns() "
-                          "WHERE schema_name IN ('main', 'stored') AND NOT internal AND comment IS NULL")
+        missing = s.query(
+            "SELECT schema_name, table_name, column_name FROM duckdb_columns() "
+            "WHERE schema_name IN ('main', 'stored') AND NOT internal AND comment IS NULL"
+        )
         assert missing == []
         views = dict(s.query("SELECT view_name, comment FROM duckdb_views() WHERE NOT internal"))
     wanted = {"run_descriptions", "run_results", "latest_results", "run_llm_usage", "current_descriptions", "descriptions"}
@@ -182,8 +207,10 @@ def test_a_new_file_and_a_migrated_one_have_the_same_schema(tmp_path):
     con.execute("INSERT INTO textadapt_meta VALUES ('schema_version', '1')")
     con.execute(MIGRATIONS[0])
     con.close()
-    columns = ("SELECT schema_name, table_name, column_name, data_type, is_nullable, column_default FROM duckdb_columns() "
-               "WHERE schema_name = 'stored' ORDER BY ALL")
+    columns = (
+        "SELECT schema_name, table_name, column_name, data_type, is_nullable, column_default FROM duckdb_columns() "
+        "WHERE schema_name = 'stored' ORDER BY ALL"
+    )
     keys = "SELECT schema_name, table_name, constraint_type, constraint_column_names FROM duckdb_constraints() ORDER BY ALL"
     with Store(old) as migrated, Store(tmp_path / "new.duckdb") as new:
         for sql in (columns, keys):

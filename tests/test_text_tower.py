@@ -22,13 +22,16 @@ from textadapt.store import Store
 from textadapt.text_tower import causal_tower, iter_text_features
 
 CUPL = Path(importlib.util.find_spec("clip_benchmark").submodule_search_locations[0]) / "datasets" / "cupl_prompts.json"
-TEXTS = [
-    "",  # start and end of text only
-    "a photo of a cat.",
-    "Ünïcödé: 日本語のテキスト, café crème brûlée, Ελληνικά 🐱",
-    " ".join(["a very long description"] * 40),  # truncated to the context, end-of-text in the last position
-    "wow!! what a bag!",  # '!' is token 0, CoCa's padding id: masked like padding by open_clip itself
-] + [d for descriptions in list(json.loads(CUPL.read_text())["imagenet1k"].values())[:3] for d in descriptions[:3]]
+TEXTS = (
+    [
+        "",  # start and end of text only
+        "a photo of a cat.",
+        "Ünïcödé: 日本語のテキスト, café crème brûlée, Ελληνικά 🐱",
+        " ".join(["a very long description"] * 40),  # truncated to the context, end-of-text in the last position
+        "wow!! what a bag!",  # '!' is token 0, CoCa's padding id: masked like padding by open_clip itself
+    ]
+    + [d for descriptions in list(json.loads(CUPL.read_text())["imagenet1k"].values())[:3] for d in descriptions[:3]]
+)
 TOL = 1e-5  # measured: max differences 5e-8 to 2e-7
 
 
@@ -77,9 +80,11 @@ CAUSAL = {
     "textadapt-tiny": ("textadapt-tiny", {}, "textadapt-tiny"),
     "textadapt-tiny-coca": ("textadapt-tiny-coca", {}, "textadapt-tiny-coca"),
     "EVA/MobileCLIP-B kind (TextTransformer)": ("textadapt-tiny", {"force_custom_text": True}, "textadapt-tiny"),
-    "PE-Core kind (32-token context, linear projection with bias)":
-        ("textadapt-tiny", {"force_custom_text": True, "text_cfg": _tiny_text(context_length=32, proj_bias=True)},
-         "PE-Core-B-16"),
+    "PE-Core kind (32-token context, linear projection with bias)": (
+        "textadapt-tiny",
+        {"force_custom_text": True, "text_cfg": _tiny_text(context_length=32, proj_bias=True)},
+        "PE-Core-B-16",
+    ),
 }
 
 
@@ -123,12 +128,23 @@ def test_eos_pooled_tower_worldwide_kind():
 
 
 NOT_CAUSAL = {
-    "SigLIP kind (bidirectional, pooled last)": ("textadapt-tiny", {"force_custom_text": True, "text_cfg": _tiny_text(
-        context_length=64, no_causal_mask=True, pool_type="last", proj_bias=True, norm_kwargs={"eps": 1e-6})}),
-    "CLIPA kind (inline, bidirectional, pooled last)":
-        ("textadapt-tiny", {"text_cfg": _tiny_text(context_length=32, no_causal_mask=True, pool_type="last")}),
-    "MobileCLIP-S kind (bidirectional, argmax)":
-        ("textadapt-tiny", {"force_custom_text": True, "text_cfg": _tiny_text(no_causal_mask=True)}),
+    "SigLIP kind (bidirectional, pooled last)": (
+        "textadapt-tiny",
+        {
+            "force_custom_text": True,
+            "text_cfg": _tiny_text(
+                context_length=64, no_causal_mask=True, pool_type="last", proj_bias=True, norm_kwargs={"eps": 1e-6}
+            ),
+        },
+    ),
+    "CLIPA kind (inline, bidirectional, pooled last)": (
+        "textadapt-tiny",
+        {"text_cfg": _tiny_text(context_length=32, no_causal_mask=True, pool_type="last")},
+    ),
+    "MobileCLIP-S kind (bidirectional, argmax)": (
+        "textadapt-tiny",
+        {"force_custom_text": True, "text_cfg": _tiny_text(no_causal_mask=True)},
+    ),
 }
 
 

@@ -34,15 +34,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from textadapt.losses import CrossEntropy
-
 
 ADAPTERS = ("tap-head", "zs-head", "tap-residual", "taskres")
 CHUNK_BYTES = 256 * 2**20  # working memory of one chunk of a full-batch step (noise, logits, their gradients)
@@ -87,8 +86,16 @@ TASKRES_TEMPLATES = {
     "eurosat": ["a centered satellite photo of {}."],
     "food101": ["a photo of {}, a type of food."],
     "ucf101": ["a photo of a person doing {}."],
-    "imagenet1k": ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
-                   "a {} in a video game.", "art of the {}.", "a photo of the small {}.", "a photo of a {}."],
+    "imagenet1k": [
+        "itap of a {}.",
+        "a bad photo of the {}.",
+        "a origami {}.",
+        "a photo of the large {}.",
+        "a {} in a video game.",
+        "art of the {}.",
+        "a photo of the small {}.",
+        "a photo of a {}.",
+    ],
 }
 
 
@@ -178,9 +185,21 @@ def chunk_size(n: int, dim: int, n_classes: int, block: int | None = None, budge
     return min(max(align, rows // align * align), -(-n // align) * align)
 
 
-def fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss: Callable, opt: torch.optim.Optimizer,
-        schedule: Iterable[Step], *, noise_std: float = 0.0, seed: int = 0, chunk: int | None = None, scale: float = 1.0,
-        objective: Callable | None = None, batch_classes: bool = False) -> tuple[list[float], float]:
+def fit(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss: Callable,
+    opt: torch.optim.Optimizer,
+    schedule: Iterable[Step],
+    *,
+    noise_std: float = 0.0,
+    seed: int = 0,
+    chunk: int | None = None,
+    scale: float = 1.0,
+    objective: Callable | None = None,
+    batch_classes: bool = False,
+) -> tuple[list[float], float]:
     """Train ``model`` (whose ``forward()`` gives the (classes, dim) class weights) on embeddings ``x`` (N, D).
 
     Each step of ``schedule`` sets the learning rate (if given) and runs over its descriptions (all of
@@ -245,9 +264,17 @@ def fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss: Callable
     return losses, time.perf_counter() - t0
 
 
-def train_adapter(adapter: str, embeddings: np.ndarray, labels: np.ndarray, n_classes: int, recipe: TapRecipe | TaskResRecipe,
-                  prototypes: np.ndarray | None = None, logit_scale: float = 100.0, loss: Callable | None = None,
-                  device: torch.device | str = "cpu") -> TrainedHead:
+def train_adapter(
+    adapter: str,
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    recipe: TapRecipe | TaskResRecipe,
+    prototypes: np.ndarray | None = None,
+    logit_scale: float = 100.0,
+    loss: Callable | None = None,
+    device: torch.device | str = "cpu",
+) -> TrainedHead:
     """Train one adapter on (N, D) L2-normalised text embeddings with labels in [0, n_classes).
 
     ``prototypes`` (classes, D): where zs-head and tap-residual start (the zero-shot class embeddings,
@@ -284,15 +311,30 @@ def train_adapter(adapter: str, embeddings: np.ndarray, labels: np.ndarray, n_cl
                 init = logit_scale * F.normalize(base, dim=-1) if adapter == "zs-head" else None
                 model = _Linear(x.shape[1], n_classes, init, device)
             opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
-            losses, seconds = fit(model, x, y, loss or CrossEntropy(recipe.label_smoothing), opt, full_batch(recipe.steps),
-                                  noise_std=recipe.noise_std, seed=recipe.seed, chunk=recipe.chunk)
+            losses, seconds = fit(
+                model,
+                x,
+                y,
+                loss or CrossEntropy(recipe.label_smoothing),
+                opt,
+                full_batch(recipe.steps),
+                noise_std=recipe.noise_std,
+                seed=recipe.seed,
+                chunk=recipe.chunk,
+            )
         with torch.no_grad():
             weight = model().detach().cpu().numpy()
     return TrainedHead(weight, losses, seconds, str(device), recipe.seed)
 
 
-def train_tap_head(embeddings: np.ndarray, labels: np.ndarray, n_classes: int, recipe: TapRecipe,
-                   device: torch.device | str = "cpu", loss: Callable | None = None) -> TrainedHead:
+def train_tap_head(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    recipe: TapRecipe,
+    device: torch.device | str = "cpu",
+    loss: Callable | None = None,
+) -> TrainedHead:
     """TAP's linear head (random init), exactly the reference recipe when ``loss`` is None."""
     return train_adapter("tap-head", embeddings, labels, n_classes, recipe, loss=loss, device=device)
 

@@ -18,9 +18,10 @@ import os
 import queue
 import socket
 from collections import Counter, deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from textadapt import TextadaptError
 from textadapt.encoders import Backbone, load_backbone
@@ -46,14 +47,16 @@ class BackboneRef:
     id: str
 
     @classmethod
-    def of(cls, backbone: Backbone) -> "BackboneRef":
+    def of(cls, backbone: Backbone) -> BackboneRef:
         return cls(backbone.spec, str(backbone.device), backbone.id)
 
     def load(self) -> Backbone:
         bb = load_backbone(self.spec, self.device)
         if bb.id != self.id:
-            raise TextadaptError(f"backbone {self.spec!r} is {bb.id} on {here()} but {self.id} in the flow: "
-                                 "the workers must see the same weights (same open_clip cache or checkpoint file)")
+            raise TextadaptError(
+                f"backbone {self.spec!r} is {bb.id} on {here()} but {self.id} in the flow: "
+                "the workers must see the same weights (same open_clip cache or checkpoint file)"
+            )
         return bb
 
 
@@ -82,8 +85,16 @@ class Runner:
         """Slots of a limit on LLM requests shared with other runs (Prefect's global concurrency limit); None: none."""
         return None
 
-    def map(self, fn: Callable[..., BatchResult], jobs: list[dict], done: Done, *, capacity: int,
-            weight: Callable[[dict], int] = lambda job: 1, label: str = "batches") -> None:
+    def map(
+        self,
+        fn: Callable[..., BatchResult],
+        jobs: list[dict],
+        done: Done,
+        *,
+        capacity: int,
+        weight: Callable[[dict], int] = lambda job: 1,
+        label: str = "batches",
+    ) -> None:
         """Run ``fn(**job)`` for every job, at most ``capacity`` (by ``weight``) at once; see ``_windowed``."""
         with ThreadPoolExecutor(max_workers=max(1, min(capacity, len(jobs))), thread_name_prefix="textadapt-batch") as pool:
             try:
@@ -92,8 +103,15 @@ class Runner:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
 
-    def _windowed(self, submit: Callable[[dict], Any], jobs: list[dict], done: Done, capacity: int,
-                  weight: Callable[[dict], int], label: str) -> None:
+    def _windowed(
+        self,
+        submit: Callable[[dict], Any],
+        jobs: list[dict],
+        done: Done,
+        capacity: int,
+        weight: Callable[[dict], int],
+        label: str,
+    ) -> None:
         """Submit the jobs, keeping those in flight within ``capacity`` (by ``weight``; one job always goes), and call
         ``done`` in this thread as each completes. A failed job does not stop the others: the failures are raised
         together at the end as ``BatchFailures``. ``submit(job)`` returns a future with ``add_done_callback`` and

@@ -36,8 +36,9 @@ Only the positions that are scored are projected onto the vocabulary.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -90,7 +91,9 @@ def require_coca(backbone: Backbone):
         )
     decoder = backbone.model.text_decoder
     if not getattr(decoder, "batch_first", True):
-        raise TextadaptError(f"{backbone.spec}: the CoCa text decoder is not batch-first; captioner scoring supports open_clip's batch-first decoder only")
+        raise TextadaptError(
+            f"{backbone.spec}: the CoCa text decoder is not batch-first; captioner scoring supports open_clip's batch-first decoder only"
+        )
     return backbone.model
 
 
@@ -116,9 +119,15 @@ def _tokenize(backbone: Backbone, captions: Sequence[str]) -> _Captions:
 
 def _pixels(backbone: Backbone, images) -> torch.Tensor:
     if isinstance(images, torch.Tensor):
-        size = tuple(backbone.model.visual.image_size) if isinstance(backbone.model.visual.image_size, (tuple, list)) else (backbone.model.visual.image_size,) * 2
+        size = (
+            tuple(backbone.model.visual.image_size)
+            if isinstance(backbone.model.visual.image_size, (tuple, list))
+            else (backbone.model.visual.image_size,) * 2
+        )
         if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != size:
-            raise TextadaptError(f"preprocessed images must be a (N, 3, {size[0]}, {size[1]}) tensor for {backbone.spec}, got shape {tuple(images.shape)}")
+            raise TextadaptError(
+                f"preprocessed images must be a (N, 3, {size[0]}, {size[1]}) tensor for {backbone.spec}, got shape {tuple(images.shape)}"
+            )
         return images.to(backbone.device, dtype=next(backbone.model.parameters()).dtype)
     images = list(images)
     if not images:
@@ -175,8 +184,7 @@ def _loglik_from_tokens(model, image_tokens: torch.Tensor, caps: _Captions) -> t
     return torch.cat(out, 1) if out else torch.zeros(B, 0)
 
 
-def _loglik_batches(backbone: Backbone, batches: Iterable, n: int, captions: list[str],
-                    progress: Progress | None) -> np.ndarray:
+def _loglik_batches(backbone: Backbone, batches: Iterable, n: int, captions: list[str], progress: Progress | None) -> np.ndarray:
     model = require_coca(backbone)
     if progress:
         progress(0, n)
@@ -194,8 +202,9 @@ def _loglik_batches(backbone: Backbone, batches: Iterable, n: int, captions: lis
 
 
 @torch.inference_mode()
-def caption_log_likelihood(backbone: Backbone, images, captions: Sequence[str], batch_size: int = 32,
-                           progress: Progress | None = None) -> np.ndarray:
+def caption_log_likelihood(
+    backbone: Backbone, images, captions: Sequence[str], batch_size: int = 32, progress: Progress | None = None
+) -> np.ndarray:
     """(N_images, C) log P(caption | image): the summed log-probabilities of each caption's tokens
     (start token excluded, EOT included, padding excluded) under teacher forcing.
 
@@ -229,8 +238,13 @@ def content_free_pixels(backbone: Backbone, kind: str, n_noise: int = N_NOISE, s
 
 
 @torch.inference_mode()
-def caption_prior(backbone: Backbone, captions: Sequence[str], content_free: str = DEFAULT_CONTENT_FREE,
-                  n_noise: int = N_NOISE, seed: int = NOISE_SEED) -> np.ndarray:
+def caption_prior(
+    backbone: Backbone,
+    captions: Sequence[str],
+    content_free: str = DEFAULT_CONTENT_FREE,
+    n_noise: int = N_NOISE,
+    seed: int = NOISE_SEED,
+) -> np.ndarray:
     """(C,) log P(caption) with no image, estimated from a content-free input (see the module docstring)."""
     model = require_coca(backbone)
     if content_free not in CONTENT_FREE:
@@ -243,7 +257,9 @@ def caption_prior(backbone: Backbone, captions: Sequence[str], content_free: str
         probe = _image_tokens(model, content_free_pixels(backbone, "null-image"))  # for the token count and width only
         loglik = _loglik_from_tokens(model, torch.zeros_like(probe), caps)
     else:
-        loglik = _loglik_from_tokens(model, _image_tokens(model, content_free_pixels(backbone, content_free, n_noise, seed)), caps)
+        loglik = _loglik_from_tokens(
+            model, _image_tokens(model, content_free_pixels(backbone, content_free, n_noise, seed)), caps
+        )
     # log of the mean probability over the content-free images (one image: the log-likelihood itself)
     return (torch.logsumexp(loglik, 0) - math.log(loglik.shape[0])).cpu().numpy()
 
@@ -252,14 +268,21 @@ def ig_scores(loglik: np.ndarray, prior: np.ndarray, beta: float = 1.0) -> np.nd
     """Information gain ``log P(t_c | image) - beta * log P(t_c)``; beta = 0 is the plain captioner."""
     loglik, prior = np.asarray(loglik), np.asarray(prior)
     if loglik.ndim != 2 or prior.shape != (loglik.shape[1],):
-        raise TextadaptError(f"IG scores need loglik (images, classes) and prior (classes,); got {loglik.shape} and {prior.shape}")
+        raise TextadaptError(
+            f"IG scores need loglik (images, classes) and prior (classes,); got {loglik.shape} and {prior.shape}"
+        )
     return loglik - beta * prior[None, :]
 
 
-def classify_with_captioner(backbone: Backbone, image_set: ImageSet, class_names: Sequence[str],
-                            template: str = DEFAULT_TEMPLATE, batch_size: int = 32,
-                            progress: Progress | None = None,
-                            content_free: str = DEFAULT_CONTENT_FREE) -> CaptionerScores:
+def classify_with_captioner(
+    backbone: Backbone,
+    image_set: ImageSet,
+    class_names: Sequence[str],
+    template: str = DEFAULT_TEMPLATE,
+    batch_size: int = 32,
+    progress: Progress | None = None,
+    content_free: str = DEFAULT_CONTENT_FREE,
+) -> CaptionerScores:
     """Caption log-likelihoods of every image for every class caption, and the captions' prior.
 
     ``template`` turns a class name into its caption ("{}" is the name). Predict with

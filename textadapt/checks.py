@@ -92,8 +92,13 @@ def writable_problems(folder: Path, what: str = "report folder") -> list[str]:
     return []
 
 
-def problems(spec: DatasetSpec, images: ImageSet | None, templates: list[PromptTemplate], reports_dir: Path | None,
-             workers: int | None = None) -> list[str]:
+def problems(
+    spec: DatasetSpec,
+    images: ImageSet | None,
+    templates: list[PromptTemplate],
+    reports_dir: Path | None,
+    workers: int | None = None,
+) -> list[str]:
     """Every problem of a run's inputs (see the module's docstring); empty when all is well."""
     found = placeholder_problems(spec)
     if images is not None:
@@ -106,12 +111,19 @@ def problems(spec: DatasetSpec, images: ImageSet | None, templates: list[PromptT
 
 def refuse(spec: DatasetSpec, found: list[str]) -> None:
     if found:
-        raise TextadaptError(f"dataset {spec.name!r} ({spec.path}): {len(found)} problem(s), found before any LLM call:\n  - "
-                             + "\n  - ".join(found))
+        raise TextadaptError(
+            f"dataset {spec.name!r} ({spec.path}): {len(found)} problem(s), found before any LLM call:\n  - "
+            + "\n  - ".join(found)
+        )
 
 
-def preflight(spec: DatasetSpec, images: ImageSet | None, templates: list[PromptTemplate], reports_dir: Path | None,
-              workers: int | None = None) -> None:
+def preflight(
+    spec: DatasetSpec,
+    images: ImageSet | None,
+    templates: list[PromptTemplate],
+    reports_dir: Path | None,
+    workers: int | None = None,
+) -> None:
     """Raise one TextadaptError listing every problem of a run's inputs; return quietly if there is none.
 
     ``images``: the run's test images (after ``restrict``), loaded with ``strict=False`` so that their

@@ -47,11 +47,15 @@ class ExportedClassifier:
 
 def default_method(store: Store, run_id: str) -> str:
     """The run's best adapted method by mean top-1; in a run without scores, its first adapted classifier."""
-    _, rows = store.sql(f"SELECT method FROM results WHERE run_id = '{_q(run_id)}' AND kind = 'adapted' ORDER BY top1 DESC, method LIMIT 1")
+    _, rows = store.sql(
+        f"SELECT method FROM results WHERE run_id = '{_q(run_id)}' AND kind = 'adapted' ORDER BY top1 DESC, method LIMIT 1"
+    )
     if rows:
         return rows[0][0]
-    _, rows = store.sql(f"SELECT method FROM classifiers WHERE run_id = '{_q(run_id)}' AND method NOT LIKE 'zero-shot:%' "
-                        "AND method NOT LIKE 'cupl:%' AND method NOT LIKE 'dclip:%' AND method NOT LIKE 'waffle%' ORDER BY method LIMIT 1")
+    _, rows = store.sql(
+        f"SELECT method FROM classifiers WHERE run_id = '{_q(run_id)}' AND method NOT LIKE 'zero-shot:%' "
+        "AND method NOT LIKE 'cupl:%' AND method NOT LIKE 'dclip:%' AND method NOT LIKE 'waffle%' ORDER BY method LIMIT 1"
+    )
     if rows:
         return rows[0][0]
     raise TextadaptError(f"run {run_id!r} stored no adapted classifier (it failed before training, or predates schema v3)")
@@ -65,24 +69,40 @@ def export(store: Store, run_id: str, method: str | None, out_dir: Path) -> tupl
     """Write ``out_dir/RUN__METHOD.safetensors`` and ``.json``; returns both paths."""
     from safetensors.numpy import save_file
 
-    _, run = store.sql(f"SELECT r.dataset, r.status, b.spec, b.arch, b.weights, b.backbone, b.untrained FROM runs r "
-                       f"JOIN backbones b ON b.backbone = r.backbone WHERE r.run_id = '{_q(run_id)}'")
+    _, run = store.sql(
+        f"SELECT r.dataset, r.status, b.spec, b.arch, b.weights, b.backbone, b.untrained FROM runs r "
+        f"JOIN backbones b ON b.backbone = r.backbone WHERE r.run_id = '{_q(run_id)}'"
+    )
     if not run:
         _, known = store.sql("SELECT run_id FROM runs ORDER BY started_at DESC LIMIT 5")
-        raise TextadaptError(f"no run {run_id!r} in {store.path}; recent runs: {', '.join(r[0] for r in known) or 'none'} (`textadapt sql \"SELECT * FROM runs\"`)")
+        raise TextadaptError(
+            f'no run {run_id!r} in {store.path}; recent runs: {", ".join(r[0] for r in known) or "none"} (`textadapt sql "SELECT * FROM runs"`)'
+        )
     dataset, status, spec, arch, weights, backbone_id, untrained = run[0]
     method = method or default_method(store, run_id)
     try:
         seed, weight, classes, log_prior, beta = store.classifier(run_id, method)
     except KeyError:
         _, methods = store.sql(f"SELECT method FROM classifiers WHERE run_id = '{_q(run_id)}' ORDER BY method")
-        raise TextadaptError(f"run {run_id!r} has no classifier {method!r}; it has: {', '.join(m[0] for m in methods) or 'none'}") from None
+        raise TextadaptError(
+            f"run {run_id!r} has no classifier {method!r}; it has: {', '.join(m[0] for m in methods) or 'none'}"
+        ) from None
     _, result = store.sql(f"SELECT top1, top1_per_seed FROM results WHERE run_id = '{_q(run_id)}' AND method = '{_q(method)}'")
     meta = {
-        "format": FORMAT, "run_id": run_id, "dataset": dataset, "run_status": status, "method": method, "seed": seed,
-        "backbone_spec": _loadable_spec(spec, arch, weights), "backbone_id": backbone_id, "untrained_backbone": bool(untrained),
-        "classes": classes, "scoring": "ig" if log_prior is not None else "plain", "beta": beta,
-        "top1_in_run": result[0][1][0] if result and result[0][1] else None, "top1_mean_in_run": result[0][0] if result else None,
+        "format": FORMAT,
+        "run_id": run_id,
+        "dataset": dataset,
+        "run_status": status,
+        "method": method,
+        "seed": seed,
+        "backbone_spec": _loadable_spec(spec, arch, weights),
+        "backbone_id": backbone_id,
+        "untrained_backbone": bool(untrained),
+        "classes": classes,
+        "scoring": "ig" if log_prior is not None else "plain",
+        "beta": beta,
+        "top1_in_run": result[0][1][0] if result and result[0][1] else None,
+        "top1_mean_in_run": result[0][0] if result else None,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{run_id}__{method.replace(':', '_').replace('/', '_').replace('+', '_')}"
@@ -108,7 +128,9 @@ def load(path: Path) -> ExportedClassifier:
     js, st = path.with_suffix(".json"), path.with_suffix(".safetensors")
     for p in (js, st):
         if not p.is_file():
-            raise TextadaptError(f"{p}: not found (an exported classifier is NAME.json + NAME.safetensors; see `textadapt export`)")
+            raise TextadaptError(
+                f"{p}: not found (an exported classifier is NAME.json + NAME.safetensors; see `textadapt export`)"
+            )
     try:
         meta = json.loads(js.read_text(encoding="utf-8"))
         tensors = load_file(str(st))
@@ -121,10 +143,12 @@ def load(path: Path) -> ExportedClassifier:
 
 def check_backbone(clf: ExportedClassifier, backbone: Backbone) -> None:
     if backbone.id != clf.meta["backbone_id"]:
-        raise TextadaptError(f"this classifier was trained on backbone {clf.meta['backbone_id']} "
-                             f"({clf.meta['backbone_spec']}), but {backbone.spec} loads as {backbone.id}: its weights, image "
-                             f"preprocessing or activation differ (an id with -quickgelu has QuickGELU towers); train it again "
-                             f"on this backbone")
+        raise TextadaptError(
+            f"this classifier was trained on backbone {clf.meta['backbone_id']} "
+            f"({clf.meta['backbone_spec']}), but {backbone.spec} loads as {backbone.id}: its weights, image "
+            f"preprocessing or activation differ (an id with -quickgelu has QuickGELU towers); train it again "
+            f"on this backbone"
+        )
 
 
 def image_paths(paths: list[Path]) -> list[Path]:
@@ -144,12 +168,13 @@ def image_paths(paths: list[Path]) -> list[Path]:
 
 
 @torch.inference_mode()
-def embed_files(backbone: Backbone, paths: list[Path], batch_size: int = 64, progress=None,
-                background: Colour = WHITE) -> np.ndarray:
+def embed_files(
+    backbone: Backbone, paths: list[Path], batch_size: int = 64, progress=None, background: Colour = WHITE
+) -> np.ndarray:
     """Embeddings of image files, decoded as the test images of a run are (``images.open_rgb``)."""
     out = []
     for start in range(0, len(paths), batch_size):
-        batch = [backbone.preprocess(open_rgb(p, background)) for p in paths[start:start + batch_size]]
+        batch = [backbone.preprocess(open_rgb(p, background)) for p in paths[start : start + batch_size]]
         pixels = torch.stack(batch).to(backbone.device)
         out.append(backbone.model.encode_image(pixels, normalize=True).float().cpu().numpy())
         if progress:

@@ -105,8 +105,14 @@ def _items(raw: str) -> list[str]:
     for line in lines:
         item = _tidy(line).rstrip(",;")
         key = item.lower().rstrip(".")
-        if (item and any(ch.isalnum() for ch in item) and not REFUSALS.match(item) and key not in seen and not item.endswith(":")
-                and len(item) <= MAX_DESCRIPTION_CHARS):
+        if (
+            item
+            and any(ch.isalnum() for ch in item)
+            and not REFUSALS.match(item)
+            and key not in seen
+            and not item.endswith(":")
+            and len(item) <= MAX_DESCRIPTION_CHARS
+        ):
             seen.add(key)
             items.append(item)
     return items

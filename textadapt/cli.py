@@ -32,10 +32,13 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    home: Optional[Path] = typer.Option(None, help="Where the cache and reports live (env TEXTADAPT_HOME).", show_default=False),
-    db: Optional[Path] = typer.Option(None, help="The DuckDB cache file (env TEXTADAPT_DB; default HOME/textadapt.duckdb).", show_default=False),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="Print textadapt's version and exit."),
+    home: Path | None = typer.Option(None, help="Where the cache and reports live (env TEXTADAPT_HOME).", show_default=False),
+    db: Path | None = typer.Option(
+        None, help="The DuckDB cache file (env TEXTADAPT_DB; default HOME/textadapt.duckdb).", show_default=False
+    ),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print textadapt's version and exit."
+    ),
 ) -> None:
     # Flags sit on top of env and config file; setting the env passes them on to the flow.
     if home:
@@ -91,8 +94,14 @@ def run_option_flags() -> list[inspect.Parameter]:
                 default, annotation = ",".join(default), str
             # a Settings default is filled in when help is shown (_RunOptionsCommand)
             show_default = f"Settings.{meta.settings}" if meta.settings else bool(default) or default in (0, 0.0)
-            info = typer.Option(default, flag_name(name), help=help, show_default=show_default, callback=_check(name, is_list),
-                                metavar="A,B,..." if is_list else None)
+            info = typer.Option(
+                default,
+                flag_name(name),
+                help=help,
+                show_default=show_default,
+                callback=_check(name, is_list),
+                metavar="A,B,..." if is_list else None,
+            )
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation))
     return params
 
@@ -139,16 +148,20 @@ def run(**flags) -> None:
     except TextadaptError as e:
         _fail(e)
     if outcome.untrained_backbone:
-        err.print("[bold red]UNTRAINED BACKBONE:[/] the backbone has random weights (no pretrained weights were asked for "
-                  "or could be had): every accuracy below is noise and means nothing.")
+        err.print(
+            "[bold red]UNTRAINED BACKBONE:[/] the backbone has random weights (no pretrained weights were asked for "
+            "or could be had): every accuracy below is noise and means nothing."
+        )
     if outcome.llm_calls == outcome.cached_generations == 0:
         calls = "no LLM generation (no template set)"
     elif outcome.llm_calls == 0:
         calls = "0 LLM calls (every generation served from the cache)"
     else:
         calls = f"{outcome.llm_calls} LLM calls"
-    out.print(f"{calls}, {outcome.cached_generations} cached; {outcome.text_encoder_calls} texts encoded; "
-              f"trained on {outcome.trained_descriptions} descriptions")
+    out.print(
+        f"{calls}, {outcome.cached_generations} cached; {outcome.text_encoder_calls} texts encoded; "
+        f"trained on {outcome.trained_descriptions} descriptions"
+    )
     if outcome.results:
         table = Table("method", "top-1 %")
         for m, top1 in outcome.results.items():
@@ -171,7 +184,9 @@ def _run_options(flags: dict) -> RunOptions:
 
 @app.command()
 def sql(
-    query: str = typer.Argument(..., help="A DuckDB SQL statement, e.g. \"SELECT class_name, count(*) FROM descriptions GROUP BY ALL\"."),
+    query: str = typer.Argument(
+        ..., help='A DuckDB SQL statement, e.g. "SELECT class_name, count(*) FROM descriptions GROUP BY ALL".'
+    ),
     write: bool = typer.Option(False, "--write", help="Open the cache for writing (default: read-only)."),
     format: Format = typer.Option("table", "--format", help="How to print the rows."),
 ) -> None:
@@ -187,8 +202,10 @@ def sql(
                 if not write and "read-only" in str(e):
                     shown = " ".join(query.split())
                     shown = shown if len(shown) <= 80 else shown[:80] + "..."
-                    raise TextadaptError(f"{path}: {shown!r} writes to the cache, which `textadapt sql` opens read-only; "
-                                         f"add --write if you mean it ({e})") from None
+                    raise TextadaptError(
+                        f"{path}: {shown!r} writes to the cache, which `textadapt sql` opens read-only; "
+                        f"add --write if you mean it ({e})"
+                    ) from None
                 raise
     except TextadaptError as e:
         _fail(e)
@@ -216,9 +233,12 @@ def _column(name: str, values: list) -> Column:
 
 @app.command("export")
 def export_classifier(
-    run_id: str = typer.Argument(..., help="A run id (`textadapt sql \"SELECT run_id, dataset, status FROM runs\"`)."),
-    method: Optional[str] = typer.Option(None, help="Which classifier, e.g. tap-head:targeted or zs-head+ot:targeted/ig.",
-                                  show_default="the run's best adapted method"),
+    run_id: str = typer.Argument(..., help='A run id (`textadapt sql "SELECT run_id, dataset, status FROM runs"`).'),
+    method: str | None = typer.Option(
+        None,
+        help="Which classifier, e.g. tap-head:targeted or zs-head+ot:targeted/ig.",
+        show_default="the run's best adapted method",
+    ),
     out_dir: Path = typer.Option(Path("."), "--out", help="Folder to write NAME.safetensors and NAME.json in."),
 ) -> None:
     """Write a run's adapted classifier as safetensors plus JSON metadata, for `textadapt predict`."""
@@ -232,8 +252,11 @@ def export_classifier(
         _fail(e)
     meta = json.loads(js.read_text(encoding="utf-8"))
     top1 = meta["top1_in_run"]
-    out.print(f"{meta['method']} ({len(meta['classes'])} classes, {meta['scoring']} scoring, backbone {meta['backbone_spec']}"
-              + (f", top-1 {100 * top1:.1f}% in the run with seed {meta['seed']}" if top1 is not None else ", not scored in its run") + ")")
+    out.print(
+        f"{meta['method']} ({len(meta['classes'])} classes, {meta['scoring']} scoring, backbone {meta['backbone_spec']}"
+        + (f", top-1 {100 * top1:.1f}% in the run with seed {meta['seed']}" if top1 is not None else ", not scored in its run")
+        + ")"
+    )
     if meta["untrained_backbone"]:
         err.print("[bold red]UNTRAINED BACKBONE:[/] this classifier sits on random weights; its predictions mean nothing.")
     out.print(f"wrote {st}\nwrote {js}")
@@ -241,7 +264,9 @@ def export_classifier(
 
 @app.command()
 def predict(
-    classifier_path: Path = typer.Argument(..., metavar="CLASSIFIER", help="An exported classifier: NAME.json or NAME.safetensors."),
+    classifier_path: Path = typer.Argument(
+        ..., metavar="CLASSIFIER", help="An exported classifier: NAME.json or NAME.safetensors."
+    ),
     paths: list[Path] = typer.Argument(..., metavar="PATH...", help="Image files or folders (searched recursively)."),
     top_k: int = typer.Option(5, "--top-k", "-k", help="Classes to print per image."),
     batch_size: int = typer.Option(64, help="Images per encoder batch."),
@@ -306,10 +331,15 @@ def datasets_list() -> None:
 def datasets_new(
     name: str = typer.Argument(..., help="Name of the new dataset (the spec is NAME.toml)."),
     from_folder: Path = typer.Option(..., "--from-folder", help="An ImageFolder: DIR/<class>/*.png, or DIR/test/<class>/*.png."),
-    split: Optional[str] = typer.Option(None, "--split", help="Folder of the test split inside DIR; \"\" for none.",
-                                        show_default="test if DIR/test holds class folders, else none"),
-    out_path: Optional[Path] = typer.Option(None, "--out", help="Folder (or NAME.toml file) to write the spec to.",
-                                            show_default="$TEXTADAPT_HOME/datasets"),
+    split: str | None = typer.Option(
+        None,
+        "--split",
+        help='Folder of the test split inside DIR; "" for none.',
+        show_default="test if DIR/test holds class folders, else none",
+    ),
+    out_path: Path | None = typer.Option(
+        None, "--out", help="Folder (or NAME.toml file) to write the spec to.", show_default="$TEXTADAPT_HOME/datasets"
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing spec file."),
 ) -> None:
     """Write a dataset spec from an image folder: classes from the folder names, the wording to fill in."""
@@ -322,19 +352,24 @@ def datasets_new(
         _fail(e)
     layout = f"{new.root}/<class>/" + (f" (split folder {new.split!r})" if new.split else " (no split folder)")
     out.print(f"wrote {path}: {len(new.classes)} classes, {new.images} images from {layout}", markup=False)
-    out.print(f"next: replace the {PLACEHOLDER} values of [prompting] (domain, category, task) in {path}, "
-              f"then `textadapt datasets check {name}`", markup=False)
+    out.print(
+        f"next: replace the {PLACEHOLDER} values of [prompting] (domain, category, task) in {path}, "
+        f"then `textadapt datasets check {name}`",
+        markup=False,
+    )
     if out_path is not None and path.parent.resolve() not in [d.expanduser().resolve() for d in settings.dataset_search_path]:
-        err.print(f"note: {path.parent} is not searched for specs; add it to TEXTADAPT_DATASETS_DIRS to use {name!r}",
-                  markup=False)
+        err.print(
+            f"note: {path.parent} is not searched for specs; add it to TEXTADAPT_DATASETS_DIRS to use {name!r}", markup=False
+        )
 
 
 @datasets_app.command("check")
 def datasets_check(
     name: str = typer.Argument(..., help="Dataset name (see `textadapt datasets`)."),
-    templates: str = typer.Option(",".join(option_default("template_sets")),
-                                  help="Template sets to render for every class (comma-separated)."),
-    workers: Optional[int] = typer.Option(None, help="Threads decoding images.", show_default="CPU cores + 2"),
+    templates: str = typer.Option(
+        ",".join(option_default("template_sets")), help="Template sets to render for every class (comma-separated)."
+    ),
+    workers: int | None = typer.Option(None, help="Threads decoding images.", show_default="CPU cores + 2"),
 ) -> None:
     """Check a dataset before any run: every image decoded, the class folders, every template rendered (no LLM, no Prefect)."""
     from textadapt.checks import check_dataset
@@ -345,18 +380,28 @@ def datasets_check(
     except TextadaptError as e:
         _fail(e)
     spec, sec = result.spec, result.seconds
-    out.print(f"{spec.name} ({spec.path}): {len(spec.classes)} classes, {len(result.images)} images from {result.images.source}; "
-              f"decoded in {sec['decode']:.1f} s", markup=False)
+    out.print(
+        f"{spec.name} ({spec.path}): {len(spec.classes)} classes, {len(result.images)} images from {result.images.source}; "
+        f"decoded in {sec['decode']:.1f} s",
+        markup=False,
+    )
     empty = [c for c, n in zip(spec.classes, result.per_class) if n == 0]
     counts = [n for n in result.per_class if n]
     if counts:
-        out.print(f"images per class: {min(counts)} to {max(counts)}" + (f"; none for {len(empty)} classes" if empty else ""),
-                  markup=False)
-    out.print(f"{result.templates} templates rendered for every class ({result.prompts} prompts) in {sec['render']:.1f} s",
-              markup=False)
+        out.print(
+            f"images per class: {min(counts)} to {max(counts)}" + (f"; none for {len(empty)} classes" if empty else ""),
+            markup=False,
+        )
+    out.print(
+        f"{result.templates} templates rendered for every class ({result.prompts} prompts) in {sec['render']:.1f} s", markup=False
+    )
     if result.problems:
-        _fail(TextadaptError(f"{len(result.problems)} problem(s) in dataset {spec.name!r}, each to fix before a run:\n  - "
-                             + "\n  - ".join(result.problems)))
+        _fail(
+            TextadaptError(
+                f"{len(result.problems)} problem(s) in dataset {spec.name!r}, each to fix before a run:\n  - "
+                + "\n  - ".join(result.problems)
+            )
+        )
     out.print(f"ok: no problem found in {sec['total']:.1f} s", markup=False)
 
 
@@ -400,7 +445,7 @@ def prompts_show(name: str = typer.Argument(..., help="SET/NAME, e.g. targeted/l
 def prompts_render(
     name: str = typer.Argument(..., help="SET/NAME, e.g. targeted/look."),
     dataset: str = typer.Option(..., "--dataset", help="Dataset name."),
-    class_name: Optional[str] = typer.Option(None, "--class", help="Class name.", show_default="every class"),
+    class_name: str | None = typer.Option(None, "--class", help="Class name.", show_default="every class"),
 ) -> None:
     """Print exactly what would be sent to the LLM, with the sampling settings.
 
@@ -422,16 +467,20 @@ def prompts_render(
             raise TextadaptError(f"{spec.name} has no class {class_name!r}; classes: {spec.classes}")
         sampling = Sampling(**t.sampling_overrides())
         classes = [""] if t.parse == "questions" else [class_name] if class_name else spec.classes
-        out.print(f"# {t.name}: parse={t.parse}, temperature={sampling.temperature}, max_tokens={sampling.max_tokens}, "
-                  f"stop={list(sampling.stop)}", markup=False)
+        out.print(
+            f"# {t.name}: parse={t.parse}, temperature={sampling.temperature}, max_tokens={sampling.max_tokens}, "
+            f"stop={list(sampling.stop)}",
+            markup=False,
+        )
         for c in classes:
             print(render(t, spec, c))
     except TextadaptError as e:
         _fail(e)
 
 
-descriptions_app = typer.Typer(help="Import and export descriptions as {class: \\[sentences]} JSON (the CuPL / DCLIP format).",
-                               no_args_is_help=True)
+descriptions_app = typer.Typer(
+    help="Import and export descriptions as {class: \\[sentences]} JSON (the CuPL / DCLIP format).", no_args_is_help=True
+)
 app.add_typer(descriptions_app, name="descriptions")
 
 
@@ -440,7 +489,7 @@ def descriptions_import(
     file: Path = typer.Argument(..., exists=True, dir_okay=False, help="A JSON file {class name: \\[sentences]}."),
     dataset: str = typer.Option(..., "--dataset", help="The dataset whose classes the file describes."),
     source: str = typer.Option(..., "--source", help="A short name for this collection, e.g. cupl; train on it with --sources."),
-    key: Optional[str] = typer.Option(None, "--key", help="For a file holding several datasets: which one."),
+    key: str | None = typer.Option(None, "--key", help="For a file holding several datasets: which one."),
 ) -> None:
     """Store a published description file in the cache, to train on without an LLM."""
     from textadapt.datasets import find_spec
@@ -454,22 +503,33 @@ def descriptions_import(
             r = import_descriptions(file, spec, source, store, key)
     except TextadaptError as e:
         _fail(e)
-    out.print(f"imported {r.rows - r.rejected} descriptions of {len(r.per_class)} classes as {source!r} "
-              f"({r.rejected} rejected by cleaning); train on them with: textadapt run {spec.name} --sources {source}", markup=False)
+    out.print(
+        f"imported {r.rows - r.rejected} descriptions of {len(r.per_class)} classes as {source!r} "
+        f"({r.rejected} rejected by cleaning); train on them with: textadapt run {spec.name} --sources {source}",
+        markup=False,
+    )
     if r.unmatched:
-        err.print(f"{len(r.unmatched)} names in {file} match no class of {spec.name} and were not imported: "
-                  f"{', '.join(r.unmatched[:20])}{' ...' if len(r.unmatched) > 20 else ''}", markup=False)
+        err.print(
+            f"{len(r.unmatched)} names in {file} match no class of {spec.name} and were not imported: "
+            f"{', '.join(r.unmatched[:20])}{' ...' if len(r.unmatched) > 20 else ''}",
+            markup=False,
+        )
     if r.missing:
-        err.print(f"{len(r.missing)} classes of {spec.name} have no description in the file: "
-                  f"{', '.join(r.missing[:20])}{' ...' if len(r.missing) > 20 else ''}", markup=False)
+        err.print(
+            f"{len(r.missing)} classes of {spec.name} have no description in the file: "
+            f"{', '.join(r.missing[:20])}{' ...' if len(r.missing) > 20 else ''}",
+            markup=False,
+        )
 
 
 @descriptions_app.command("export")
 def descriptions_export(
-    dataset: Optional[str] = typer.Option(None, "--dataset"),
-    template: Optional[str] = typer.Option(None, "--template", help="A template (targeted/look), a set (targeted) or import/SOURCE."),
-    run_id: Optional[str] = typer.Option(None, "--run", help="Only what this run trained on."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="File to write.", show_default="stdout"),
+    dataset: str | None = typer.Option(None, "--dataset"),
+    template: str | None = typer.Option(
+        None, "--template", help="A template (targeted/look), a set (targeted) or import/SOURCE."
+    ),
+    run_id: str | None = typer.Option(None, "--run", help="Only what this run trained on."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="File to write.", show_default="stdout"),
 ) -> None:
     """Write accepted descriptions as {class name: \\[sentences]} JSON."""
     from textadapt.descriptions import export_descriptions
@@ -518,16 +578,46 @@ def _schedule_flags(fn):
     """`schedule`'s parameters: the dataset, when to run, and then every run option's flag, as for `run`."""
     dataset, *options = run_option_flags()
     when = [
-        inspect.Parameter("cron", inspect.Parameter.KEYWORD_ONLY, annotation=str, default=typer.Option(
-            ..., "--cron", help="When to run, e.g. \"0 3 * * *\" (03:00 every day).", rich_help_panel="Schedule")),
-        inspect.Parameter("timezone", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
-            None, "--timezone", help="Time zone of the cron schedule, e.g. Europe/Paris.", show_default="UTC",
-            rich_help_panel="Schedule")),
-        inspect.Parameter("name", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
-            None, "--name", help="Deployment name.", show_default="the dataset's name", rich_help_panel="Schedule")),
-        inspect.Parameter("replace", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
-            False, "--replace", help="Replace a deployment of that name that `schedule` did not make (e.g. prefect.yaml's); "
-            "without it, such a deployment is left as it is and nothing is created.", rich_help_panel="Schedule")),
+        inspect.Parameter(
+            "cron",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=str,
+            default=typer.Option(
+                ..., "--cron", help='When to run, e.g. "0 3 * * *" (03:00 every day).', rich_help_panel="Schedule"
+            ),
+        ),
+        inspect.Parameter(
+            "timezone",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=Optional[str],  # noqa: UP045 - Typer reads this annotation at run time
+            default=typer.Option(
+                None,
+                "--timezone",
+                help="Time zone of the cron schedule, e.g. Europe/Paris.",
+                show_default="UTC",
+                rich_help_panel="Schedule",
+            ),
+        ),
+        inspect.Parameter(
+            "name",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=Optional[str],  # noqa: UP045
+            default=typer.Option(
+                None, "--name", help="Deployment name.", show_default="the dataset's name", rich_help_panel="Schedule"
+            ),
+        ),
+        inspect.Parameter(
+            "replace",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=bool,
+            default=typer.Option(
+                False,
+                "--replace",
+                help="Replace a deployment of that name that `schedule` did not make (e.g. prefect.yaml's); "
+                "without it, such a deployment is left as it is and nothing is created.",
+                rich_help_panel="Schedule",
+            ),
+        ),
     ]
     fn.__signature__ = inspect.Signature([dataset, *when, *options])
     fn.__annotations__ = {p.name: p.annotation for p in fn.__signature__.parameters.values()}
@@ -556,13 +646,22 @@ def schedule(**flags) -> None:
         deployment_id = make_schedule(options, cron, timezone, name, replace)
     except TextadaptError as e:
         _fail(e)
-    out.print(f"deployment textadapt-adapt/{name or dataset} ({deployment_id}): cron {cron!r}"
-              f"{f' ({timezone})' if timezone else ' (UTC)'}; run it with `textadapt serve`", markup=False)
+    out.print(
+        f"deployment textadapt-adapt/{name or dataset} ({deployment_id}): cron {cron!r}"
+        f"{f' ({timezone})' if timezone else ' (UTC)'}; run it with `textadapt serve`",
+        markup=False,
+    )
 
 
 @app.command()
-def serve(limit: int = typer.Option(1, min=1, help="Most flow runs at once from this process: its runs share this "
-                                      "machine's cache file, which takes one writer at a time.")) -> None:
+def serve(
+    limit: int = typer.Option(
+        1,
+        min=1,
+        help="Most flow runs at once from this process: its runs share this "
+        "machine's cache file, which takes one writer at a time.",
+    ),
+) -> None:
     """Run the deployments `textadapt schedule` made (and only those) from this machine until Ctrl-C (Prefect `serve`).
 
     Each deployment runs one flow run at a time, however many `serve` processes there are: a run due while
@@ -580,7 +679,7 @@ def serve(limit: int = typer.Option(1, min=1, help="Most flow runs at once from 
 
 @app.command()
 def runs(
-    dataset: Optional[str] = typer.Argument(None, help="Only this dataset's runs."),
+    dataset: str | None = typer.Argument(None, help="Only this dataset's runs."),
     limit: int = typer.Option(20, help="Newest N runs."),
 ) -> None:
     """Past runs from the cache, newest first, with their gain: best adapted top-1 minus best training-free baseline top-1 (zero-shot or descriptions, plain scoring)."""
@@ -595,8 +694,13 @@ def runs(
         out.print(f"no runs{f' of {dataset}' if dataset else ''} in {Settings().db_path}", markup=False)
         return
     run_width = max(len(r.run_id) for r in rows)  # a run id is never cut: the other columns wrap instead
-    table = Table(Column("run", no_wrap=True, min_width=run_width), "status", "best adapted, top-1 %",
-                  "best training-free baseline, top-1 %", "gain (points)")
+    table = Table(
+        Column("run", no_wrap=True, min_width=run_width),
+        "status",
+        "best adapted, top-1 %",
+        "best training-free baseline, top-1 %",
+        "gain (points)",
+    )
     best = lambda method, top1: "-" if top1 is None else f"{method} {100 * top1:.1f}"  # noqa: E731
     for r in rows:
         gain = "-" if r.gain is None else f"{100 * r.gain:+.1f}" + ("*" if r.untrained else "")
@@ -606,13 +710,13 @@ def runs(
         out.print("* untrained backbone (random weights): its accuracies and gain mean nothing", markup=False)
 
 
-
 @app.command()
 def compare(
     a: str = typer.Argument(..., metavar="A", help="RUN_ID (its best adapted method, or --method) or RUN_ID:METHOD."),
     b: str = typer.Argument(..., metavar="B", help="The other side, the same way; every difference is B minus A."),
-    method: Optional[str] = typer.Option(None, help="The method of a side given as a bare RUN_ID.",
-                                         show_default="its best adapted method"),
+    method: str | None = typer.Option(
+        None, help="The method of a side given as a bare RUN_ID.", show_default="its best adapted method"
+    ),
     format: Format = typer.Option("table", "--format", help="How to print the differences."),
 ) -> None:
     """Is B better than A? Top-1 and per-class differences on the same test images, with 95% intervals (paired
@@ -636,27 +740,42 @@ def compare(
         w.writerow(["", "(top-1)", c.images, c.a.top1, c.b.top1, c.top1.value, c.top1.low, c.top1.high])
         m = c.mean_per_class
         w.writerow(["", "(mean per class)", c.images, c.a.mean_per_class, c.b.mean_per_class, m.value, m.low, m.high])
-        w.writerows([k.index, k.name, k.images, k.a, k.b, k.difference.value, k.difference.low, k.difference.high]
-                    for k in c.classes)
+        w.writerows(
+            [k.index, k.name, k.images, k.a, k.b, k.difference.value, k.difference.low, k.difference.high] for k in c.classes
+        )
     else:
         for label, s in (("A", c.a), ("B", c.b)):
             seeds = f"{s.seeds} seed{'s' * (s.seeds > 1)}"
             out.print(f"{label}: {s.run_id}:{s.method} (top-1 {100 * s.top1:.1f}%, {seeds})", markup=False)
-        out.print(f"B - A on {c.images} test images: top-1 {pts(c.top1.value)} points, {100 * c.level:.0f}% interval "
-                  f"({pts(c.top1.low)}, {pts(c.top1.high)}); mean per class {pts(c.mean_per_class.value)} "
-                  f"({pts(c.mean_per_class.low)}, {pts(c.mean_per_class.high)})")
-        out.print(f"McNemar's exact test: B right where A is wrong on {c.mcnemar.only_b} images, A right where B is wrong on "
-                  f"{c.mcnemar.only_a}: p = {c.mcnemar.p_value:.3g}")
+        out.print(
+            f"B - A on {c.images} test images: top-1 {pts(c.top1.value)} points, {100 * c.level:.0f}% interval "
+            f"({pts(c.top1.low)}, {pts(c.top1.high)}); mean per class {pts(c.mean_per_class.value)} "
+            f"({pts(c.mean_per_class.low)}, {pts(c.mean_per_class.high)})"
+        )
+        out.print(
+            f"McNemar's exact test: B right where A is wrong on {c.mcnemar.only_b} images, A right where B is wrong on "
+            f"{c.mcnemar.only_a}: p = {c.mcnemar.p_value:.3g}"
+        )
         table = Table("class", "images", "A %", "B %", "B - A", f"{100 * c.level:.0f}% interval")
         for k in c.classes:
-            table.add_row(Text(k.name), str(k.images), f"{100 * k.a:.1f}", f"{100 * k.b:.1f}", pts(k.difference.value),
-                          f"({pts(k.difference.low)}, {pts(k.difference.high)})")
+            table.add_row(
+                Text(k.name),
+                str(k.images),
+                f"{100 * k.a:.1f}",
+                f"{100 * k.b:.1f}",
+                pts(k.difference.value),
+                f"({pts(k.difference.low)}, {pts(k.difference.high)})",
+            )
         out.print(table)
-        out.print(f"Paired bootstrap over the test images ({c.n_resamples} resamples, seed {c.seed}); with several seeds an "
-                  "image counts as the share of seeds right (McNemar: right if at least half are).", markup=False)
+        out.print(
+            f"Paired bootstrap over the test images ({c.n_resamples} resamples, seed {c.seed}); with several seeds an "
+            "image counts as the share of seeds right (McNemar: right if at least half are).",
+            markup=False,
+        )
     if c.a.untrained or c.b.untrained:
-        err.print("[bold red]UNTRAINED BACKBONE:[/] a side ran on random weights: its accuracies and these differences "
-                  "mean nothing.")
+        err.print(
+            "[bold red]UNTRAINED BACKBONE:[/] a side ran on random weights: its accuracies and these differences mean nothing."
+        )
 
 
 if __name__ == "__main__":

@@ -78,8 +78,11 @@ class _Scored:
 
 
 def _run(store: Store, run_id: str) -> tuple[str, bool]:
-    rows = store.query("SELECT r.dataset, coalesce(b.untrained, false) FROM runs r "
-                       "LEFT JOIN backbones b ON b.backbone = r.backbone WHERE r.run_id = ?", [run_id])
+    rows = store.query(
+        "SELECT r.dataset, coalesce(b.untrained, false) FROM runs r "
+        "LEFT JOIN backbones b ON b.backbone = r.backbone WHERE r.run_id = ?",
+        [run_id],
+    )
     row = rows[0] if rows else None
     if row is None:
         raise TextadaptError(f"no run {run_id!r} in {store.path} (`textadapt runs` lists them)")
@@ -93,15 +96,20 @@ def resolve(store: Store, side: str, method: str | None = None) -> tuple[str, st
     methods = [m for (m,) in store.query("SELECT method FROM results WHERE run_id = ? ORDER BY method", [run_id])]
     wanted = named or method
     if wanted is None:
-        best = store.query("SELECT method FROM results WHERE run_id = ? AND kind = 'adapted' ORDER BY top1 DESC, method "
-                           "LIMIT 1", [run_id])
+        best = store.query(
+            "SELECT method FROM results WHERE run_id = ? AND kind = 'adapted' ORDER BY top1 DESC, method LIMIT 1", [run_id]
+        )
         if not best:
-            raise TextadaptError(f"run {run_id!r} has no scored adapted method; name one as {run_id}:METHOD"
-                                 + (f" (its methods: {', '.join(methods)})" if methods else " (it has no scored method at all)"))
+            raise TextadaptError(
+                f"run {run_id!r} has no scored adapted method; name one as {run_id}:METHOD"
+                + (f" (its methods: {', '.join(methods)})" if methods else " (it has no scored method at all)")
+            )
         return run_id, best[0][0]
     if wanted not in methods:
-        raise TextadaptError(f"run {run_id!r} has no scored method {wanted!r}"
-                             + (f"; its methods: {', '.join(methods)}" if methods else " (it has no scored method at all)"))
+        raise TextadaptError(
+            f"run {run_id!r} has no scored method {wanted!r}"
+            + (f"; its methods: {', '.join(methods)}" if methods else " (it has no scored method at all)")
+        )
     return run_id, wanted
 
 
@@ -111,10 +119,16 @@ def _load(store: Store, side: str, method: str | None) -> _Scored:
     hashes, labels = store.run_images(run_id)
     predicted = store.predictions(run_id, method)
     if predicted is None or not hashes:
-        raise TextadaptError(f"run {run_id!r} has no per-image predictions stored (it was scored before textadapt kept them): "
-                             "run it again to compare it")
-    classes = [c for (c,) in store.query("SELECT class_name FROM class_results WHERE run_id = ? AND method = ? "
-                                         "ORDER BY class_index", [run_id, method])]
+        raise TextadaptError(
+            f"run {run_id!r} has no per-image predictions stored (it was scored before textadapt kept them): "
+            "run it again to compare it"
+        )
+    classes = [
+        c
+        for (c,) in store.query(
+            "SELECT class_name FROM class_results WHERE run_id = ? AND method = ? ORDER BY class_index", [run_id, method]
+        )
+    ]
     correct = stats.correctness(predicted, labels)
     recall = [correct[labels == k].mean() if (labels == k).any() else np.nan for k in range(len(classes))]
     side_ = Side(run_id, method, dataset, bool(untrained), predicted.shape[0], float(correct.mean()), float(np.nanmean(recall)))
@@ -126,18 +140,25 @@ def _same_images(a: _Scored, b: _Scored) -> None:
     name = lambda s: f"{s.side.run_id}:{s.side.method}"  # noqa: E731
     if a.classes != b.classes:
         diff = next((i for i, (x, y) in enumerate(zip(a.classes, b.classes)) if x != y), min(len(a.classes), len(b.classes)))
-        raise TextadaptError(f"A ({name(a)}) and B ({name(b)}) have different classes ({len(a.classes)} and {len(b.classes)}; "
-                             f"the first difference is class {diff}): compare runs of the same dataset and --max-classes")
+        raise TextadaptError(
+            f"A ({name(a)}) and B ({name(b)}) have different classes ({len(a.classes)} and {len(b.classes)}; "
+            f"the first difference is class {diff}): compare runs of the same dataset and --max-classes"
+        )
     if a.hashes == b.hashes and np.array_equal(a.labels, b.labels):
         return
     key_a, key_b = sorted(zip(a.hashes, a.labels.tolist())), sorted(zip(b.hashes, b.labels.tolist()))
     if key_a != key_b:
         only_a = len(set(a.hashes) - set(b.hashes))
         only_b = len(set(b.hashes) - set(a.hashes))
-        what = (f"{only_a} of A's images are not among B's and {only_b} of B's not among A's" if only_a or only_b
-                else "the same images carry different labels")
-        raise TextadaptError(f"A ({name(a)}) and B ({name(b)}) were scored on different test images ({len(a.hashes)} and "
-                             f"{len(b.hashes)}; {what}): compare runs with the same --max-images and --max-classes")
+        what = (
+            f"{only_a} of A's images are not among B's and {only_b} of B's not among A's"
+            if only_a or only_b
+            else "the same images carry different labels"
+        )
+        raise TextadaptError(
+            f"A ({name(a)}) and B ({name(b)}) were scored on different test images ({len(a.hashes)} and "
+            f"{len(b.hashes)}; {what}): compare runs with the same --max-images and --max-classes"
+        )
     # the same labelled images in another order (the order of a folder listing, say): align B on A
     order_a = sorted(range(len(a.hashes)), key=lambda i: (a.hashes[i], int(a.labels[i])))
     order_b = sorted(range(len(b.hashes)), key=lambda i: (b.hashes[i], int(b.labels[i])))
@@ -146,8 +167,15 @@ def _same_images(a: _Scored, b: _Scored) -> None:
     b.hashes, b.labels, b.correct = a.hashes, a.labels, b.correct[aligned]
 
 
-def compare(store: Store, a: str, b: str, method: str | None = None, n_resamples: int = stats.N_RESAMPLES,
-            level: float = stats.LEVEL, seed: int = stats.SEED) -> Comparison:
+def compare(
+    store: Store,
+    a: str,
+    b: str,
+    method: str | None = None,
+    n_resamples: int = stats.N_RESAMPLES,
+    level: float = stats.LEVEL,
+    seed: int = stats.SEED,
+) -> Comparison:
     """B minus A (each ``RUN_ID`` or ``RUN_ID:METHOD``; ``method`` for a bare run id), overall and per class."""
     first, second = _load(store, a, method), _load(store, b, method)
     _same_images(first, second)
@@ -159,7 +187,18 @@ def compare(store: Store, a: str, b: str, method: str | None = None, n_resamples
     for k, name in enumerate(first.classes):
         mask = labels == k
         recall = lambda c: float(c[mask].mean()) if mask.any() else float("nan")  # noqa: E731, B023 (used in this iteration)
-        classes.append(ClassDifference(k, name, int(mask.sum()), recall(first.correct), recall(second.correct),
-                                       d.class_interval("B", k)))
-    return Comparison(first.side, second.side, len(labels), d.top1_interval("B"), d.mean_per_class_interval("B"), test, classes,
-                      n_resamples, level, seed)
+        classes.append(
+            ClassDifference(k, name, int(mask.sum()), recall(first.correct), recall(second.correct), d.class_interval("B", k))
+        )
+    return Comparison(
+        first.side,
+        second.side,
+        len(labels),
+        d.top1_interval("B"),
+        d.mean_per_class_interval("B"),
+        test,
+        classes,
+        n_resamples,
+        level,
+        seed,
+    )

@@ -91,7 +91,8 @@ class Settings(BaseSettings):
         "None: by name (OpenAI's o1, o3, o4-mini, gpt-5...).",
     )
     llm_reasoning_tokens: int = Field(
-        2048, ge=0,
+        2048,
+        ge=0,
         description="Reasoning models: tokens for their hidden reasoning; max_completion_tokens = max_tokens + this.",
     )
     llm_structured_output: bool = Field(
@@ -105,7 +106,8 @@ class Settings(BaseSettings):
 
     # Running as a service: Prefect's global concurrency limit on LLM requests, and the Dask cluster.
     llm_global_limit: int = Field(
-        8, ge=1,
+        8,
+        ge=1,
         description="Slots of Prefect's global concurrency limit `textadapt-llm` when a run has to create it: LLM requests "
         "in flight at once over every flow run of one Prefect server. A limit that exists is left as it is.",
     )
@@ -162,17 +164,19 @@ class RunOptions(BaseModel):
         description="Dataset name: a spec DATASET.toml (see `textadapt datasets`)."
     )
     backbone: Annotated[str | None, Cli(settings="backbone")] = Field(
-        None, description="open_clip backbone ARCH:WEIGHTS: ViT-B-32:openai, hf-hub:ORG/REPO, ARCH:/path.pt, ARCH:random, "
-        "ARCH:auto. Unset: Settings.backbone (env TEXTADAPT_BACKBONE)."
+        None,
+        description="open_clip backbone ARCH:WEIGHTS: ViT-B-32:openai, hf-hub:ORG/REPO, ARCH:/path.pt, ARCH:random, "
+        "ARCH:auto. Unset: Settings.backbone (env TEXTADAPT_BACKBONE).",
     )
     llm: Annotated[str | None, Cli(settings="llm")] = Field(
-        None, description="LLM backend: llama-cpp:smollm2, llama-cpp:/path/model.gguf, openai:MODEL or vllm:MODEL. "
-        "Unset: Settings.llm (env TEXTADAPT_LLM)."
+        None,
+        description="LLM backend: llama-cpp:smollm2, llama-cpp:/path/model.gguf, openai:MODEL or vllm:MODEL. "
+        "Unset: Settings.llm (env TEXTADAPT_LLM).",
     )
     template_sets: Annotated[list[str], Cli(flag="--templates")] = Field(
         default_factory=lambda: ["generic", "targeted"],
         description="Prompt template sets (folders of prompts/, see `textadapt prompts list`); one adapted head is trained "
-        "per set. None (an empty list; \"\" on the command line): train on --sources only.",
+        'per set. None (an empty list; "" on the command line): train on --sources only.',
     )
     sources: list[str] = Field(
         default_factory=list,
@@ -185,11 +189,13 @@ class RunOptions(BaseModel):
     max_tokens: int = Field(50, ge=1, description="Longest answer in tokens (TAP: 50).")
     steps: int | None = Field(None, ge=1, description="Training steps. Unset: the dataset spec's [train] steps.")
     seed: int = Field(
-        7777, description="First training seed (TAP: 7777): the adapters train with seed, seed+1, .... LLM sampling is "
-        "seeded by each generation's cache key, not by this."
+        7777,
+        description="First training seed (TAP: 7777): the adapters train with seed, seed+1, .... LLM sampling is "
+        "seeded by each generation's cache key, not by this.",
     )
-    seeds: int = Field(3, ge=1, description="Train every adapter with this many seeds (seed, seed+1, ...); the report gives "
-                                             "mean and spread.")
+    seeds: int = Field(
+        3, ge=1, description="Train every adapter with this many seeds (seed, seed+1, ...); the report gives mean and spread."
+    )
     max_classes: int | None = Field(None, ge=2, description="Use only the first N classes (smoke runs).")
     max_images: int | None = Field(
         None, ge=1, description="Score on N test images only, spread evenly over the classes (the same N in every run)."
@@ -213,8 +219,9 @@ class RunOptions(BaseModel):
     ot_eps: float = Field(0.15, gt=0, description="OT soft labels: Sinkhorn's entropic regularisation (OTTER: 0.15).")
     ot_iters: int = Field(5, ge=1, description="OT soft labels: Sinkhorn iterations (OTTER: 5).")
     captioner: str | None = Field(
-        None, description="Also score a CoCa captioner (e.g. coca_ViT-B-32:laion2b_s13b_b90k, or 'same' for the backbone): "
-        "caption likelihood, and its IG form with scoring all."
+        None,
+        description="Also score a CoCa captioner (e.g. coca_ViT-B-32:laion2b_s13b_b90k, or 'same' for the backbone): "
+        "caption likelihood, and its IG form with scoring all.",
     )
     task_runner: Literal["threads", "dask"] = Field(
         "threads",
@@ -222,7 +229,8 @@ class RunOptions(BaseModel):
         "(Settings.dask_address, else a local one). The cache is written by the flow's process either way.",
     )
     timeout_seconds: float | None = Field(
-        None, gt=0,
+        None,
+        gt=0,
         description="Stop the run after this many seconds: its flow run ends TimedOut (Prefect's state) and its row in runs "
         "failed; what it stored stays, and running again asks only for the rest. Time waiting for a turn (a deployment's "
         "concurrency limit) does not count. Unset: no limit.",
@@ -240,13 +248,13 @@ class RunOptions(BaseModel):
         return methods
 
     @model_validator(mode="after")
-    def _something_to_train_on(self) -> "RunOptions":
+    def _something_to_train_on(self) -> RunOptions:
         if not self.template_sets and not self.sources:
             raise ValueError("nothing to train on: give at least one template set or imported source")
         return self
 
     @classmethod
-    def parse(cls, fields: dict, flags: bool = False) -> "RunOptions":
+    def parse(cls, fields: dict, flags: bool = False) -> RunOptions:
         """RunOptions from ``fields``, or one TextadaptError naming each bad option (as a flag of
         `textadapt run` with ``flags``, else by its field name)."""
         try:
@@ -267,10 +275,15 @@ class RunOptions(BaseModel):
             return TypeAdapter(cls.model_fields[name].rebuild_annotation()).validate_python(value)  # the field itself is fine
         return getattr(holder, name)
 
-    def effective(self, settings: "Settings") -> "RunOptions":
+    def effective(self, settings: Settings) -> RunOptions:
         """These options with the Settings defaults filled in (backbone, llm): what the run uses."""
-        return self.model_copy(update={name: getattr(settings, cli.settings) for name, cli in cli_meta().items()
-                                       if cli.settings and getattr(self, name) is None})
+        return self.model_copy(
+            update={
+                name: getattr(settings, cli.settings)
+                for name, cli in cli_meta().items()
+                if cli.settings and getattr(self, name) is None
+            }
+        )
 
 
 def cli_meta() -> dict[str, Cli]:
@@ -310,6 +323,7 @@ def parse_backbone_spec(spec: str) -> tuple[str, str]:
         return spec, "hf-hub"
     arch, sep, weights = spec.partition(":")
     if not sep or not arch or not weights:
-        raise TextadaptError(f"backbone spec {spec!r} is not ARCH:WEIGHTS "
-                             "(e.g. ViT-B-32:openai, ViT-B-32:random, hf-hub:ORG/REPO)")
+        raise TextadaptError(
+            f"backbone spec {spec!r} is not ARCH:WEIGHTS (e.g. ViT-B-32:openai, ViT-B-32:random, hf-hub:ORG/REPO)"
+        )
     return arch, weights

@@ -14,9 +14,10 @@ import inspect
 import re
 import struct
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Iterator, Literal, Union
+from typing import Annotated, Literal
 
 import numpy as np
 from PIL import Image
@@ -126,7 +127,7 @@ class FolderSource(_Strict):
         return base / self.split if self.split else base
 
 
-ImageSource = Annotated[Union[IdxSource, TorchvisionSource, FolderSource], Field(discriminator="kind")]
+ImageSource = Annotated[IdxSource | TorchvisionSource | FolderSource, Field(discriminator="kind")]
 
 
 class DatasetSpec(_Strict):
@@ -152,8 +153,12 @@ class DatasetSpec(_Strict):
 
     def placeholders(self) -> list[str]:
         """The fields still holding a "FILL IN" placeholder (as `datasets new` writes them)."""
-        fields = {"title": self.title, "prompting.domain": self.prompting.domain, "prompting.category": self.prompting.category,
-                  "prompting.task": self.prompting.task}
+        fields = {
+            "title": self.title,
+            "prompting.domain": self.prompting.domain,
+            "prompting.category": self.prompting.category,
+            "prompting.task": self.prompting.task,
+        }
         fields |= {f"classes[{i}]": c for i, c in enumerate(self.classes)}
         fields |= {f"prompting.targeted[{i}]": q for i, q in enumerate(self.prompting.targeted)}
         return [name for name, value in fields.items() if value.strip().startswith(PLACEHOLDER)]
@@ -174,7 +179,7 @@ class DatasetSpec(_Strict):
         return [c.strip() for c in v]
 
     @model_validator(mode="after")
-    def _confusable_are_classes(self) -> "DatasetSpec":
+    def _confusable_are_classes(self) -> DatasetSpec:
         for c, others in self.prompting.confusable.items():
             unknown = [x for x in [c, *others] if x not in self.classes]
             if unknown:
@@ -287,12 +292,12 @@ class ImageSet:
             self._keys = [image_key(x, self.background) for x in self.images]
         return list(self._keys)
 
-    def take(self, idx) -> "ImageSet":
+    def take(self, idx) -> ImageSet:
         """The images at the given positions, in that order."""
         idx = np.asarray(idx, dtype=np.int64)
         return replace(self, images=[self.images[i] for i in idx], labels=self.labels[idx])
 
-    def subset(self, keep: np.ndarray) -> "ImageSet":
+    def subset(self, keep: np.ndarray) -> ImageSet:
         return self.take(np.flatnonzero(keep))
 
 
@@ -375,7 +380,9 @@ def _check_torchvision_classes(spec: DatasetSpec, ds, class_name: str) -> None:
     """The spec's class i must be torchvision's class i (its labels' meaning), up to case, '_' and '/'."""
     theirs = getattr(ds, "classes", None)
     if theirs is None:
-        raise TextadaptError(f"{spec.path}: check_classes is set, but torchvision's {class_name} has no `classes` to compare with")
+        raise TextadaptError(
+            f"{spec.path}: check_classes is set, but torchvision's {class_name} has no `classes` to compare with"
+        )
     theirs = [str(c) for c in theirs]
     if len(theirs) != len(spec.classes):
         raise TextadaptError(f"{spec.path}: {len(spec.classes)} classes, but torchvision's {class_name} has {len(theirs)}")
@@ -389,8 +396,9 @@ def _check_torchvision_classes(spec: DatasetSpec, ds, class_name: str) -> None:
 
 def _image_files(folder: Path) -> list[Path]:
     """Image files of a folder, sorted; hidden ones (".DS_Store", macOS's "._x.png") left out."""
-    return sorted(p for p in folder.iterdir()
-                  if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
+    return sorted(
+        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    )
 
 
 def class_folders(root: Path) -> dict[str, int]:
@@ -426,7 +434,7 @@ def _from_folder(src: FolderSource, spec: DatasetSpec) -> ImageSet | None:
             "Add them to `classes` (and `folders`), or list them in the source's `ignore`"
         )
     if not images and not src.split and (root / "test").is_dir():
-        problems.append(f"{root} has a test/ folder: if the class folders are in it, set split = \"test\" in {spec.path}")
+        problems.append(f'{root} has a test/ folder: if the class folders are in it, set split = "test" in {spec.path}')
     return ImageSet(images, np.asarray(labels, dtype=np.int64), f"folder:{root}", spec.background_rgb, problems)
 
 
@@ -435,7 +443,7 @@ def _where(src) -> str:
         hint = ""
         base = Path(src.dir).expanduser()
         if src.split and base.is_dir() and class_folders(base):
-            hint = f"; {base} itself holds class folders: set split = \"\" for a plain ImageFolder"
+            hint = f'; {base} itself holds class folders: set split = "" for a plain ImageFolder'
         return f" (looked for class folders in {src.root}{hint})"
     return f" (looked in {src.dir})" if hasattr(src, "dir") else ""
 
@@ -457,11 +465,14 @@ def load_test_images(spec: DatasetSpec, home: Path, strict: bool = True) -> Imag
             found.background = spec.background_rgb
             found.problems += label_problems(spec, found)
             if strict and found.problems:
-                raise TextadaptError(f"the images of dataset {spec.name!r} do not fit its spec:\n  "
-                                     + "\n  ".join(found.problems))
+                raise TextadaptError(
+                    f"the images of dataset {spec.name!r} do not fit its spec:\n  " + "\n  ".join(found.problems)
+                )
             return found
-    ways = "\n  ".join(f"- {s.kind}{_where(s)}" + (f": {s.how}" if s.how else "") for s in spec.images) \
+    ways = (
+        "\n  ".join(f"- {s.kind}{_where(s)}" + (f": {s.how}" if s.how else "") for s in spec.images)
         or "- (the spec lists no [[images]] source)"
+    )
     message = f"no images for dataset {spec.name!r} ({spec.path}). Ways to get them:\n  {ways}"
     if strict:
         raise TextadaptError(message)
@@ -474,12 +485,16 @@ def label_problems(spec: DatasetSpec, images: ImageSet) -> list[str]:
         return [f"{images.source}: no test images"]
     present = np.unique(images.labels)
     if present.min() < 0 or present.max() >= len(spec.classes):
-        return [f"{spec.path}: {len(spec.classes)} classes, but the labels of {images.source} run from "
-                f"{present.min()} to {present.max()}: the class list does not match the labels"]
+        return [
+            f"{spec.path}: {len(spec.classes)} classes, but the labels of {images.source} run from "
+            f"{present.min()} to {present.max()}: the class list does not match the labels"
+        ]
     missing = sorted(set(range(len(spec.classes))) - set(present.tolist()))
     if missing:
-        return [f"{spec.path}: {len(spec.classes)} classes, but {images.source} has images of only {len(present)}; "
-                f"no test image for classes {[spec.classes[i] for i in missing]}"]
+        return [
+            f"{spec.path}: {len(spec.classes)} classes, but {images.source} has images of only {len(present)}; "
+            f"no test image for classes {[spec.classes[i] for i in missing]}"
+        ]
     return []
 
 
@@ -514,8 +529,9 @@ def stratified(labels: np.ndarray, n: int, seed: int = SAMPLE_SEED) -> np.ndarra
     return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
 
 
-def restrict(spec: DatasetSpec, images: ImageSet | None, max_classes: int | None,
-             max_images: int | None) -> tuple[DatasetSpec, ImageSet | None]:
+def restrict(
+    spec: DatasetSpec, images: ImageSet | None, max_classes: int | None, max_images: int | None
+) -> tuple[DatasetSpec, ImageSet | None]:
     """The first ``max_classes`` classes, and ``max_images`` of their test images spread evenly over the
     classes (seeded: the same images every time), for smoke runs."""
     if max_classes and max_classes < len(spec.classes):
@@ -535,10 +551,26 @@ def iter_batches(images: ImageSet, batch_size: int) -> Iterator[list[Image.Image
 # A new spec from an image folder (`textadapt datasets new`)
 
 # TAP's full-batch steps for its eight datasets, by class count (methods.md); a new dataset takes the nearest.
-TAP_STEPS = {"dtd": 5500, "eurosat": 400, "fgvc-aircraft": 500, "food101": 400, "flowers102": 600,
-             "sun397": 2000, "ucf101": 1050, "imagenet-r": 5000}
-TAP_CLASSES = {"dtd": 47, "eurosat": 10, "fgvc-aircraft": 100, "food101": 101, "flowers102": 102,
-               "sun397": 397, "ucf101": 101, "imagenet-r": 200}
+TAP_STEPS = {
+    "dtd": 5500,
+    "eurosat": 400,
+    "fgvc-aircraft": 500,
+    "food101": 400,
+    "flowers102": 600,
+    "sun397": 2000,
+    "ucf101": 1050,
+    "imagenet-r": 5000,
+}
+TAP_CLASSES = {
+    "dtd": 47,
+    "eurosat": 10,
+    "fgvc-aircraft": 100,
+    "food101": 101,
+    "flowers102": 102,
+    "sun397": 397,
+    "ucf101": 101,
+    "imagenet-r": 200,
+}
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -613,47 +645,53 @@ def spec_from_folder(name: str, folder: Path, split: str | None = None) -> NewSp
     classes = [f if n.lower() in clash else n for f, n in zip(folders, names)]
     steps, steps_note = default_steps(len(classes))
     n_images = sum(found.values())
-    text = "\n".join([
-        f"# {name}: written by `textadapt datasets new` from {root} ({n_images} images in {len(classes)} class folders).",
-        f"# Replace every {PLACEHOLDER} value below; `textadapt datasets check {name}` then checks everything before any run.",
-        f"name = {_toml(name)}",
-        f"title = {_toml(name)}",
-        "# Colour that transparent pixels are composited onto (a name or \"#rrggbb\").",
-        'background = "white"',
-        "",
-        "# Class names in label order, read from the folder names: edit them freely (`folders` below keeps the mapping).",
-        "classes = [", *[f"  {_toml(c)}," for c in classes], "]",
-        "",
-        "[prompting]",
-        "# The kind of image, a noun phrase that reads well in \"What does a <class> look like in <domain>?\".",
-        f"domain = {_toml(PLACEHOLDER + ': the kind of image, e.g. a close-up photo of a bird')}",
-        "# What the classes are kinds of, singular: \"bird species\", \"road sign\".",
-        f"category = {_toml(PLACEHOLDER + ': what the classes are kinds of, e.g. bird species')}",
-        "# One sentence on what the classifier must tell apart (meta-prompting reads it).",
-        f"task = {_toml(PLACEHOLDER + ': one sentence, e.g. Recognise the species of a bird in a photo.')}",
-        "# Optional: this dataset's own targeted questions, which replace prompts/targeted/ for it (TAP wrote them per",
-        "# dataset, the domain as the head noun). Jinja, like a template file; \" Answer in one sentence.\" is appended.",
-        "# targeted = [\"What does the plumage of {{ class_name | article }} look like in a close-up photo?\"]",
-        "",
-        "[zeroshot]",
-        "# Prompt ensemble of the zero-shot baseline ({} is the class name).",
-        'templates = ["a photo of a {}."]',
-        "",
-        "[train]",
-        f"# {steps_note}.",
-        f"steps = {steps}",
-        "",
-        "[[images]]",
-        'kind = "folder"',
-        f"dir = {_toml(str(folder))}",
-        "# Folder of the test split inside dir (\"\": dir itself holds the class folders).",
-        f"split = {_toml(split)}",
-        "# Folder of each class, in class order.",
-        "folders = [", *[f"  {_toml(f)}," for f in folders], "]",
-        "# Folders of images beside the class folders that are not classes (any other one is an error).",
-        "ignore = []",
-        "",
-    ])
+    text = "\n".join(
+        [
+            f"# {name}: written by `textadapt datasets new` from {root} ({n_images} images in {len(classes)} class folders).",
+            f"# Replace every {PLACEHOLDER} value below; `textadapt datasets check {name}` then checks everything before any run.",
+            f"name = {_toml(name)}",
+            f"title = {_toml(name)}",
+            '# Colour that transparent pixels are composited onto (a name or "#rrggbb").',
+            'background = "white"',
+            "",
+            "# Class names in label order, read from the folder names: edit them freely (`folders` below keeps the mapping).",
+            "classes = [",
+            *[f"  {_toml(c)}," for c in classes],
+            "]",
+            "",
+            "[prompting]",
+            '# The kind of image, a noun phrase that reads well in "What does a <class> look like in <domain>?".',
+            f"domain = {_toml(PLACEHOLDER + ': the kind of image, e.g. a close-up photo of a bird')}",
+            '# What the classes are kinds of, singular: "bird species", "road sign".',
+            f"category = {_toml(PLACEHOLDER + ': what the classes are kinds of, e.g. bird species')}",
+            "# One sentence on what the classifier must tell apart (meta-prompting reads it).",
+            f"task = {_toml(PLACEHOLDER + ': one sentence, e.g. Recognise the species of a bird in a photo.')}",
+            "# Optional: this dataset's own targeted questions, which replace prompts/targeted/ for it (TAP wrote them per",
+            '# dataset, the domain as the head noun). Jinja, like a template file; " Answer in one sentence." is appended.',
+            '# targeted = ["What does the plumage of {{ class_name | article }} look like in a close-up photo?"]',
+            "",
+            "[zeroshot]",
+            "# Prompt ensemble of the zero-shot baseline ({} is the class name).",
+            'templates = ["a photo of a {}."]',
+            "",
+            "[train]",
+            f"# {steps_note}.",
+            f"steps = {steps}",
+            "",
+            "[[images]]",
+            'kind = "folder"',
+            f"dir = {_toml(str(folder))}",
+            '# Folder of the test split inside dir ("": dir itself holds the class folders).',
+            f"split = {_toml(split)}",
+            "# Folder of each class, in class order.",
+            "folders = [",
+            *[f"  {_toml(f)}," for f in folders],
+            "]",
+            "# Folders of images beside the class folders that are not classes (any other one is an error).",
+            "ignore = []",
+            "",
+        ]
+    )
     return NewSpec(text, classes, folders, n_images, root, split)
 
 

@@ -71,11 +71,22 @@ def import_descriptions(path: Path, spec: DatasetSpec, source: str, store: Store
         for i, sentence in enumerate(sentences):
             description, rejected = clean(sentence)
             k = hashlib.sha256(json.dumps([spec.name, source, file_hash, cls, i], ensure_ascii=False).encode()).hexdigest()
-            rows.append(Generation(
-                key=k, dataset=spec.name, class_name=cls, template=f"import/{source}", template_hash=file_hash,
-                model=f"import:{source}", prompt="", params={"file": str(path)}, sample_index=i, raw_text=sentence,
-                description=description, rejected=rejected,
-            ))
+            rows.append(
+                Generation(
+                    key=k,
+                    dataset=spec.name,
+                    class_name=cls,
+                    template=f"import/{source}",
+                    template_hash=file_hash,
+                    model=f"import:{source}",
+                    prompt="",
+                    params={"file": str(path)},
+                    sample_index=i,
+                    raw_text=sentence,
+                    description=description,
+                    rejected=rejected,
+                )
+            )
             result.rejected += rejected is not None
             result.per_class[cls] = result.per_class.get(cls, 0) + (rejected is None)
     result.missing = [c for c in spec.classes if not result.per_class.get(c)]
@@ -84,8 +95,9 @@ def import_descriptions(path: Path, spec: DatasetSpec, source: str, store: Store
     return result
 
 
-def export_descriptions(store: Store, dataset: str | None = None, template: str | None = None,
-                        run_id: str | None = None) -> dict[str, list[str]]:
+def export_descriptions(
+    store: Store, dataset: str | None = None, template: str | None = None, run_id: str | None = None
+) -> dict[str, list[str]]:
     """{class name: [descriptions]}: the current descriptions (view ``current_descriptions``: each template's current
     version), or with ``run_id`` the descriptions that run trained on (view ``run_descriptions``)."""
     where, args = ["TRUE"], []
@@ -99,8 +111,11 @@ def export_descriptions(store: Store, dataset: str | None = None, template: str 
         where.append("(d.template = ? OR d.template LIKE ?)")
         args += [template, f"{template}/%"]
     view = "run_descriptions" if run_id else "current_descriptions"
-    rows = store.query(f"SELECT d.class_name, d.description FROM {view} d WHERE {' AND '.join(where)} "
-                       "ORDER BY d.class_name, d.template, d.key, d.item", args)
+    rows = store.query(
+        f"SELECT d.class_name, d.description FROM {view} d WHERE {' AND '.join(where)} "
+        "ORDER BY d.class_name, d.template, d.key, d.item",
+        args,
+    )
     out: dict[str, list[str]] = {}
     for cls, text in rows:
         if text not in out.setdefault(cls, []):

@@ -34,10 +34,10 @@ import logging
 import os
 import socket
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 from urllib.parse import urlparse
 
 import numpy as np
@@ -126,8 +126,14 @@ def _hash_cache_path() -> Path:
 def _file_key(path: Path, parts: dict) -> str:
     """Where a file's weights hash is kept: its path, size and mtime, and what else goes into the id."""
     st = path.stat()  # follows links: the Hugging Face cache links snapshot files to blobs
-    key = {"file": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "open_clip": open_clip.__version__,
-           "scheme": HASH_SCHEME, **parts}
+    key = {
+        "file": str(path.resolve()),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "open_clip": open_clip.__version__,
+        "scheme": HASH_SCHEME,
+        **parts,
+    }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -269,7 +275,7 @@ def _init_untrained(model: torch.nn.Module) -> None:
 
     for module in model.modules():
         if isinstance(module, MultimodalTransformer) and module.text_projection is not None:
-            torch.nn.init.normal_(module.text_projection, std=module.width ** -0.5)
+            torch.nn.init.normal_(module.text_projection, std=module.width**-0.5)
 
 
 def _ways_out(arch: str, weights: str, err: Exception) -> TextadaptError:
@@ -290,7 +296,10 @@ def load_backbone(spec: str, device: str = "auto") -> Backbone:
     build, quick = _build_arch(arch)  # quick: the spec says -quickgelu where open_clip has no such config
     if not build.startswith("hf-hub:") and build not in open_clip.list_models():
         close = [m for m in open_clip.list_models() if arch.lower().replace("/", "-") in m.lower()][:8]
-        raise TextadaptError(f"unknown open_clip architecture {arch!r} in backbone spec {spec!r}" + (f"; did you mean one of {close}?" if close else "; see open_clip.list_models()"))
+        raise TextadaptError(
+            f"unknown open_clip architecture {arch!r} in backbone spec {spec!r}"
+            + (f"; did you mean one of {close}?" if close else "; see open_clip.list_models()")
+        )
     untrained, weights_file = False, None
     if build.startswith("hf-hub:"):
         try:
@@ -314,7 +323,11 @@ def load_backbone(spec: str, device: str = "auto") -> Backbone:
             model, preprocess = _create(build, tag, quick or _tag_says_quick_gelu(build, tag))
             weights, weights_file = tag, _tag_file(build, tag)
         except Exception as e:
-            log.warning("no pretrained weights for %s (%s): using UNTRAINED weights", arch, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            log.warning(
+                "no pretrained weights for %s (%s): using UNTRAINED weights",
+                arch,
+                str(e).splitlines()[0] if str(e) else type(e).__name__,
+            )
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(RANDOM_SEED)
                 model, preprocess = _create(build, None, quick)
@@ -329,12 +342,16 @@ def load_backbone(spec: str, device: str = "auto") -> Backbone:
         except TextadaptError:
             raise
         except Exception as e:
-            raise TextadaptError(f"{path}: not a loadable {arch} checkpoint: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+            raise TextadaptError(
+                f"{path}: not a loadable {arch} checkpoint: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            ) from None
         weights, weights_file = str(path), path
     else:
         tags = open_clip.list_pretrained_tags_by_model(build)
         if weights not in tags:
-            raise TextadaptError(f"{arch} has no pretrained tag {weights!r}; open_clip knows {tags or 'none'}; or use a checkpoint path, random or auto")
+            raise TextadaptError(
+                f"{arch} has no pretrained tag {weights!r}; open_clip knows {tags or 'none'}; or use a checkpoint path, random or auto"
+            )
         try:
             model, preprocess = _create(build, weights, quick or _tag_says_quick_gelu(build, weights))
         except Exception as e:
@@ -413,7 +430,9 @@ def uncached_texts(backbone: Backbone, texts: list[str], store: Store) -> list[s
     return [t for t in unique if _sha(t) not in cached]
 
 
-def uncached_images(backbone: Backbone, images: ImageSet, store: Store, hashes: list[str] | None = None) -> tuple[ImageSet, list[str]]:
+def uncached_images(
+    backbone: Backbone, images: ImageSet, store: Store, hashes: list[str] | None = None
+) -> tuple[ImageSet, list[str]]:
     """The distinct images whose embeddings under this backbone the cache does not hold, and their keys
     (``hashes``: ``images.keys()`` if the caller has them already)."""
     hashes = hashes if hashes is not None else images.keys()
@@ -439,8 +458,9 @@ def encode_texts(backbone: Backbone, texts: list[str], store: Store, batch_size:
     return np.stack([cached[h] for h in hashes]), len(todo)
 
 
-def encode_images(backbone: Backbone, images: ImageSet, store: Store, batch_size: int = 256,
-                  progress: Progress | None = None) -> tuple[np.ndarray, int]:
+def encode_images(
+    backbone: Backbone, images: ImageSet, store: Store, batch_size: int = 256, progress: Progress | None = None
+) -> tuple[np.ndarray, int]:
     """L2-normalised embeddings of every image in order, and how many had to be encoded.
 
     Each batch is stored as soon as it is encoded, so an interrupted run resumes where it stopped.

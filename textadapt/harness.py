@@ -44,14 +44,24 @@ import torch
 from PIL import Image
 
 from textadapt import TextadaptError, stats
-from textadapt.adapters import (ADAPTERS, TapRecipe, TrainedHead, taskres_base, taskres_recipe, taskres_templates,
-                                train_adapter)
+from textadapt.adapters import ADAPTERS, TapRecipe, TrainedHead, taskres_base, taskres_recipe, taskres_templates, train_adapter
 from textadapt.config import RunOptions
 from textadapt.datasets import DatasetSpec, ImageSet
 from textadapt.encoders import Backbone, encode_texts
 from textadapt.losses import OTTERSoftLabels
-from textadapt.scoring import (BASELINES, PRIORS, SCORINGS, Score, class_prompts, ig_logits, log_softmax, mean_score,
-                               openclip_imagenet_templates, prototypes, score_logits)
+from textadapt.scoring import (
+    BASELINES,
+    PRIORS,
+    SCORINGS,
+    Score,
+    class_prompts,
+    ig_logits,
+    log_softmax,
+    mean_score,
+    openclip_imagenet_templates,
+    prototypes,
+    score_logits,
+)
 from textadapt.store import Store
 
 ALL_ADAPTERS = (*ADAPTERS, "tap-coop", "protext")
@@ -83,15 +93,22 @@ class HarnessConfig:
     epochs: int | None = None  # taskres's and protext's epochs; None: each recipe's own
 
     @classmethod
-    def from_options(cls, options: RunOptions, steps: int) -> "HarnessConfig":
+    def from_options(cls, options: RunOptions, steps: int) -> HarnessConfig:
         """The harness's view of a run's options; ``steps``: the option's, else the dataset spec's."""
         if options.train_only and options.prior == "mean-image" and set(options.scoring) & {"ig", "all"}:
-            raise TextadaptError("--prior mean-image needs the test images, which --train-only skips; "
-                                 "use empty-text or blank-image")
+            raise TextadaptError(
+                "--prior mean-image needs the test images, which --train-only skips; use empty-text or blank-image"
+            )
         return cls(
-            methods=parse_methods(options.methods), scorings=parse_scorings(options.scoring),
-            seeds=[options.seed + i for i in range(options.seeds)], steps=steps, prior=options.prior, beta=options.ig_beta,
-            ot_alpha=options.ot_alpha, ot_eps=options.ot_eps, ot_iters=options.ot_iters,
+            methods=parse_methods(options.methods),
+            scorings=parse_scorings(options.scoring),
+            seeds=[options.seed + i for i in range(options.seeds)],
+            steps=steps,
+            prior=options.prior,
+            beta=options.ig_beta,
+            ot_alpha=options.ot_alpha,
+            ot_eps=options.ot_eps,
+            ot_iters=options.ot_iters,
         )
 
 
@@ -111,8 +128,10 @@ def parse_methods(items: list[str]) -> list[tuple[str, str]]:
         if loss not in LOSSES:
             raise TextadaptError(f"--methods: unknown loss {loss!r} in {item!r}; known: {', '.join(LOSSES)}")
         if loss == "ot" and adapter in NO_OT:
-            raise TextadaptError(f"--methods: {item!r}: {adapter} pulls prompted class embeddings towards the descriptions "
-                                 f"(an L1 loss, no logits), so OTTER's soft labels do not apply; use {adapter}")
+            raise TextadaptError(
+                f"--methods: {item!r}: {adapter} pulls prompted class embeddings towards the descriptions "
+                f"(an L1 loss, no logits), so OTTER's soft labels do not apply; use {adapter}"
+            )
         out.append((adapter, OWN_LOSS.get(adapter, "ce") if loss == "ce" else loss))
     return list(dict.fromkeys(out).keys())
 
@@ -221,6 +240,7 @@ def waffle_descriptors(class_names: tuple[str, ...], seed: int, n_pairs: int = W
     n_chars = int(np.ceil(np.mean([max(len(w) for w in c.split(" ")) for c in class_names])))
     n_chars += n_groups - n_chars % n_groups
     rng = np.random.RandomState(seed)
+
     # Its np.random.choice(x, 1, replace=False)[0] is x[permutation(len(x))[0]] on the same stream (NumPy's legacy
     # RandomState.choice); permutation skips choice's per-call checks, several times faster for the characters.
     def pick(pool):
@@ -244,12 +264,15 @@ def waffle_texts(class_names: list[str], seed: int) -> list[str]:
 
 def zero_shot_prompts(spec: DatasetSpec) -> dict[str, list[str]]:
     """Each zero-shot baseline's prompts, class-major (what its class prototypes average)."""
-    return {method: class_prompts(spec.classes, templates or spec.zeroshot.templates or openclip_imagenet_templates())
-            for method, templates in BASELINES.items()}
+    return {
+        method: class_prompts(spec.classes, templates or spec.zeroshot.templates or openclip_imagenet_templates())
+        for method, templates in BASELINES.items()
+    }
 
 
-def training_free(backbone: Backbone, spec: DatasetSpec, store: Store, sets: dict, dclip_sets: set[str],
-                  batch_size: int = 256) -> tuple[list[Classifier], int]:
+def training_free(
+    backbone: Backbone, spec: DatasetSpec, store: Store, sets: dict, dclip_sets: set[str], batch_size: int = 256
+) -> tuple[list[Classifier], int]:
     """The zero-shot, WaffleCLIP, CuPL and DCLIP classifiers, and how many texts had to be encoded."""
     n, scale, encoded, out = len(spec.classes), logit_scale(backbone), 0, []
     for method, prompts in zero_shot_prompts(spec).items():
@@ -266,14 +289,30 @@ def training_free(backbone: Backbone, spec: DatasetSpec, store: Store, sets: dic
     for name, ts in sets.items():
         emb, k = encode_texts(backbone, ts.texts, store, batch_size)
         encoded += k
-        out.append(Classifier(f"cupl:{name}", "descriptions", [scale * _class_means(emb, ts.labels, n)], [0], text_set=name,
-                              n_texts=len(ts.texts)))
+        out.append(
+            Classifier(
+                f"cupl:{name}",
+                "descriptions",
+                [scale * _class_means(emb, ts.labels, n)],
+                [0],
+                text_set=name,
+                n_texts=len(ts.texts),
+            )
+        )
         if name in dclip_sets:
             texts, labels = dclip_texts(spec.classes, ts.texts, ts.labels)
             emb, k = encode_texts(backbone, texts, store, batch_size)
             encoded += k
-            out.append(Classifier(f"dclip:{name}", "descriptions", [scale * mean_similarity_weights(emb, labels, n)], [0],
-                                  text_set=name, n_texts=len(ts.texts)))
+            out.append(
+                Classifier(
+                    f"dclip:{name}",
+                    "descriptions",
+                    [scale * mean_similarity_weights(emb, labels, n)],
+                    [0],
+                    text_set=name,
+                    n_texts=len(ts.texts),
+                )
+            )
     return out, encoded
 
 
@@ -332,8 +371,17 @@ def teacher_prototypes(training_free: list[Classifier]) -> np.ndarray:
     return w / np.linalg.norm(w, axis=1, keepdims=True)
 
 
-def adapted(backbone: Backbone, spec: DatasetSpec, store: Store, sets: dict, teacher: np.ndarray, config: HarnessConfig,
-            batch_size: int = 256, log=print, progress=None) -> tuple[list[Classifier], int]:
+def adapted(
+    backbone: Backbone,
+    spec: DatasetSpec,
+    store: Store,
+    sets: dict,
+    teacher: np.ndarray,
+    config: HarnessConfig,
+    batch_size: int = 256,
+    log=print,
+    progress=None,
+) -> tuple[list[Classifier], int]:
     """Every (adapter, loss) of ``config.methods`` on every description set, once per seed.
 
     ``teacher``: the normalised zero-shot prototypes (classes, dim) that zs-head and tap-residual start from.
@@ -364,16 +412,31 @@ def adapted(backbone: Backbone, spec: DatasetSpec, store: Store, sets: dict, tea
                     heads.append(train_adapter(adapter, emb, ts.labels, n, recipe, teacher, scale, loss, backbone.device))
                 if loss is not None:
                     mass = loss.labelled_mass()
-                    log(f"{method_name(adapter, loss_name, name)} seed {seed}: the OT plan gives the labelled class "
+                    log(
+                        f"{method_name(adapter, loss_name, name)} seed {seed}: the OT plan gives the labelled class "
                         f"{mass[0]:.3f} of a description's mass at the first step, {mass[-1]:.3f} at the last "
-                        f"(uniform: {1 / n:.3f})")
+                        f"(uniform: {1 / n:.3f})"
+                    )
                 if progress:
                     progress(len(out) * len(config.seeds) + len(heads), total)
             method = method_name(adapter, loss_name, name)
-            log(f"{method}: trained {len(heads)} seed(s) in {sum(h.seconds for h in heads):.1f} s, "
-                f"last loss {np.mean([h.losses[-1] for h in heads]):.3f}")
-            out.append(Classifier(method, "adapted", [h.weight for h in heads], list(config.seeds), adapter, loss_name, name,
-                                  heads, len(ts.texts)))
+            log(
+                f"{method}: trained {len(heads)} seed(s) in {sum(h.seconds for h in heads):.1f} s, "
+                f"last loss {np.mean([h.losses[-1] for h in heads]):.3f}"
+            )
+            out.append(
+                Classifier(
+                    method,
+                    "adapted",
+                    [h.weight for h in heads],
+                    list(config.seeds),
+                    adapter,
+                    loss_name,
+                    name,
+                    heads,
+                    len(ts.texts),
+                )
+            )
     return out, encoded
 
 
@@ -409,8 +472,15 @@ def content_free_embedding(backbone: Backbone, prior: str, store: Store, image_e
     raise TextadaptError(f"--prior: unknown estimator {prior!r}; known: {', '.join(PRIORS)}")
 
 
-def evaluate(classifiers: list[Classifier], image_embeddings: np.ndarray, labels: np.ndarray, n_classes: int,
-             scorings: list[str], content_free: np.ndarray | None, beta: float = 1.0) -> list[MethodResult]:
+def evaluate(
+    classifiers: list[Classifier],
+    image_embeddings: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    scorings: list[str],
+    content_free: np.ndarray | None,
+    beta: float = 1.0,
+) -> list[MethodResult]:
     """Score every classifier (every seed) on the same image embeddings, plain and/or IG."""
     results = []
     for c in classifiers:
@@ -445,14 +515,28 @@ def scored_name(method: str, scoring: str) -> str:
     return method if scoring == "plain" else f"{method}/{scoring}"
 
 
-def save_classifiers(store: Store, run_id: str, spec: DatasetSpec, classifiers: list[Classifier], scorings: list[str],
-                     content_free: np.ndarray | None, beta: float) -> None:
+def save_classifiers(
+    store: Store,
+    run_id: str,
+    spec: DatasetSpec,
+    classifiers: list[Classifier],
+    scorings: list[str],
+    content_free: np.ndarray | None,
+    beta: float,
+) -> None:
     """Keep every classifier (its first seed) in ``classifiers``, once per scoring: what ``textadapt export`` writes out."""
     for c in classifiers:
         for scoring in scorings:
             log_prior = log_softmax(c.weights[0] @ content_free) if scoring == "ig" else None
-            store.save_classifier(run_id, scored_name(c.method, scoring), c.seeds[0], c.weights[0], spec.classes, log_prior,
-                                  beta if scoring == "ig" else None)
+            store.save_classifier(
+                run_id,
+                scored_name(c.method, scoring),
+                c.seeds[0],
+                c.weights[0],
+                spec.classes,
+                log_prior,
+                beta if scoring == "ig" else None,
+            )
 
 
 def gains(results: list[MethodResult], labels: np.ndarray, n_classes: int) -> stats.Differences:
@@ -463,8 +547,14 @@ def gains(results: list[MethodResult], labels: np.ndarray, n_classes: int) -> st
     return stats.differences(correct, correct[results.index(best)], labels, n_classes, [r.method for r in results], best.method)
 
 
-def save(store: Store, run_id: str, spec: DatasetSpec, results: list[MethodResult], gains: stats.Differences | None = None,
-         images: ImageSet | None = None) -> str:
+def save(
+    store: Store,
+    run_id: str,
+    spec: DatasetSpec,
+    results: list[MethodResult],
+    gains: stats.Differences | None = None,
+    images: ImageSet | None = None,
+) -> str:
     """Store every method's scores and per-class deltas against the best training-free baseline; returns its name.
 
     With ``gains`` (``gains(results, ...)``) also the deltas' intervals; with ``images`` (the test images scored)
@@ -474,24 +564,45 @@ def save(store: Store, run_id: str, spec: DatasetSpec, results: list[MethodResul
     ref = best.score.per_class
     for r in results:
         s, c = r.score, r.classifier
-        per_class = [(i, spec.classes[i], int(s.n_per_class[i]), _num(s.per_class[i]), _num(s.per_class[i] - ref[i]))
-                     for i in range(len(spec.classes))]
+        per_class = [
+            (i, spec.classes[i], int(s.n_per_class[i]), _num(s.per_class[i]), _num(s.per_class[i] - ref[i]))
+            for i in range(len(spec.classes))
+        ]
         intervals = {}
         if gains is not None:
             m = gains.methods.index(r.method)
-            per_class = [(*row, _num(gains.per_class_low[m, i]), _num(gains.per_class_high[m, i]))
-                         for i, row in enumerate(per_class)]
-            intervals = dict(baseline=gains.reference, delta_top1=s.top1 - best.score.top1,
-                             delta_top1_low=_num(gains.top1_low[m]), delta_top1_high=_num(gains.top1_high[m]),
-                             delta_mean_per_class=s.mean_per_class - best.score.mean_per_class,
-                             delta_mean_per_class_low=_num(gains.mean_per_class_low[m]),
-                             delta_mean_per_class_high=_num(gains.mean_per_class_high[m]))
+            per_class = [
+                (*row, _num(gains.per_class_low[m, i]), _num(gains.per_class_high[m, i])) for i, row in enumerate(per_class)
+            ]
+            intervals = dict(
+                baseline=gains.reference,
+                delta_top1=s.top1 - best.score.top1,
+                delta_top1_low=_num(gains.top1_low[m]),
+                delta_top1_high=_num(gains.top1_high[m]),
+                delta_mean_per_class=s.mean_per_class - best.score.mean_per_class,
+                delta_mean_per_class_low=_num(gains.mean_per_class_low[m]),
+                delta_mean_per_class_high=_num(gains.mean_per_class_high[m]),
+            )
         store.save_result(
-            run_id, r.method, c.kind, s.top1, s.mean_per_class, int(s.n_per_class.sum()), per_class,
-            n_texts=c.n_texts, train_seconds=sum(h.seconds for h in c.heads) if c.heads else None,
-            losses=c.heads[0].losses if c.heads else None, top5=s.top5, top1_std=r.top1_std,
-            mean_per_class_std=r.mean_per_class_std, seeds=c.seeds if c.kind == "adapted" or len(c.seeds) > 1 else None,
-            top1_per_seed=[p.top1 for p in r.per_seed], adapter=c.adapter, loss=c.loss, scoring=r.scoring, text_set=c.text_set,
+            run_id,
+            r.method,
+            c.kind,
+            s.top1,
+            s.mean_per_class,
+            int(s.n_per_class.sum()),
+            per_class,
+            n_texts=c.n_texts,
+            train_seconds=sum(h.seconds for h in c.heads) if c.heads else None,
+            losses=c.heads[0].losses if c.heads else None,
+            top5=s.top5,
+            top1_std=r.top1_std,
+            mean_per_class_std=r.mean_per_class_std,
+            seeds=c.seeds if c.kind == "adapted" or len(c.seeds) > 1 else None,
+            top1_per_seed=[p.top1 for p in r.per_seed],
+            adapter=c.adapter,
+            loss=c.loss,
+            scoring=r.scoring,
+            text_set=c.text_set,
             **intervals,
         )
     if images is not None:
@@ -501,4 +612,3 @@ def save(store: Store, run_id: str, spec: DatasetSpec, results: list[MethodResul
 
 def _num(x: float) -> float | None:
     return None if np.isnan(x) else float(x)
-

@@ -27,7 +27,7 @@ def parse_colour(value: str) -> Colour:
     try:
         return ImageColor.getrgb(value)[:3]
     except ValueError:
-        raise ValueError(f"{value!r} is not a colour (use a name such as \"white\" or a code such as \"#808080\")") from None
+        raise ValueError(f'{value!r} is not a colour (use a name such as "white" or a code such as "#808080")') from None
 
 
 def has_alpha(im: Image.Image) -> bool:
@@ -76,5 +76,5 @@ def image_key(item: str | Path | np.ndarray, background: Colour = WHITE) -> str:
             transparent = has_alpha(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         transparent = False  # decoding it will fail and say so; the key only has to be stable
-    suffix = ("\0background=#%02x%02x%02x" % tuple(background)).encode() if transparent else b""
+    suffix = ("\0background=#%02x%02x%02x" % tuple(background)).encode() if transparent else b""  # noqa: UP031 - part of the cache key: kept byte for byte
     return hashlib.sha256(data + suffix).hexdigest()

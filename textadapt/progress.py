@@ -11,8 +11,8 @@ summary (what it did, how long it took) is the caller's one INFO line.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -39,8 +39,9 @@ class StageProgress:
 
 
 @contextmanager
-def stage_progress(label: str, logger: logging.Logger | logging.LoggerAdapter,
-                   console: Console | None = None) -> Iterator[StageProgress]:
+def stage_progress(
+    label: str, logger: logging.Logger | logging.LoggerAdapter, console: Console | None = None
+) -> Iterator[StageProgress]:
     """A progress callback for one stage; a bar on ``console`` (default: stderr) if it is a terminal.
 
     Pass the console the log handler prints with, so log lines show above the bar instead of through it.
@@ -49,8 +50,15 @@ def stage_progress(label: str, logger: logging.Logger | logging.LoggerAdapter,
     if not console.is_terminal:
         yield StageProgress(label, logger, None)
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("elapsed"), TimeElapsedColumn(),
-               TextColumn("left"), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("elapsed"),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+    )
     console.push_theme(Theme())  # Rich's own styles, the bar's: a log handler's console may have a theme without them
     try:
         with Progress(*columns, console=console, transient=True) as bar:

@@ -28,8 +28,9 @@ Two recipes (the harness's adapters):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import open_clip
@@ -82,9 +83,17 @@ class PromptRecipe:
 # ProText's configs/trainers/ProText/text_only_supervised/*.yaml (its setting closest to textadapt's:
 # trained on LLM descriptions of the very classes it is tested on): learning rate, epochs, context length.
 PROTEXT_CONFIGS = {
-    "caltech101": (0.03, 30, 16), "dtd": (0.03, 200, 16), "eurosat": (0.0025, 300, 4), "fgvc-aircraft": (0.03, 200, 4),
-    "food101": (0.03, 30, 16), "imagenet1k": (0.0025, 200, 16), "flowers102": (0.0025, 300, 4), "oxford-pets": (0.03, 50, 4),
-    "stanford-cars": (0.03, 20, 8), "sun397": (0.03, 150, 16), "ucf101": (0.0025, 100, 8),
+    "caltech101": (0.03, 30, 16),
+    "dtd": (0.03, 200, 16),
+    "eurosat": (0.0025, 300, 4),
+    "fgvc-aircraft": (0.03, 200, 4),
+    "food101": (0.03, 30, 16),
+    "imagenet1k": (0.0025, 200, 16),
+    "flowers102": (0.0025, 300, 4),
+    "oxford-pets": (0.03, 50, 4),
+    "stanford-cars": (0.03, 20, 8),
+    "sun397": (0.03, 150, 16),
+    "ucf101": (0.0025, 100, 8),
 }
 # Any other dataset: lr 0.03 (7 of those 11 configs, and ProText's cross-dataset config), 4 context
 # vectors from "a photo of a" (its cross-dataset config), 200 epochs (its most frequent count).
@@ -96,8 +105,18 @@ def protext_recipe(dataset: str, seed: int = 7777, epochs: int | None = None) ->
     """ProText's recipe for ``dataset`` (its config where it has one, else PROTEXT_DEFAULT); ``epochs`` overrides."""
     lr, n_epochs, n_ctx = PROTEXT_CONFIGS.get(dataset, PROTEXT_DEFAULT)
     return PromptRecipe(
-        n_ctx=n_ctx, ctx_init="a photo of a" if n_ctx <= 4 else None, depth=PROTEXT_DEPTH, objective="match", match_loss="l1",
-        lr=lr, betas=(0.9, 0.98), weight_decay=0.1, epochs=epochs or n_epochs, batch_size=256, warmup_epochs=5, warmup_lr=1e-5,
+        n_ctx=n_ctx,
+        ctx_init="a photo of a" if n_ctx <= 4 else None,
+        depth=PROTEXT_DEPTH,
+        objective="match",
+        match_loss="l1",
+        lr=lr,
+        betas=(0.9, 0.98),
+        weight_decay=0.1,
+        epochs=epochs or n_epochs,
+        batch_size=256,
+        warmup_epochs=5,
+        warmup_lr=1e-5,
         seed=seed,
     )
 
@@ -121,22 +140,44 @@ def _text_tower(backbone: Backbone) -> _Tower:
     model = backbone.model
     name = f"backbone {backbone.spec!r} ({type(model).__name__})"
     if isinstance(model, open_clip.CLIP):
-        tower = _Tower(model.token_embedding, model.positional_embedding, model.transformer, model.ln_final,
-                       model.text_projection, model.attn_mask, model.text_pool_type, getattr(model, "text_eos_id", None))
+        tower = _Tower(
+            model.token_embedding,
+            model.positional_embedding,
+            model.transformer,
+            model.ln_final,
+            model.text_projection,
+            model.attn_mask,
+            model.text_pool_type,
+            getattr(model, "text_eos_id", None),
+        )
     elif isinstance(getattr(model, "text", None), TextTransformer):
         text = model.text
         if text.cls_emb is not None or getattr(text, "use_pad_mask", False):
-            raise TextadaptError(f"prompt learning does not support the text tower of {name}: it appends a class "
-                                 f"token or masks padding (CoCa-style); use a standard CLIP text tower")
-        tower = _Tower(text.token_embedding, text.positional_embedding, text.transformer, text.ln_final,
-                       text.text_projection, text.attn_mask, text.pool_type, getattr(text, "eos_id", None))
+            raise TextadaptError(
+                f"prompt learning does not support the text tower of {name}: it appends a class "
+                f"token or masks padding (CoCa-style); use a standard CLIP text tower"
+            )
+        tower = _Tower(
+            text.token_embedding,
+            text.positional_embedding,
+            text.transformer,
+            text.ln_final,
+            text.text_projection,
+            text.attn_mask,
+            text.pool_type,
+            getattr(text, "eos_id", None),
+        )
     else:
         kind = type(getattr(model, "text", None)).__name__ if hasattr(model, "text") else "none found"
-        raise TextadaptError(f"prompt learning needs open_clip's own text transformer; {name} has text tower "
-                             f"{kind} (Hugging Face text towers are not supported); use a standard CLIP backbone")
+        raise TextadaptError(
+            f"prompt learning needs open_clip's own text transformer; {name} has text tower "
+            f"{kind} (Hugging Face text towers are not supported); use a standard CLIP backbone"
+        )
     if tower.pool_type not in ("argmax", "eos", "last"):
-        raise TextadaptError(f"prompt learning does not support text pooling {tower.pool_type!r} of {name}: "
-                             f"the pooled token must come after the context (argmax, eos or last)")
+        raise TextadaptError(
+            f"prompt learning does not support text pooling {tower.pool_type!r} of {name}: "
+            f"the pooled token must come after the context (argmax, eos or last)"
+        )
     return tower
 
 
@@ -164,14 +205,18 @@ class PromptedClasses(torch.nn.Module):
             start += 1
         n_ctx = int((prefix_ids != pad).sum() - (empty != pad).sum())
         if n_ctx != recipe.n_ctx:
-            raise TextadaptError(f"ctx_init {recipe.ctx_init!r} is {n_ctx} tokens but n_ctx is {recipe.n_ctx}; "
-                                 f"set n_ctx to {n_ctx} (or ctx_init to None for random context)")
+            raise TextadaptError(
+                f"ctx_init {recipe.ctx_init!r} is {n_ctx} tokens but n_ctx is {recipe.n_ctx}; "
+                f"set n_ctx to {n_ctx} (or ctx_init to None for random context)"
+            )
         ids = tokenizer([f"{init} {name}." for name in class_names])
         ctx_ids = prefix_ids[start : start + n_ctx]
         for name, row in zip(class_names, ids):
             if not torch.equal(row[start : start + n_ctx], ctx_ids):
-                raise TextadaptError(f"class name {name!r}: the tokenizer merges it with the context {init!r}; "
-                                     f"cannot place the context tokens in front of it")
+                raise TextadaptError(
+                    f"class name {name!r}: the tokenizer merges it with the context {init!r}; "
+                    f"cannot place the context tokens in front of it"
+                )
         ids = ids.to(device)
         # With a causal mask, tokens after the pooled one do not change it: cut the padding off, for all classes
         # here and, per chunk of classes, down to the chunk's own longest prompt (``_encode``; the same length-aware
@@ -253,15 +298,23 @@ class PromptedClasses(torch.nn.Module):
             return torch.cat(parts)[torch.argsort(order)]
 
 
-def _check(backbone: Backbone, embeddings: np.ndarray, labels: np.ndarray, class_names: list[str],
-           recipe: PromptRecipe, loss: Loss | None) -> None:
+def _check(
+    backbone: Backbone,
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str],
+    recipe: PromptRecipe,
+    loss: Loss | None,
+) -> None:
     if len(class_names) == 0:
         raise TextadaptError("prompt learning: no class names")
     if embeddings.ndim != 2 or len(embeddings) == 0:
         raise TextadaptError(f"prompt learning: no training descriptions (embeddings of shape {embeddings.shape})")
     if backbone.embed_dim and embeddings.shape[1] != backbone.embed_dim:
-        raise TextadaptError(f"prompt learning: description embeddings have dimension {embeddings.shape[1]}, "
-                             f"backbone {backbone.spec!r} embeds in {backbone.embed_dim}")
+        raise TextadaptError(
+            f"prompt learning: description embeddings have dimension {embeddings.shape[1]}, "
+            f"backbone {backbone.spec!r} embeds in {backbone.embed_dim}"
+        )
     if labels.shape != (len(embeddings),):
         raise TextadaptError(f"prompt learning: {len(embeddings)} embeddings but labels of shape {labels.shape}")
     if labels.min() < 0 or labels.max() >= len(class_names):
@@ -280,8 +333,14 @@ def _check(backbone: Backbone, embeddings: np.ndarray, labels: np.ndarray, class
         raise TextadaptError(f"prompt learning: epochs must be >= 0 or None, got {recipe.epochs}")
 
 
-def train_prompt_learner(backbone: Backbone, embeddings: np.ndarray, labels: np.ndarray, class_names: list[str],
-                         recipe: PromptRecipe, loss: Loss | None = None) -> TrainedHead:
+def train_prompt_learner(
+    backbone: Backbone,
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str],
+    recipe: PromptRecipe,
+    loss: Loss | None = None,
+) -> TrainedHead:
     """Learn the context vectors on (N, D) L2-normalised description embeddings with labels in
     [0, len(class_names)); return the final L2-normalised class embeddings as the classifier.
 
@@ -300,23 +359,46 @@ def train_prompt_learner(backbone: Backbone, embeddings: np.ndarray, labels: np.
             prompts = PromptedClasses(backbone, class_names, recipe)
             x = torch.as_tensor(embeddings, dtype=torch.float32, device=device)
             y = torch.as_tensor(labels, dtype=torch.long, device=device)
-            scale = recipe.logit_scale if recipe.logit_scale is not None else float(backbone.model.logit_scale.exp().clamp(max=100))
+            scale = (
+                recipe.logit_scale if recipe.logit_scale is not None else float(backbone.model.logit_scale.exp().clamp(max=100))
+            )
             opt = torch.optim.AdamW(prompts.parameters(), lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
             if recipe.epochs is not None:
                 lr = lambda epoch: dassl_lr(epoch, recipe.lr, recipe.epochs, recipe.warmup_epochs, recipe.warmup_lr)  # noqa: E731
                 schedule = epoch_batches(len(x), recipe.batch_size, recipe.epochs, lr, recipe.seed)
             elif recipe.cosine:
-                schedule = ((0.5 * recipe.lr * (1 + math.cos(math.pi * step / recipe.steps)), None)
-                            for step in range(recipe.steps))
+                schedule = (
+                    (0.5 * recipe.lr * (1 + math.cos(math.pi * step / recipe.steps)), None) for step in range(recipe.steps)
+                )
             else:
                 schedule = full_batch(recipe.steps)
             if recipe.objective == "classify":
-                losses, seconds = fit(prompts, x, y, loss or CrossEntropy(recipe.label_smoothing), opt, schedule,
-                                      noise_std=recipe.noise_std, seed=recipe.seed, chunk=recipe.chunk, scale=scale)
+                losses, seconds = fit(
+                    prompts,
+                    x,
+                    y,
+                    loss or CrossEntropy(recipe.label_smoothing),
+                    opt,
+                    schedule,
+                    noise_std=recipe.noise_std,
+                    seed=recipe.seed,
+                    chunk=recipe.chunk,
+                    scale=scale,
+                )
             else:
                 match = F.l1_loss if recipe.match_loss == "l1" else F.mse_loss
-                losses, seconds = fit(prompts, x, y, None, opt, schedule, seed=recipe.seed, chunk=recipe.chunk,
-                                      batch_classes=True, objective=lambda w, noisy, yb, clean: match(w[yb], clean))
+                losses, seconds = fit(
+                    prompts,
+                    x,
+                    y,
+                    None,
+                    opt,
+                    schedule,
+                    seed=recipe.seed,
+                    chunk=recipe.chunk,
+                    batch_classes=True,
+                    objective=lambda w, noisy, yb, clean: match(w[yb], clean),
+                )
             with torch.no_grad():
                 weight = prompts().float().cpu().numpy()
     finally:

@@ -236,7 +236,4 @@ def check_templates(templates: list[PromptTemplate], spec: DatasetSpec) -> None:
 
 def questions_from(template: PromptTemplate, answer: str) -> list[PromptTemplate]:
     """The question templates an LLM wrote in answer to a ``parse: questions`` template."""
-    return [
-        PromptTemplate(f"{template.name}/{i}", template.path, q, question=True)
-        for i, q in enumerate(answer.splitlines())
-    ]
+    return [PromptTemplate(f"{template.name}/{i}", template.path, q, question=True) for i, q in enumerate(answer.splitlines())]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import jinja2
@@ -89,8 +89,9 @@ class Table:
     @property
     def numeric(self) -> list[bool]:
         """Which columns hold numbers (right-aligned)."""
-        return [bool(self.rows) and all(isinstance(row[j], Num) or row[j] == "" for row in self.rows)
-                for j in range(len(self.header))]
+        return [
+            bool(self.rows) and all(isinstance(row[j], Num) or row[j] == "" for row in self.rows) for j in range(len(self.header))
+        ]
 
 
 @dataclass
@@ -135,9 +136,14 @@ class Page:
 
 def untrained_warning(arch: str) -> Alert:
     """The warning every output of an untrained run carries (the report, the Prefect artifacts)."""
-    return Alert([f"UNTRAINED BACKBONE: {arch} has random weights, so every accuracy in this report is noise and means nothing. "
-                  "The pipeline ran for real; use a pretrained backbone (e.g. ", Code("--backbone ViT-B-32:openai"),
-                  " with network access) for numbers that mean something."])
+    return Alert(
+        [
+            f"UNTRAINED BACKBONE: {arch} has random weights, so every accuracy in this report is noise and means nothing. "
+            "The pipeline ran for real; use a pretrained backbone (e.g. ",
+            Code("--backbone ViT-B-32:openai"),
+            " with network access) for numbers that mean something.",
+        ]
+    )
 
 
 def _pct(x: float | None) -> str:
@@ -162,9 +168,15 @@ def build(r: RunReport) -> Page:
     """The whole report as one ``Page``, rendered by ``render_markdown`` and ``render_html``."""
     spec = r.spec
     facts = [
-        ["run: ", Code(r.run_id), f", {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"],
-        ["backbone: ", Code(r.backbone_spec), " (cache identity ", Code(r.backbone_id), ")",
-         *([" ", Strong("UNTRAINED")] if r.untrained else [])],
+        ["run: ", Code(r.run_id), f", {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"],
+        [
+            "backbone: ",
+            Code(r.backbone_spec),
+            " (cache identity ",
+            Code(r.backbone_id),
+            ")",
+            *([" ", Strong("UNTRAINED")] if r.untrained else []),
+        ],
         ["LLM: ", Code(r.llm)],
         [f"test images: {r.n_images} from ", Code(r.image_source), f", {len(spec.classes)} classes"],
         [f"adapters: {r.steps} full-batch steps, seeds {', '.join(map(str, r.seeds or [r.seed]))} (mean and spread over seeds)"],
@@ -174,20 +186,34 @@ def build(r: RunReport) -> Page:
         stages = Table(["stage", "seconds"], [[k, Num(f"{v:.1f}")] for k, v in r.stage_seconds.items()])
         figure = Figure(plots.stage_seconds(r.stage_seconds), "seconds per stage of the run")
         sections.append(Section(["Time per stage"], [figure, stages]))
-    footer = ["Query everything behind this report: ",
-              Code(f"textadapt sql \"SELECT * FROM results WHERE run_id = '{r.run_id}'\""),
-              "; compare it with another run: ", Code(f"textadapt compare {r.run_id} OTHER_RUN_ID")]
-    return Page(f"textadapt report: {spec.title or spec.name}", untrained_warning(r.arch) if r.untrained else None, facts,
-                sections, footer)
+    footer = [
+        "Query everything behind this report: ",
+        Code(f"textadapt sql \"SELECT * FROM results WHERE run_id = '{r.run_id}'\""),
+        "; compare it with another run: ",
+        Code(f"textadapt compare {r.run_id} OTHER_RUN_ID"),
+    ]
+    return Page(
+        f"textadapt report: {spec.title or spec.name}",
+        untrained_warning(r.arch) if r.untrained else None,
+        facts,
+        sections,
+        footer,
+    )
 
 
 def _results_intro(r: RunReport) -> Paragraph:
     g = r.gains
-    return Paragraph(["Best training-free baseline: ", Code(r.best_baseline), ". Deltas are in accuracy points against it, "
-                      f"with their {100 * g.level:.0f}% confidence interval in parentheses: a paired bootstrap over the "
-                      f"{r.n_images} test images ({g.n_resamples} resamples; a method's correctness on an image is the mean "
-                      "over its seeds). Green or red in the HTML page: the interval excludes 0. Trained methods (and "
-                      "WaffleCLIP's random draws): mean ± spread over seeds."])
+    return Paragraph(
+        [
+            "Best training-free baseline: ",
+            Code(r.best_baseline),
+            ". Deltas are in accuracy points against it, "
+            f"with their {100 * g.level:.0f}% confidence interval in parentheses: a paired bootstrap over the "
+            f"{r.n_images} test images ({g.n_resamples} resamples; a method's correctness on an image is the mean "
+            "over its seeds). Green or red in the HTML page: the interval excludes 0. Trained methods (and "
+            "WaffleCLIP's random draws): mean ± spread over seeds.",
+        ]
+    )
 
 
 def _results_table(r: RunReport) -> Table:
@@ -195,12 +221,33 @@ def _results_table(r: RunReport) -> Table:
     rows = []
     for g in gains(r):
         ref = g.method == r.best_baseline
-        rows.append([Code(g.method), g.kind, g.scoring, Num("" if g.n_texts is None else str(g.n_texts)),
-                     Num(_pm(g.top1, g.top1_std)), *([Num(_pct(g.top5))] if top5 else []),
-                     Num(_pm(g.mean_per_class, g.mean_per_class_std)),
-                     _gain(g.delta_top1, ref), _gain(g.delta_mean_per_class, ref)])
-    return Table(["method", "kind", "scoring", "training texts", "top-1 %", *(["top-5 %"] if top5 else []), "mean per-class %",
-                  "top-1 delta", "mean per-class delta"], rows)
+        rows.append(
+            [
+                Code(g.method),
+                g.kind,
+                g.scoring,
+                Num("" if g.n_texts is None else str(g.n_texts)),
+                Num(_pm(g.top1, g.top1_std)),
+                *([Num(_pct(g.top5))] if top5 else []),
+                Num(_pm(g.mean_per_class, g.mean_per_class_std)),
+                _gain(g.delta_top1, ref),
+                _gain(g.delta_mean_per_class, ref),
+            ]
+        )
+    return Table(
+        [
+            "method",
+            "kind",
+            "scoring",
+            "training texts",
+            "top-1 %",
+            *(["top-5 %"] if top5 else []),
+            "mean per-class %",
+            "top-1 delta",
+            "mean per-class delta",
+        ],
+        rows,
+    )
 
 
 _TRAIN_ONLY = Paragraph(["None: a ", Code("--train-only"), " run trains the heads without scoring them on images."])
@@ -222,57 +269,112 @@ def _results(r: RunReport) -> list[Section]:
         results.blocks.insert(1, Figure(png, f"top-1 gain of every method over {r.best_baseline}, with 95% intervals"))
     rows = []
     for i, c in enumerate(r.spec.classes):
-        rows.append([c, Num(str(int(best.n_per_class[i]))), *(Num(_pct(r.scores[m].per_class[i])) for m in methods),
-                     *(_gain(g.class_interval(m, i)) for m in adapted)])
-    per_class = Section(["Per class"], [
-        Figure(per_class_png(r), "accuracy per class: best training-free baseline and adapted methods"),
-        Paragraph(["Accuracy (recall) per class, % (mean over seeds), of every method; delta columns: each adapted method "
-                   f"minus the best training-free baseline, with its {100 * g.level:.0f}% interval (a paired bootstrap over "
-                   "the class's images)."]),
-        Table(["class", "images", *methods, *(f"delta {m}" for m in adapted)], rows)])
+        rows.append(
+            [
+                c,
+                Num(str(int(best.n_per_class[i]))),
+                *(Num(_pct(r.scores[m].per_class[i])) for m in methods),
+                *(_gain(g.class_interval(m, i)) for m in adapted),
+            ]
+        )
+    per_class = Section(
+        ["Per class"],
+        [
+            Figure(per_class_png(r), "accuracy per class: best training-free baseline and adapted methods"),
+            Paragraph(
+                [
+                    "Accuracy (recall) per class, % (mean over seeds), of every method; delta columns: each adapted method "
+                    f"minus the best training-free baseline, with its {100 * g.level:.0f}% interval (a paired bootstrap over "
+                    "the class's images)."
+                ]
+            ),
+            Table(["class", "images", *methods, *(f"delta {m}" for m in adapted)], rows),
+        ],
+    )
     out = [results, per_class]
     top = best_adapted(r)
     if top is not None and r.scores[top].confusion is not None:
-        out.append(Section(["Confusion matrix: ", Code(top)], [
-            Figure(plots.confusion(r.spec.classes, r.scores[top].confusion, f"{top}: true vs predicted class"),
-                   f"confusion matrix of {top}", ["The adapted method with the best top-1. Rows: true class; columns: predicted "
-                                                  "class; counts over all its seeds."])]))
+        out.append(
+            Section(
+                ["Confusion matrix: ", Code(top)],
+                [
+                    Figure(
+                        plots.confusion(r.spec.classes, r.scores[top].confusion, f"{top}: true vs predicted class"),
+                        f"confusion matrix of {top}",
+                        [
+                            "The adapted method with the best top-1. Rows: true class; columns: predicted "
+                            "class; counts over all its seeds."
+                        ],
+                    )
+                ],
+            )
+        )
     return out
 
 
 def _training(r: RunReport) -> Section:
     seconds = {res.classifier.method: sum(h.seconds for h in res.classifier.heads) for res in r.results}
-    rows = [[Code(m), Num(f"{h.losses[0]:.3f}"), Num(f"{h.losses[-1]:.3f}"), Num(f"{seconds.get(m, h.seconds):.2f}"), h.device]
-            for m, h in r.heads.items()]
-    return Section(["Training"], [Paragraph([f"{r.steps} full-batch steps. Loss of the first seed's run, at its first and last "
-                                             "step; seconds: all seeds."]),
-                                  Table(["adapter", "first loss", "last loss", "seconds", "device"], rows)])
+    rows = [
+        [Code(m), Num(f"{h.losses[0]:.3f}"), Num(f"{h.losses[-1]:.3f}"), Num(f"{seconds.get(m, h.seconds):.2f}"), h.device]
+        for m, h in r.heads.items()
+    ]
+    return Section(
+        ["Training"],
+        [
+            Paragraph(
+                [f"{r.steps} full-batch steps. Loss of the first seed's run, at its first and last step; seconds: all seeds."]
+            ),
+            Table(["adapter", "first loss", "last loss", "seconds", "device"], rows),
+        ],
+    )
 
 
 def _descriptions(r: RunReport) -> Section:
     g, spec = r.generation, r.spec
-    made = (" (nothing generated: every answer was already cached)." if g.made == 0 else
-            f"; {g.completion_tokens} completion tokens in {g.seconds:.0f} s.")
-    blocks = [Paragraph([f"{g.planned} generations planned: {g.made} LLM calls made by this run, {g.cached} served from the "
-                         f"cache{made} "
-                         f"Text encoder: {r.text_encoder_calls} texts encoded, the rest from the cache. "
-                         f"Image encoder: {r.image_encoder_calls} images encoded, the rest from the cache."])]
+    made = (
+        " (nothing generated: every answer was already cached)."
+        if g.made == 0
+        else f"; {g.completion_tokens} completion tokens in {g.seconds:.0f} s."
+    )
+    blocks = [
+        Paragraph(
+            [
+                f"{g.planned} generations planned: {g.made} LLM calls made by this run, {g.cached} served from the "
+                f"cache{made} "
+                f"Text encoder: {r.text_encoder_calls} texts encoded, the rest from the cache. "
+                f"Image encoder: {r.image_encoder_calls} images encoded, the rest from the cache."
+            ]
+        )
+    ]
     rows = []
     for ts in r.sets.values():
         why = ", ".join(f"{k}: {v}" for k, v in sorted(ts.rejected.items())) or "none"
         left = ", ".join(f"{k}: {v}" for k, v in sorted(ts.excluded.items())) or "none"
-        rows.append([ts.template_set, Num(str(ts.generations)), f"{sum(ts.rejected.values())} ({why})", left,
-                     Num(str(len(ts.texts)))])
+        rows.append(
+            [ts.template_set, Num(str(ts.generations)), f"{sum(ts.rejected.values())} ({why})", left, Num(str(len(ts.texts)))]
+        )
     blocks.append(Table(["template set", "generations", "rejected", "left out by this run", "trained on (descriptions)"], rows))
     total = sum(len(ts.texts) for ts in r.sets.values())
     generations = sum(ts.generations for ts in r.sets.values())
     rejected = sum(sum(ts.rejected.values()) for ts in r.sets.values())
-    blocks.append(Paragraph([f"Trained on {total} descriptions in all, from {generations} generations ({rejected} rejected; a "
-                             "list answer gives several descriptions, a duplicate none)."]))
+    blocks.append(
+        Paragraph(
+            [
+                f"Trained on {total} descriptions in all, from {generations} generations ({rejected} rejected; a "
+                "list answer gives several descriptions, a duplicate none)."
+            ]
+        )
+    )
     for name, classes in r.filled.items():
-        blocks.append(Paragraph([Strong(f"{name}: no accepted description for {len(classes)} classes"),
-                                 ", trained on \"a photo of a {class}.\" for them (counted below): ",
-                                 ", ".join(classes[:30]) + (" ..." if len(classes) > 30 else ".")]))
+        blocks.append(
+            Paragraph(
+                [
+                    Strong(f"{name}: no accepted description for {len(classes)} classes"),
+                    ', trained on "a photo of a {class}." for them (counted below): ',
+                    ", ".join(classes[:30]) + (" ..." if len(classes) > 30 else "."),
+                ]
+            )
+        )
     names = list(r.sets)
     counts = {n: np.bincount(ts.labels, minlength=len(spec.classes)) for n, ts in r.sets.items()}
     blocks.append(Paragraph(["Descriptions each head trained on, per class, and a few examples as the LLM wrote them:"]))
@@ -283,16 +385,34 @@ def _descriptions(r: RunReport) -> Section:
 
 def _llm_cost(r: RunReport) -> Section:
     g = r.generation
-    blocks = [Paragraph([f"This run asked the LLM for {g.made} generations ({g.completion_tokens} completion tokens, "
-                         f"{g.seconds:.1f} s) and took {g.cached} from the cache. The generations it used cost, when they "
-                         "were made:"])]
+    blocks = [
+        Paragraph(
+            [
+                f"This run asked the LLM for {g.made} generations ({g.completion_tokens} completion tokens, "
+                f"{g.seconds:.1f} s) and took {g.cached} from the cache. The generations it used cost, when they "
+                "were made:"
+            ]
+        )
+    ]
     if not r.llm_usage:
         blocks.append(Paragraph(["None recorded: the run used no stored generation."]))
         return Section(["LLM tokens"], blocks)
-    total = LlmUsage(*(sum(getattr(u, f) for u in r.llm_usage.values())
-                       for f in ("generations", "prompt_tokens", "completion_tokens", "seconds")))
-    rows = [[Strong("all") if s is None else s, Num(str(u.generations)), Num(str(u.prompt_tokens)), Num(str(u.completion_tokens)),
-             Num(f"{u.seconds:.1f}")] for s, u in [*r.llm_usage.items(), (None, total)]]
+    total = LlmUsage(
+        *(
+            sum(getattr(u, f) for u in r.llm_usage.values())
+            for f in ("generations", "prompt_tokens", "completion_tokens", "seconds")
+        )
+    )
+    rows = [
+        [
+            Strong("all") if s is None else s,
+            Num(str(u.generations)),
+            Num(str(u.prompt_tokens)),
+            Num(str(u.completion_tokens)),
+            Num(f"{u.seconds:.1f}"),
+        ]
+        for s, u in [*r.llm_usage.items(), (None, total)]
+    ]
     blocks.append(Table(["template set", "generations", "prompt tokens", "completion tokens", "LLM seconds"], rows))
     return Section(["LLM tokens"], blocks)
 
@@ -323,15 +443,26 @@ def _markdown_code(text: str, in_table: bool = False) -> Markup:
 
 
 def _environment(markdown: bool) -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.PackageLoader("textadapt", "templates"), autoescape=True,
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
-                             # Markdown: Jinja escapes what finalize returns with HTML's rules, which leave a Markup alone;
-                             # finalize makes every value Markdown-escaped Markup first.
-                             finalize=_markdown_escape if markdown else None)
-    env.tests.update(code=lambda x: isinstance(x, Code), strong=lambda x: isinstance(x, Strong), num=lambda x: isinstance(x, Num),
-                     table=lambda x: isinstance(x, Table), figure=lambda x: isinstance(x, Figure),
-                     alert=lambda x: isinstance(x, Alert),
-                     list=lambda x: isinstance(x, list))
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("textadapt", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        # Markdown: Jinja escapes what finalize returns with HTML's rules, which leave a Markup alone;
+        # finalize makes every value Markdown-escaped Markup first.
+        finalize=_markdown_escape if markdown else None,
+    )
+    env.tests.update(
+        code=lambda x: isinstance(x, Code),
+        strong=lambda x: isinstance(x, Strong),
+        num=lambda x: isinstance(x, Num),
+        table=lambda x: isinstance(x, Table),
+        figure=lambda x: isinstance(x, Figure),
+        alert=lambda x: isinstance(x, Alert),
+        list=lambda x: isinstance(x, list),
+    )
     if markdown:
         env.filters["code"] = _markdown_code
     return env
@@ -408,8 +539,21 @@ def gains(r: RunReport) -> list[Gain]:
         # the point deltas as the results table stores them (the means over seeds, subtracted)
         top1 = Interval(res.score.top1 - best.top1, top1.low, top1.high)
         mean = Interval(res.score.mean_per_class - best.mean_per_class, mean.low, mean.high)
-        out.append(Gain(res.method, res.classifier.kind, res.scoring, res.classifier.n_texts, res.score.top1, res.top1_std,
-                        res.score.top5, res.score.mean_per_class, res.mean_per_class_std, top1, mean))
+        out.append(
+            Gain(
+                res.method,
+                res.classifier.kind,
+                res.scoring,
+                res.classifier.n_texts,
+                res.score.top1,
+                res.top1_std,
+                res.score.top5,
+                res.score.mean_per_class,
+                res.mean_per_class_std,
+                top1,
+                mean,
+            )
+        )
     return out
 
 

@@ -19,8 +19,8 @@ content-free input (``PRIORS``):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -90,8 +90,15 @@ def score(predictions: np.ndarray, labels: np.ndarray, n_classes: int, top5_hits
     with np.errstate(invalid="ignore", divide="ignore"):
         per_class = np.where(n > 0, hits / np.maximum(n, 1), np.nan)
     top5 = float(top5_hits.mean()) if top5_hits is not None else None
-    return Score(float((predictions == labels).mean()), float(np.nanmean(per_class)), per_class, n, top5,
-                 confusion_matrix(predictions, labels, n_classes), predictions)
+    return Score(
+        float((predictions == labels).mean()),
+        float(np.nanmean(per_class)),
+        per_class,
+        n,
+        top5,
+        confusion_matrix(predictions, labels, n_classes),
+        predictions,
+    )
 
 
 def score_logits(logits: np.ndarray, labels: np.ndarray, n_classes: int) -> Score:
@@ -107,9 +114,14 @@ def mean_score(scores: list[Score]) -> Score:
     """The mean over seeds: top-1, top-5, mean per class, and each class's recall; the confusion counts summed."""
     first = scores[0]
     confusion = None if any(s.confusion is None for s in scores) else np.sum([s.confusion for s in scores], axis=0)
-    return Score(float(np.mean([s.top1 for s in scores])), float(np.mean([s.mean_per_class for s in scores])),
-                 np.mean([s.per_class for s in scores], axis=0), first.n_per_class,
-                 None if first.top5 is None else float(np.mean([s.top5 for s in scores])), confusion)
+    return Score(
+        float(np.mean([s.top1 for s in scores])),
+        float(np.mean([s.mean_per_class for s in scores])),
+        np.mean([s.per_class for s in scores], axis=0),
+        first.n_per_class,
+        None if first.top5 is None else float(np.mean([s.top5 for s in scores])),
+        confusion,
+    )
 
 
 def best_baseline(scores: dict[str, Score], is_baseline: Callable[[str], bool]) -> str:

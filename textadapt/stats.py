@@ -119,14 +119,23 @@ def _resampled_sums(values: np.ndarray, n_resamples: int, rng: np.random.Generat
         drawn += (np.arange(b * g) * n)[:, None]  # row r's draws count in its own slots of one bincount
         counts = np.bincount(drawn.ravel(), minlength=b * g * n).reshape(b, g, n).astype(values.dtype)
         if g == 1:  # one large product: BLAS
-            out[0, start:start + b] = counts[:, 0] @ values[0]
+            out[0, start : start + b] = counts[:, 0] @ values[0]
         else:  # many small ones: einsum's own loop (BLAS threads on small products stall on a busy machine)
-            out[:, start:start + b] = np.einsum("bgn,gnm->gbm", counts, values)
+            out[:, start : start + b] = np.einsum("bgn,gnm->gbm", counts, values)
     return out
 
 
-def differences(correct: np.ndarray, reference: np.ndarray, labels: np.ndarray, n_classes: int, methods: list[str],
-                reference_name: str, n_resamples: int = N_RESAMPLES, level: float = LEVEL, seed: int = SEED) -> Differences:
+def differences(
+    correct: np.ndarray,
+    reference: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    methods: list[str],
+    reference_name: str,
+    n_resamples: int = N_RESAMPLES,
+    level: float = LEVEL,
+    seed: int = SEED,
+) -> Differences:
     """Every method's accuracy minus the reference's on the same images, with paired bootstrap intervals.
 
     ``correct``: (methods, images) correctness; ``reference``: (images,); ``labels``: (images,) true
@@ -164,12 +173,27 @@ def differences(correct: np.ndarray, reference: np.ndarray, labels: np.ndarray, 
     with np.errstate(invalid="ignore"):
         mean_per_class = per_class[:, sizes > 0].mean(axis=1) if present else np.full(m, np.nan)
         mpc_low, mpc_high = _bounds(class_means / present, level) if present else (np.full(m, np.nan),) * 2
-    return Differences(list(methods), reference_name, top1, top1_low, top1_high, mean_per_class, mpc_low, mpc_high,
-                       per_class, per_class_low, per_class_high, n_resamples, level, seed)
+    return Differences(
+        list(methods),
+        reference_name,
+        top1,
+        top1_low,
+        top1_high,
+        mean_per_class,
+        mpc_low,
+        mpc_high,
+        per_class,
+        per_class_low,
+        per_class_high,
+        n_resamples,
+        level,
+        seed,
+    )
 
 
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_resamples: int = N_RESAMPLES, level: float = LEVEL,
-                     seed: int = SEED) -> Interval:
+def paired_bootstrap(
+    a: np.ndarray, b: np.ndarray, n_resamples: int = N_RESAMPLES, level: float = LEVEL, seed: int = SEED
+) -> Interval:
     """Top-1 of ``a`` minus top-1 of ``b`` (per-image correctness of two methods on the same images), with its interval."""
     diff = (np.asarray(a, np.float64) - np.asarray(b, np.float64))[None, :, None]
     sums = _resampled_sums(diff, n_resamples, np.random.default_rng(np.random.SeedSequence(seed).spawn(2)[0]))
@@ -197,4 +221,3 @@ def mcnemar(a_right: np.ndarray, b_right: np.ndarray) -> McNemar:
     top = log_pmf.max()
     tail = math.exp(top) * float(np.exp(log_pmf - top).sum())
     return McNemar(only_a, only_b, min(1.0, 2 * tail))
-

@@ -280,7 +280,9 @@ MIGRATIONS: list[str] = [
     # Store: the stored rows plus the staged ones). New: generations.run_id (the run that asked the LLM; for
     # older rows, the run that was writing when the row was stored and used it, where there is one: only one
     # process wrote at a time), runs.flow_run_id, run_generations.excluded_items. Column meanings: TABLE_DOCS.
-    "DROP VIEW descriptions;\n" + STORED_V6 + """
+    "DROP VIEW descriptions;\n"
+    + STORED_V6
+    + """
     INSERT INTO stored.generations BY NAME
         SELECT g.*, w.run_id FROM main.generations g LEFT JOIN (
             SELECT rg.key, arg_max(r.run_id, r.started_at) AS run_id
@@ -332,148 +334,184 @@ TABLES: dict[str, StagedTable] = {
 
 # What each table and column means: written into the file (COMMENT ON) and into docs/schema.md.
 TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
-    "generations": ("Every LLM sample, accepted or not, and every imported description.", {
-        "key": "content address: sha256 of dataset, LLM identity, template hash, prompt, sampling parameters and sample index "
-               "(round r of --refresh: sha256(base_key + ':refresh:' + r)); imports: sha256 of dataset, source, file hash, "
-               "class, position",
-        "dataset": "dataset spec name",
-        "class_name": "the class asked about ('' for a meta-prompting stage-1 row, template meta/questions)",
-        "template": "prompt template SET/NAME (targeted/look); meta/questions/N: a question the LLM wrote; import/SOURCE: an "
-                    "imported file",
-        "template_hash": "sha256 of the template's source (of the file, for imports): editing a template changes it",
-        "model": "LLM identity, e.g. llama-cpp:SmolLM2-135M-Instruct.Q4_1.gguf@sha256:...; import:SOURCE for imports",
-        "prompt": "the exact text sent to the LLM ('' for imports)",
-        "params": "sampling parameters (temperature, max tokens, stop strings)",
-        "sample_index": "0 .. samples-1",
-        "raw_text": "the answer as received (bytes that were not UTF-8 as U+FFFD; an answer over 20,000 characters is cut there "
-                    "and ends with [... cut: N characters in all])",
-        "description": "the cleaned answer, one item per line for parse: list and parse: questions templates; NULL when rejected",
-        "rejected": "why it is not used (empty, refusal, too short, too long, no answer, no items, no questions ...); "
-                    "NULL: accepted",
-        "prompt_tokens": "prompt tokens, as the LLM server counted them",
-        "completion_tokens": "completion tokens, as the LLM server counted them",
-        "seconds": "time the LLM took for this answer",
-        "created_at": "when it was stored",
-        "base_key": "the key of refresh round 0 (equal to key unless refreshed)",
-        "refresh": "the refresh round: 0, then 1, 2 ... for each --refresh",
-        "run_id": "the run that asked the LLM for it; NULL for imports, and for rows stored before schema 6 by no run that "
-                  "used them",
-    }),
-    "backbones": ("Every image/text encoder a run used; its identity keys the embedding cache.", {
-        "backbone": "identity: ARCH@sha256 of the weights (every tensor) and the image preprocessing",
-        "spec": "as asked for, e.g. ViT-B-32:openai",
-        "arch": "open_clip architecture",
-        "weights": "pretrained tag, hub id, file, or random",
-        "untrained": "random weights: accuracies measured with it mean nothing",
-        "created_at": "when it was first stored",
-    }),
-    "text_embeddings": ("Cached text embeddings, by backbone and text.", {
-        "backbone": "backbones.backbone",
-        "text_hash": "sha256 of the text",
-        "text": "the text encoded",
-        "embedding": "L2-normalised",
-        "created_at": "when it was stored",
-    }),
-    "image_embeddings": ("Cached image embeddings, by backbone and image bytes.", {
-        "backbone": "backbones.backbone",
-        "image_hash": "sha256 of the image's bytes",
-        "embedding": "L2-normalised",
-        "created_at": "when it was stored",
-    }),
-    "runs": ("One row per textadapt run.", {
-        "run_id": "DATASET-YYYYMMDD-HHMMSS-xxxx (also the report's file name)",
-        "dataset": "dataset spec name",
-        "status": "running, completed, failed, or interrupted (the process stopped: the next writer marks it, as it holds the "
-                  "cache's writer lock, so no other run is alive)",
-        "options": "every run option",
-        "backbone": "backbones.backbone",
-        "llm": "LLM identity ('none (no template set)' when no LLM was needed)",
-        "llm_calls": "generations this run asked the LLM for (0: all from the cache)",
-        "cached_generations": "generations served from the cache",
-        "text_encoder_calls": "texts this run had to encode (0: all from the cache)",
-        "report_path": "the Markdown report (the HTML page is beside it: same name, .html)",
-        "error": "why it failed",
-        "started_at": "when it started",
-        "finished_at": "when it completed or failed",
-        "flow_run_id": "the Prefect flow run's id",
-    }),
-    "run_generations": ("Which generations a run used, as which class; any past run can be reproduced from these rows.", {
-        "run_id": "runs.run_id",
-        "key": "generations.key (the refresh round the run used)",
-        "class_index": "the class in the dataset spec's order (-1: a meta-prompting question row); labels always come from "
-                       "the spec",
-        "excluded": "why the run trained on none of it: 'duplicate of KEY' when every item repeats, after normalising case and "
-                    "punctuation, an earlier description of the same class and template set; NULL otherwise",
-        "excluded_items": "the items (1-based lines of the description) the run left out as such duplicates; NULL: none",
-    }),
-    "results": ("One row per method per run.", {
-        "run_id": "runs.run_id",
-        "method": "e.g. zero-shot:class-name, waffle, cupl:SET, tap-head:SET, zs-head+ot:SET/ig, captioner (README, methods)",
-        "kind": "zero-shot, descriptions (CuPL, DCLIP) or adapted",
-        "top1": "top-1 accuracy, mean over seeds",
-        "mean_per_class": "mean per-class recall, mean over seeds",
-        "n_images": "test images scored",
-        "n_texts": "training descriptions (adapted heads)",
-        "train_seconds": "training time, all seeds",
-        "losses": "the first seed's training loss, every 10 steps and the last",
-        "top5": "top-5 accuracy; NULL with 5 classes or fewer",
-        "top1_std": "population standard deviation of top-1 over seeds; NULL for one seed",
-        "mean_per_class_std": "the same for mean_per_class",
-        "seeds": "training seeds, or WaffleCLIP's draws",
-        "top1_per_seed": "top-1 of each seed",
-        "adapter": "tap-head, zs-head, residual, prompt; NULL when training-free",
-        "loss": "ce or ot",
-        "scoring": "plain or ig",
-        "text_set": "the description set or source it was built from",
-        "baseline": "the best training-free method (plain scoring): what the deltas are against",
-        "delta_top1": "top1 minus the baseline's",
-        "delta_top1_low": "its 95% interval, low end: paired bootstrap over the test images",
-        "delta_top1_high": "its high end",
-        "delta_mean_per_class": "mean_per_class minus the baseline's",
-        "delta_mean_per_class_low": "its 95% interval, low end (each class's images resampled)",
-        "delta_mean_per_class_high": "its high end",
-    }),
-    "class_results": ("Per class, per method, per run.", {
-        "run_id": "runs.run_id",
-        "method": "results.method",
-        "class_index": "the class in the dataset spec's order",
-        "class_name": "the class",
-        "n_images": "test images of the class",
-        "accuracy": "recall of the class, mean over seeds",
-        "delta": "accuracy minus the best training-free baseline's on this class (training-free, plain scoring, best top-1)",
-        "delta_low": "delta's 95% interval, low end: paired bootstrap over the class's images",
-        "delta_high": "its high end",
-    }),
-    "classifiers": ("Every classifier a run built: what `textadapt export` writes.", {
-        "run_id": "runs.run_id",
-        "method": "results.method, /ig included (also for --train-only runs, which have no results)",
-        "seed": "the first seed's classifier is kept",
-        "n_classes": "rows of weight",
-        "dim": "columns of weight",
-        "classes": "class names, in the order of the weight's rows",
-        "weight": "(n_classes, dim) row-major: logits = normalised image embedding @ weight.T",
-        "log_prior": "IG scoring subtracts beta times it; NULL: plain scoring",
-        "beta": "IG scoring's weight",
-    }),
-    "run_images": ("The test images a run scored, one row each, in scoring order.", {
-        "run_id": "runs.run_id",
-        "image_index": "0, 1, ... in the order every method was scored in",
-        "image_hash": "image_embeddings.image_hash",
-        "label": "the true class: class_results.class_index",
-    }),
-    "predictions": ("Every scored method's prediction for every test image of a run (`textadapt compare`).", {
-        "run_id": "runs.run_id",
-        "method": "results.method",
-        "image_index": "run_images.image_index",
-        "predicted": "predicted class index per seed (results.seeds' order; one: no seed)",
-    }),
+    "generations": (
+        "Every LLM sample, accepted or not, and every imported description.",
+        {
+            "key": "content address: sha256 of dataset, LLM identity, template hash, prompt, sampling parameters and sample index "
+            "(round r of --refresh: sha256(base_key + ':refresh:' + r)); imports: sha256 of dataset, source, file hash, "
+            "class, position",
+            "dataset": "dataset spec name",
+            "class_name": "the class asked about ('' for a meta-prompting stage-1 row, template meta/questions)",
+            "template": "prompt template SET/NAME (targeted/look); meta/questions/N: a question the LLM wrote; import/SOURCE: an "
+            "imported file",
+            "template_hash": "sha256 of the template's source (of the file, for imports): editing a template changes it",
+            "model": "LLM identity, e.g. llama-cpp:SmolLM2-135M-Instruct.Q4_1.gguf@sha256:...; import:SOURCE for imports",
+            "prompt": "the exact text sent to the LLM ('' for imports)",
+            "params": "sampling parameters (temperature, max tokens, stop strings)",
+            "sample_index": "0 .. samples-1",
+            "raw_text": "the answer as received (bytes that were not UTF-8 as U+FFFD; an answer over 20,000 characters is cut there "
+            "and ends with [... cut: N characters in all])",
+            "description": "the cleaned answer, one item per line for parse: list and parse: questions templates; NULL when rejected",
+            "rejected": "why it is not used (empty, refusal, too short, too long, no answer, no items, no questions ...); "
+            "NULL: accepted",
+            "prompt_tokens": "prompt tokens, as the LLM server counted them",
+            "completion_tokens": "completion tokens, as the LLM server counted them",
+            "seconds": "time the LLM took for this answer",
+            "created_at": "when it was stored",
+            "base_key": "the key of refresh round 0 (equal to key unless refreshed)",
+            "refresh": "the refresh round: 0, then 1, 2 ... for each --refresh",
+            "run_id": "the run that asked the LLM for it; NULL for imports, and for rows stored before schema 6 by no run that "
+            "used them",
+        },
+    ),
+    "backbones": (
+        "Every image/text encoder a run used; its identity keys the embedding cache.",
+        {
+            "backbone": "identity: ARCH@sha256 of the weights (every tensor) and the image preprocessing",
+            "spec": "as asked for, e.g. ViT-B-32:openai",
+            "arch": "open_clip architecture",
+            "weights": "pretrained tag, hub id, file, or random",
+            "untrained": "random weights: accuracies measured with it mean nothing",
+            "created_at": "when it was first stored",
+        },
+    ),
+    "text_embeddings": (
+        "Cached text embeddings, by backbone and text.",
+        {
+            "backbone": "backbones.backbone",
+            "text_hash": "sha256 of the text",
+            "text": "the text encoded",
+            "embedding": "L2-normalised",
+            "created_at": "when it was stored",
+        },
+    ),
+    "image_embeddings": (
+        "Cached image embeddings, by backbone and image bytes.",
+        {
+            "backbone": "backbones.backbone",
+            "image_hash": "sha256 of the image's bytes",
+            "embedding": "L2-normalised",
+            "created_at": "when it was stored",
+        },
+    ),
+    "runs": (
+        "One row per textadapt run.",
+        {
+            "run_id": "DATASET-YYYYMMDD-HHMMSS-xxxx (also the report's file name)",
+            "dataset": "dataset spec name",
+            "status": "running, completed, failed, or interrupted (the process stopped: the next writer marks it, as it holds the "
+            "cache's writer lock, so no other run is alive)",
+            "options": "every run option",
+            "backbone": "backbones.backbone",
+            "llm": "LLM identity ('none (no template set)' when no LLM was needed)",
+            "llm_calls": "generations this run asked the LLM for (0: all from the cache)",
+            "cached_generations": "generations served from the cache",
+            "text_encoder_calls": "texts this run had to encode (0: all from the cache)",
+            "report_path": "the Markdown report (the HTML page is beside it: same name, .html)",
+            "error": "why it failed",
+            "started_at": "when it started",
+            "finished_at": "when it completed or failed",
+            "flow_run_id": "the Prefect flow run's id",
+        },
+    ),
+    "run_generations": (
+        "Which generations a run used, as which class; any past run can be reproduced from these rows.",
+        {
+            "run_id": "runs.run_id",
+            "key": "generations.key (the refresh round the run used)",
+            "class_index": "the class in the dataset spec's order (-1: a meta-prompting question row); labels always come from "
+            "the spec",
+            "excluded": "why the run trained on none of it: 'duplicate of KEY' when every item repeats, after normalising case and "
+            "punctuation, an earlier description of the same class and template set; NULL otherwise",
+            "excluded_items": "the items (1-based lines of the description) the run left out as such duplicates; NULL: none",
+        },
+    ),
+    "results": (
+        "One row per method per run.",
+        {
+            "run_id": "runs.run_id",
+            "method": "e.g. zero-shot:class-name, waffle, cupl:SET, tap-head:SET, zs-head+ot:SET/ig, captioner (README, methods)",
+            "kind": "zero-shot, descriptions (CuPL, DCLIP) or adapted",
+            "top1": "top-1 accuracy, mean over seeds",
+            "mean_per_class": "mean per-class recall, mean over seeds",
+            "n_images": "test images scored",
+            "n_texts": "training descriptions (adapted heads)",
+            "train_seconds": "training time, all seeds",
+            "losses": "the first seed's training loss, every 10 steps and the last",
+            "top5": "top-5 accuracy; NULL with 5 classes or fewer",
+            "top1_std": "population standard deviation of top-1 over seeds; NULL for one seed",
+            "mean_per_class_std": "the same for mean_per_class",
+            "seeds": "training seeds, or WaffleCLIP's draws",
+            "top1_per_seed": "top-1 of each seed",
+            "adapter": "tap-head, zs-head, residual, prompt; NULL when training-free",
+            "loss": "ce or ot",
+            "scoring": "plain or ig",
+            "text_set": "the description set or source it was built from",
+            "baseline": "the best training-free method (plain scoring): what the deltas are against",
+            "delta_top1": "top1 minus the baseline's",
+            "delta_top1_low": "its 95% interval, low end: paired bootstrap over the test images",
+            "delta_top1_high": "its high end",
+            "delta_mean_per_class": "mean_per_class minus the baseline's",
+            "delta_mean_per_class_low": "its 95% interval, low end (each class's images resampled)",
+            "delta_mean_per_class_high": "its high end",
+        },
+    ),
+    "class_results": (
+        "Per class, per method, per run.",
+        {
+            "run_id": "runs.run_id",
+            "method": "results.method",
+            "class_index": "the class in the dataset spec's order",
+            "class_name": "the class",
+            "n_images": "test images of the class",
+            "accuracy": "recall of the class, mean over seeds",
+            "delta": "accuracy minus the best training-free baseline's on this class (training-free, plain scoring, best top-1)",
+            "delta_low": "delta's 95% interval, low end: paired bootstrap over the class's images",
+            "delta_high": "its high end",
+        },
+    ),
+    "classifiers": (
+        "Every classifier a run built: what `textadapt export` writes.",
+        {
+            "run_id": "runs.run_id",
+            "method": "results.method, /ig included (also for --train-only runs, which have no results)",
+            "seed": "the first seed's classifier is kept",
+            "n_classes": "rows of weight",
+            "dim": "columns of weight",
+            "classes": "class names, in the order of the weight's rows",
+            "weight": "(n_classes, dim) row-major: logits = normalised image embedding @ weight.T",
+            "log_prior": "IG scoring subtracts beta times it; NULL: plain scoring",
+            "beta": "IG scoring's weight",
+        },
+    ),
+    "run_images": (
+        "The test images a run scored, one row each, in scoring order.",
+        {
+            "run_id": "runs.run_id",
+            "image_index": "0, 1, ... in the order every method was scored in",
+            "image_hash": "image_embeddings.image_hash",
+            "label": "the true class: class_results.class_index",
+        },
+    ),
+    "predictions": (
+        "Every scored method's prediction for every test image of a run (`textadapt compare`).",
+        {
+            "run_id": "runs.run_id",
+            "method": "results.method",
+            "image_index": "run_images.image_index",
+            "predicted": "predicted class index per seed (results.seeds' order; one: no seed)",
+        },
+    ),
 }
 
-META_DOC = ("textadapt's own bookkeeping.", {
-    "key": "schema_version (MIGRATIONS applied), staging (the folder of staged rows the views read), views (hash of their "
-           "definitions)",
-    "value": "its value",
-})
+META_DOC = (
+    "textadapt's own bookkeeping.",
+    {
+        "key": "schema_version (MIGRATIONS applied), staging (the folder of staged rows the views read), views (hash of their "
+        "definitions)",
+        "value": "its value",
+    },
+)
 
 
 @dataclass(frozen=True)
@@ -487,33 +525,70 @@ class View:
 
 
 RUN_RESULTS_COLUMNS = {
-    "run_id": "runs.run_id", "dataset": "dataset", "status": "runs.status", "started_at": "runs.started_at",
-    "finished_at": "runs.finished_at", "backbone": "backbone identity", "backbone_spec": "as asked for, e.g. ViT-B-32:openai",
-    "untrained": "random weights: the accuracies mean nothing", "llm": "LLM identity", "method": "results.method",
-    "kind": "zero-shot, descriptions or adapted", "adapter": "results.adapter", "loss": "results.loss",
-    "scoring": "results.scoring", "text_set": "results.text_set", "top1": "mean over seeds", "top1_std": "over seeds",
-    "top5": "top-5 accuracy", "mean_per_class": "mean over seeds", "mean_per_class_std": "over seeds",
-    "top1_per_seed": "per seed", "seeds": "results.seeds", "n_images": "test images", "n_texts": "training descriptions",
-    "train_seconds": "all seeds", "options": "every run option",
+    "run_id": "runs.run_id",
+    "dataset": "dataset",
+    "status": "runs.status",
+    "started_at": "runs.started_at",
+    "finished_at": "runs.finished_at",
+    "backbone": "backbone identity",
+    "backbone_spec": "as asked for, e.g. ViT-B-32:openai",
+    "untrained": "random weights: the accuracies mean nothing",
+    "llm": "LLM identity",
+    "method": "results.method",
+    "kind": "zero-shot, descriptions or adapted",
+    "adapter": "results.adapter",
+    "loss": "results.loss",
+    "scoring": "results.scoring",
+    "text_set": "results.text_set",
+    "top1": "mean over seeds",
+    "top1_std": "over seeds",
+    "top5": "top-5 accuracy",
+    "mean_per_class": "mean over seeds",
+    "mean_per_class_std": "over seeds",
+    "top1_per_seed": "per seed",
+    "seeds": "results.seeds",
+    "n_images": "test images",
+    "n_texts": "training descriptions",
+    "train_seconds": "all seeds",
+    "options": "every run option",
 }
 
 VIEWS: list[View] = [
-    View("descriptions", "The accepted generations, one row per description (a list answer gives several); every version.", {
-        "key": "generations.key", "dataset": "dataset", "class_name": "class", "template": "SET/NAME", "model": "LLM identity",
-        "description": "one description", "created_at": "when its generation was stored",
-    }, """
+    View(
+        "descriptions",
+        "The accepted generations, one row per description (a list answer gives several); every version.",
+        {
+            "key": "generations.key",
+            "dataset": "dataset",
+            "class_name": "class",
+            "template": "SET/NAME",
+            "model": "LLM identity",
+            "description": "one description",
+            "created_at": "when its generation was stored",
+        },
+        """
     SELECT key, dataset, class_name, template, model, unnest(string_split(description, chr(10))) AS description, created_at
     FROM generations WHERE rejected IS NULL
-    """),
-    View("current_descriptions",
-         "The descriptions of the current version of each template: for each dataset and template, the template version "
-         "(template_hash) and LLM last generated or used by a run, and of each generation its newest --refresh round. What a "
-         "run with the same templates and LLM would train on; after a template edit, only the edited version's.", {
-             "key": "generations.key", "dataset": "dataset", "class_name": "class", "template": "SET/NAME",
-             "template_hash": "the current version of the template", "model": "the LLM identity of the current version",
-             "refresh": "the newest refresh round", "item": "the description's line in its generation (1-based)",
-             "description": "one description", "created_at": "when its generation was stored",
-         }, """
+    """,
+    ),
+    View(
+        "current_descriptions",
+        "The descriptions of the current version of each template: for each dataset and template, the template version "
+        "(template_hash) and LLM last generated or used by a run, and of each generation its newest --refresh round. What a "
+        "run with the same templates and LLM would train on; after a template edit, only the edited version's.",
+        {
+            "key": "generations.key",
+            "dataset": "dataset",
+            "class_name": "class",
+            "template": "SET/NAME",
+            "template_hash": "the current version of the template",
+            "model": "the LLM identity of the current version",
+            "refresh": "the newest refresh round",
+            "item": "the description's line in its generation (1-based)",
+            "description": "one description",
+            "created_at": "when its generation was stored",
+        },
+        """
     WITH version_seen AS (  -- each (template version, LLM) of a dataset's template, and when it was last generated or used
         SELECT dataset, template, template_hash, model, max(seen_at) AS seen_at FROM (
             SELECT dataset, template, template_hash, model, created_at AS seen_at FROM generations
@@ -532,14 +607,25 @@ VIEWS: list[View] = [
            generate_subscripts(string_split(description, chr(10)), 1) AS item,
            unnest(string_split(description, chr(10))) AS description, created_at
     FROM newest_round WHERE rejected IS NULL
-    """),
-    View("run_descriptions", "Every description each run was given for a class, and whether it trained on it.", {
-        "run_id": "runs.run_id", "dataset": "dataset", "class_index": "the class in the spec's order", "class_name": "class",
-        "template_set": "targeted, generic, ..., import for imported sources", "template": "SET/NAME or import/SOURCE",
-        "key": "generations.key", "item": "the description's line in its generation (1-based)", "description": "one description",
-        "used": "the run trained on it (false: left out as a duplicate)", "excluded": "why not: run_generations.excluded, or "
-        "'duplicate' for one item of a list answer",
-    }, """
+    """,
+    ),
+    View(
+        "run_descriptions",
+        "Every description each run was given for a class, and whether it trained on it.",
+        {
+            "run_id": "runs.run_id",
+            "dataset": "dataset",
+            "class_index": "the class in the spec's order",
+            "class_name": "class",
+            "template_set": "targeted, generic, ..., import for imported sources",
+            "template": "SET/NAME or import/SOURCE",
+            "key": "generations.key",
+            "item": "the description's line in its generation (1-based)",
+            "description": "one description",
+            "used": "the run trained on it (false: left out as a duplicate)",
+            "excluded": "why not: run_generations.excluded, or 'duplicate' for one item of a list answer",
+        },
+        """
     SELECT rg.run_id, g.dataset, rg.class_index, g.class_name, split_part(g.template, '/', 1) AS template_set, g.template,
            g.key, g.item, g.description,
            rg.excluded IS NULL AND NOT list_contains(coalesce(rg.excluded_items, []::INTEGER[]), g.item) AS used,
@@ -550,25 +636,43 @@ VIEWS: list[View] = [
         FROM generations WHERE rejected IS NULL
     ) g USING (key)
     WHERE rg.class_index >= 0
-    """),
-    View("run_results", "results, with each run's dataset, backbone, LLM, times and status.", RUN_RESULTS_COLUMNS, """
+    """,
+    ),
+    View(
+        "run_results",
+        "results, with each run's dataset, backbone, LLM, times and status.",
+        RUN_RESULTS_COLUMNS,
+        """
     SELECT x.run_id, r.dataset, r.status, r.started_at, r.finished_at, r.backbone, b.spec AS backbone_spec, b.untrained, r.llm,
            x.method, x.kind, x.adapter, x.loss, x.scoring, x.text_set, x.top1, x.top1_std, x.top5, x.mean_per_class,
            x.mean_per_class_std, x.top1_per_seed, x.seeds, x.n_images, x.n_texts, x.train_seconds, r.options
     FROM results x JOIN runs r USING (run_id) LEFT JOIN backbones b ON b.backbone = r.backbone
-    """),
-    View("latest_results", "For each dataset, backbone and method, its result in the newest completed run.",
-         RUN_RESULTS_COLUMNS, """
+    """,
+    ),
+    View(
+        "latest_results",
+        "For each dataset, backbone and method, its result in the newest completed run.",
+        RUN_RESULTS_COLUMNS,
+        """
     SELECT * FROM run_results WHERE status = 'completed'
     QUALIFY row_number() OVER (PARTITION BY dataset, backbone, method ORDER BY started_at DESC, run_id DESC) = 1
-    """),
-    View("run_llm_usage", "What each run itself spent on the LLM: the generations it asked for (a run served entirely from "
-         "the cache spent 0).", {
-             "run_id": "runs.run_id", "dataset": "dataset", "status": "runs.status", "llm": "LLM identity",
-             "llm_calls": "answers it asked the LLM for and stored (accepted or not)",
-             "rejected": "of which rejected by cleaning",
-             "prompt_tokens": "prompt tokens", "completion_tokens": "completion tokens", "llm_seconds": "LLM time",
-         }, """
+    """,
+    ),
+    View(
+        "run_llm_usage",
+        "What each run itself spent on the LLM: the generations it asked for (a run served entirely from the cache spent 0).",
+        {
+            "run_id": "runs.run_id",
+            "dataset": "dataset",
+            "status": "runs.status",
+            "llm": "LLM identity",
+            "llm_calls": "answers it asked the LLM for and stored (accepted or not)",
+            "rejected": "of which rejected by cleaning",
+            "prompt_tokens": "prompt tokens",
+            "completion_tokens": "completion tokens",
+            "llm_seconds": "LLM time",
+        },
+        """
     SELECT r.run_id, r.dataset, r.status, r.llm, count(g.key) AS llm_calls,
            count(g.key) FILTER (g.rejected IS NOT NULL) AS rejected,
            coalesce(sum(g.prompt_tokens), 0)::BIGINT AS prompt_tokens,
@@ -576,7 +680,8 @@ VIEWS: list[View] = [
            coalesce(sum(g.seconds), 0) AS llm_seconds
     FROM runs r LEFT JOIN generations g ON g.run_id = r.run_id
     GROUP BY r.run_id, r.dataset, r.status, r.llm
-    """),
+    """,
+    ),
 ]
 
 
@@ -616,8 +721,9 @@ class LlmUsage:
 
 def _lock_conflict(e: Exception) -> bool:
     msg = str(e).lower()
-    return ("could not set lock" in msg or "conflicting lock" in msg
-            or "different configuration than existing connections" in msg)  # this process has it open read-only
+    return (
+        "could not set lock" in msg or "conflicting lock" in msg or "different configuration than existing connections" in msg
+    )  # this process has it open read-only
 
 
 def _open_error(path: Path, e: Exception) -> TextadaptError:
@@ -663,19 +769,28 @@ class _WriterLock:
         except OSError:
             holder = os.pread(self.fd, 4096, 0).decode("utf-8", "replace")
             os.close(self.fd)
-            raise TextadaptError(f"{path} is in use by another process: {self._describe(holder)} is writing to it (one writer at "
-                                 "a time). Wait for it to finish, or point TEXTADAPT_DB / --db at another file.") from None
+            raise TextadaptError(
+                f"{path} is in use by another process: {self._describe(holder)} is writing to it (one writer at "
+                "a time). Wait for it to finish, or point TEXTADAPT_DB / --db at another file."
+            ) from None
         self._held.add(str(self.path))
-        self.info = {"pid": os.getpid(), "host": socket.gethostname(), "since": datetime.now().isoformat(timespec="seconds"),
-                     "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300] if sys.argv else ""}
+        self.info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": datetime.now().isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300] if sys.argv else "",
+        }
         self._write()
 
     @staticmethod
     def _describe(holder: str) -> str:
         try:
             h = json.loads(holder)
-            return (f"pid {h['pid']} on {h['host']} ({h['command']!r}, since {h['since']}"
-                    + (f", run {h['run_id']}" if h.get("run_id") else "") + ")")
+            return (
+                f"pid {h['pid']} on {h['host']} ({h['command']!r}, since {h['since']}"
+                + (f", run {h['run_id']}" if h.get("run_id") else "")
+                + ")"
+            )
         except (ValueError, KeyError, TypeError):
             return "a textadapt process"
 
@@ -742,8 +857,11 @@ class Store:
             # never finish.
             running = [r for (r,) in self.con.execute("SELECT run_id FROM runs WHERE status = 'running'").fetchall()]
             if running:
-                marked = self._query_rows("SELECT * REPLACE ('interrupted' AS status, 'the process stopped before the run "
-                                          "finished' AS error) FROM runs WHERE list_contains(?, run_id)", [running])
+                marked = self._query_rows(
+                    "SELECT * REPLACE ('interrupted' AS status, 'the process stopped before the run "
+                    "finished' AS error) FROM runs WHERE list_contains(?, run_id)",
+                    [running],
+                )
                 self._stage(("runs", marked))
         except BaseException:
             self._release(refused=True)
@@ -765,28 +883,38 @@ class Store:
     def _load_columns(self, con: duckdb.DuckDBPyConnection) -> None:
         """(name, type, default) of each stored table's columns, in order: what a staged file holds."""
         self._columns: dict[str, list[tuple[str, str, str | None]]] = {}
-        for t, *column in con.execute("SELECT table_name, column_name, data_type, column_default FROM duckdb_columns() "
-                                      "WHERE schema_name = 'stored' ORDER BY table_name, column_index").fetchall():
+        for t, *column in con.execute(
+            "SELECT table_name, column_name, data_type, column_default FROM duckdb_columns() "
+            "WHERE schema_name = 'stored' ORDER BY table_name, column_index"
+        ).fetchall():
             self._columns.setdefault(t, []).append(tuple(column))
         self._schemas = {t: con.execute(f"SELECT * FROM stored.{t} LIMIT 0").to_arrow_table().schema for t in TABLES}
-        self._defaults = {t: {c: con.execute(f"SELECT CAST({d} AS {ty})").fetchone()[0] for c, ty, d in columns if d is not None}
-                          for t, columns in self._columns.items()}
+        self._defaults = {
+            t: {c: con.execute(f"SELECT CAST({d} AS {ty})").fetchone()[0] for c, ty, d in columns if d is not None}
+            for t, columns in self._columns.items()
+        }
 
     def _version(self, con: duckdb.DuckDBPyConnection) -> int:
         tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()}
         if "textadapt_meta" in tables:
             return int(con.execute("SELECT value FROM textadapt_meta WHERE key = 'schema_version'").fetchone()[0])
         if tables:
-            raise TextadaptError(f"{self.path} is a DuckDB file but not a textadapt cache (it has tables {sorted(tables)[:5]}); "
-                                 "refusing to touch it")
+            raise TextadaptError(
+                f"{self.path} is a DuckDB file but not a textadapt cache (it has tables {sorted(tables)[:5]}); "
+                "refusing to touch it"
+            )
         return 0
 
     def _check_version(self, con: duckdb.DuckDBPyConnection) -> int:
         version = self._version(con)
         if version > SCHEMA_VERSION:
-            raise TextadaptError(f"{self.path} has schema version {version}, newer than this textadapt's {SCHEMA_VERSION}: upgrade textadapt")
+            raise TextadaptError(
+                f"{self.path} has schema version {version}, newer than this textadapt's {SCHEMA_VERSION}: upgrade textadapt"
+            )
         if version < SCHEMA_VERSION and self.read_only:
-            raise TextadaptError(f"{self.path} has schema version {version}; open it once for writing to migrate it to {SCHEMA_VERSION}")
+            raise TextadaptError(
+                f"{self.path} has schema version {version}; open it once for writing to migrate it to {SCHEMA_VERSION}"
+            )
         return version
 
     def _upgrade(self, wait: float) -> None:
@@ -850,17 +978,23 @@ class Store:
             if t.keep == "first":  # a stored row stays; staged rows add the keys not stored yet
                 # the first write; of its copies the oldest, which every read of the folder that lists the newer lists too
                 pick = f"SELECT {key}, min(struct_pack(s := _seq, c := _copy)).c AS _copy FROM {files} GROUP BY ALL"
-                sql = (f"SELECT * FROM stored.{name} UNION ALL BY NAME SELECT s.* EXCLUDE (_seq, _copy) FROM {files} s "
-                       f"SEMI JOIN ({pick}) p USING ({key}, _copy) ANTI JOIN stored.{name} t USING ({key})")
+                sql = (
+                    f"SELECT * FROM stored.{name} UNION ALL BY NAME SELECT s.* EXCLUDE (_seq, _copy) FROM {files} s "
+                    f"SEMI JOIN ({pick}) p USING ({key}, _copy) ANTI JOIN stored.{name} t USING ({key})"
+                )
             elif t.keep == "run":  # a run's newest staged batch replaces all its stored rows
-                sql = (f"WITH staged AS MATERIALIZED ({self._dedup(name, None)}) "
-                       f"SELECT t.* FROM stored.{name} t ANTI JOIN (SELECT DISTINCT run_id FROM staged) USING (run_id) "
-                       f"UNION ALL BY NAME SELECT * EXCLUDE (_seq, _copy) FROM staged")
+                sql = (
+                    f"WITH staged AS MATERIALIZED ({self._dedup(name, None)}) "
+                    f"SELECT t.* FROM stored.{name} t ANTI JOIN (SELECT DISTINCT run_id FROM staged) USING (run_id) "
+                    f"UNION ALL BY NAME SELECT * EXCLUDE (_seq, _copy) FROM staged"
+                )
             else:  # a staged row replaces the stored one
-                sql = (f"WITH staged AS MATERIALIZED (SELECT * FROM {files} QUALIFY row_number() OVER "
-                       f"(PARTITION BY {key} ORDER BY _seq DESC, _copy) = 1) "
-                       f"SELECT t.* FROM stored.{name} t ANTI JOIN staged USING ({key}) "
-                       f"UNION ALL BY NAME SELECT * EXCLUDE (_seq, _copy) FROM staged")
+                sql = (
+                    f"WITH staged AS MATERIALIZED (SELECT * FROM {files} QUALIFY row_number() OVER "
+                    f"(PARTITION BY {key} ORDER BY _seq DESC, _copy) = 1) "
+                    f"SELECT t.* FROM stored.{name} t ANTI JOIN staged USING ({key}) "
+                    f"UNION ALL BY NAME SELECT * EXCLUDE (_seq, _copy) FROM staged"
+                )
             out.append((name, sql))
         return out + [(v.name, textwrap.dedent(v.sql).strip()) for v in VIEWS]
 
@@ -952,7 +1086,7 @@ class Store:
             "a task that runs elsewhere must return its rows to the flow, which writes them"
         )
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -963,8 +1097,12 @@ class Store:
     def _staged(self) -> tuple[list[str], list[str]]:
         """The published batch folders: (live, oldest rows first; superseded: merged into a live one, to remove)."""
         names = sorted(d.name for d in self.staging.iterdir() if d.name[:1].isdigit()) if self.staging.exists() else []
-        superseded = {line for b in names if (self.staging / b / "supersedes").exists()
-                      for line in (self.staging / b / "supersedes").read_text().split()}
+        superseded = {
+            line
+            for b in names
+            if (self.staging / b / "supersedes").exists()
+            for line in (self.staging / b / "supersedes").read_text().split()
+        }
         live = [b for b in names if b not in superseded]
         # a higher level holds older rows; within a level, creation order is the rows' order
         live.sort(key=lambda b: (-int(b.split("-")[1]), b))
@@ -1069,10 +1207,14 @@ class Store:
         else:
             source = f"read_parquet([{', '.join(_literal(f) for f in files)}])"
         if t.keep == "run":
-            return (f"SELECT s.* FROM {source} s SEMI JOIN (SELECT run_id, max(struct_pack(s := _seq, c := -_copy)) AS b "
-                    f"FROM {source} GROUP BY run_id) p ON s.run_id = p.run_id AND s._seq = p.b.s AND s._copy = -p.b.c")
-        return (f"SELECT * FROM {source} QUALIFY row_number() OVER "
-                f"(PARTITION BY {', '.join(t.key)} ORDER BY _seq {'ASC' if t.keep == 'first' else 'DESC'}) = 1")
+            return (
+                f"SELECT s.* FROM {source} s SEMI JOIN (SELECT run_id, max(struct_pack(s := _seq, c := -_copy)) AS b "
+                f"FROM {source} GROUP BY run_id) p ON s.run_id = p.run_id AND s._seq = p.b.s AND s._copy = -p.b.c"
+            )
+        return (
+            f"SELECT * FROM {source} QUALIFY row_number() OVER "
+            f"(PARTITION BY {', '.join(t.key)} ORDER BY _seq {'ASC' if t.keep == 'first' else 'DESC'}) = 1"
+        )
 
     def _merge(self) -> None:
         """Merge FANOUT batches of a level into one of the next level, at most a fold step's worth (a fold takes whole
@@ -1160,8 +1302,11 @@ class Store:
         live = self._staged()[0]
         con.execute("BEGIN TRANSACTION")
         for table, t in TABLES.items():
-            files = [self.staging / b / f"{table}.parquet" for b in (batches if t.keep == "first" else live)
-                     if (self.staging / b / f"{table}.parquet").exists()]
+            files = [
+                self.staging / b / f"{table}.parquet"
+                for b in (batches if t.keep == "first" else live)
+                if (self.staging / b / f"{table}.parquet").exists()
+            ]
             if not files:
                 continue
             if t.keep == "run":  # a run's newest batch replaces its stored rows
@@ -1170,11 +1315,15 @@ class Store:
                 con.execute(f"INSERT INTO stored.{table} BY NAME SELECT * EXCLUDE (_seq, _copy) FROM _fold")
                 con.execute("DROP TABLE _fold")
             elif t.keep == "first":  # what the view shows: the staged rows whose key is not stored yet
-                con.execute(f"INSERT INTO stored.{table} BY NAME SELECT s.* EXCLUDE (_seq, _copy) "
-                            f"FROM ({self._dedup(table, files)}) s ANTI JOIN stored.{table} USING ({', '.join(t.key)})")
+                con.execute(
+                    f"INSERT INTO stored.{table} BY NAME SELECT s.* EXCLUDE (_seq, _copy) "
+                    f"FROM ({self._dedup(table, files)}) s ANTI JOIN stored.{table} USING ({', '.join(t.key)})"
+                )
             else:
-                con.execute(f"INSERT OR REPLACE INTO stored.{table} BY NAME SELECT * EXCLUDE (_seq, _copy) "
-                            f"FROM ({self._dedup(table, files)})")
+                con.execute(
+                    f"INSERT OR REPLACE INTO stored.{table} BY NAME SELECT * EXCLUDE (_seq, _copy) "
+                    f"FROM ({self._dedup(table, files)})"
+                )
         con.execute("COMMIT")
         con.execute("CHECKPOINT")
         trash = self.staging / "trash"
@@ -1201,10 +1350,12 @@ class Store:
                 if str(self.staging) not in str(e):
                     raise
                 if attempt == 2:
-                    raise TextadaptError(f"{self.path}: cannot read its staged rows in {self.staging} "
-                                         f"({str(e).splitlines()[0]}); "
-                                         "if that folder was removed, open the cache once for writing to recreate it "
-                                         "(`textadapt sql --write CHECKPOINT`)") from None
+                    raise TextadaptError(
+                        f"{self.path}: cannot read its staged rows in {self.staging} "
+                        f"({str(e).splitlines()[0]}); "
+                        "if that folder was removed, open the cache once for writing to recreate it "
+                        "(`textadapt sql --write CHECKPOINT`)"
+                    ) from None
                 time.sleep(0.05)  # the writer removed merged batches while this query listed them (it saw no reader open)
         raise AssertionError
 
@@ -1234,15 +1385,37 @@ class Store:
         process writes at a time, and it is the run's."""
         if not rows:
             return
-        cols = ["key", "dataset", "class_name", "template", "template_hash", "model", "prompt", "params", "sample_index",
-                "raw_text", "description", "rejected", "prompt_tokens", "completion_tokens", "seconds", "base_key", "refresh",
-                "run_id"]
+        cols = [
+            "key",
+            "dataset",
+            "class_name",
+            "template",
+            "template_hash",
+            "model",
+            "prompt",
+            "params",
+            "sample_index",
+            "raw_text",
+            "description",
+            "rejected",
+            "prompt_tokens",
+            "completion_tokens",
+            "seconds",
+            "base_key",
+            "refresh",
+            "run_id",
+        ]
         data = {c: [getattr(g, c) for g in rows] for c in cols}
         data["params"] = [json.dumps(p, sort_keys=True) for p in data["params"]]
         data["base_key"] = [g.base_key or g.key for g in rows]
         data["run_id"] = [g.run_id or self._run for g in rows]
-        types = {"sample_index": pa.int32(), "prompt_tokens": pa.int32(), "completion_tokens": pa.int32(), "seconds": pa.float64(),
-                 "refresh": pa.int32()}
+        types = {
+            "sample_index": pa.int32(),
+            "prompt_tokens": pa.int32(),
+            "completion_tokens": pa.int32(),
+            "seconds": pa.float64(),
+            "refresh": pa.int32(),
+        }
         with self._lock:
             self._insert("generations", {c: pa.array(v, types.get(c, pa.string())) for c, v in data.items()})
 
@@ -1250,9 +1423,12 @@ class Store:
         """base_key -> (key, refresh) of the newest stored round of each generation."""
         if not base_keys:
             return {}
-        rows = self._with("_wanted", pa.table({"base_key": base_keys}),
-                          "SELECT g.base_key, arg_max(g.key, g.refresh), max(g.refresh) FROM generations g "
-                          "JOIN _wanted w USING (base_key) GROUP BY g.base_key")
+        rows = self._with(
+            "_wanted",
+            pa.table({"base_key": base_keys}),
+            "SELECT g.base_key, arg_max(g.key, g.refresh), max(g.refresh) FROM generations g "
+            "JOIN _wanted w USING (base_key) GROUP BY g.base_key",
+        )
         return {b: (k, r) for b, k, r in rows}
 
     def imported(self, dataset: str, source: str) -> list[tuple[str, str, str | None, str | None]]:
@@ -1266,8 +1442,11 @@ class Store:
 
     def generations(self, keys: list[str]) -> dict[str, tuple[str | None, str | None]]:
         """key -> (description, rejected) for the given keys."""
-        rows = self._with("_wanted", pa.table({"key": pa.array(keys, pa.string())}),
-                          "SELECT g.key, g.description, g.rejected FROM generations g JOIN _wanted w USING (key)")
+        rows = self._with(
+            "_wanted",
+            pa.table({"key": pa.array(keys, pa.string())}),
+            "SELECT g.key, g.description, g.rejected FROM generations g JOIN _wanted w USING (key)",
+        )
         return {k: (d, r) for k, d, r in rows}
 
     # -- embeddings ------------------------------------------------------------------------
@@ -1279,8 +1458,9 @@ class Store:
         with self._lock:
             self.con.register("_wanted", pa.table({"h": hashes}))
             try:
-                tbl = self._execute(f"SELECT e.{col}, e.embedding FROM {table} e JOIN _wanted w ON e.{col} = w.h "
-                                    "WHERE e.backbone = ?", [backbone]).to_arrow_table()
+                tbl = self._execute(
+                    f"SELECT e.{col}, e.embedding FROM {table} e JOIN _wanted w ON e.{col} = w.h WHERE e.backbone = ?", [backbone]
+                ).to_arrow_table()
             finally:
                 self.con.unregister("_wanted")
         if tbl.num_rows == 0:
@@ -1290,14 +1470,19 @@ class Store:
         matrix = flat.reshape(tbl.num_rows, -1)
         return dict(zip(tbl.column(col).to_pylist(), matrix))
 
-    def put_embeddings(self, kind: str, backbone: str, hashes: list[str], embeddings: np.ndarray, texts: list[str] | None = None) -> None:
+    def put_embeddings(
+        self, kind: str, backbone: str, hashes: list[str], embeddings: np.ndarray, texts: list[str] | None = None
+    ) -> None:
         table, col = _embedding_table(kind)
         if not len(hashes):
             return
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         lists = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.ravel()), embeddings.shape[1]).cast(pa.list_(pa.float32()))
-        data = {"backbone": pa.array([backbone] * len(hashes), pa.string()), col: pa.array(hashes, pa.string()),
-                "embedding": lists}
+        data = {
+            "backbone": pa.array([backbone] * len(hashes), pa.string()),
+            col: pa.array(hashes, pa.string()),
+            "embedding": lists,
+        }
         if kind == "text":
             data["text"] = pa.array(texts, pa.string())
         with self._lock:
@@ -1306,15 +1491,18 @@ class Store:
     def add_backbone(self, backbone: str, spec: str, arch: str, weights: str, untrained: bool) -> None:
         with self._lock:
             if not self.query("SELECT 1 FROM backbones WHERE backbone = ?", [backbone]):
-                self._insert("backbones", {"backbone": [backbone], "spec": [spec], "arch": [arch], "weights": [weights],
-                                           "untrained": [untrained]})
+                self._insert(
+                    "backbones",
+                    {"backbone": [backbone], "spec": [spec], "arch": [arch], "weights": [weights], "untrained": [untrained]},
+                )
 
     # -- runs and results ------------------------------------------------------------------
 
     def start_run(self, run_id: str, dataset: str, options: dict) -> None:
         with self._lock:
-            self._insert("runs", {"run_id": [run_id], "dataset": [dataset], "status": ["running"],
-                                  "options": [json.dumps(options)]})
+            self._insert(
+                "runs", {"run_id": [run_id], "dataset": [dataset], "status": ["running"], "options": [json.dumps(options)]}
+            )
             self._writer.note(run_id=run_id)
             self._run = run_id
 
@@ -1332,8 +1520,11 @@ class Store:
     def finish_run(self, run_id: str, status: str, error: str | None = None) -> None:
         with self._lock:
             self._run = None if self._run == run_id else self._run
-            row = self._query_rows("SELECT * REPLACE (? AS status, ? AS error, CAST(current_timestamp AS TIMESTAMP) AS "
-                                   "finished_at) FROM runs WHERE run_id = ?", [status, error, run_id])
+            row = self._query_rows(
+                "SELECT * REPLACE (? AS status, ? AS error, CAST(current_timestamp AS TIMESTAMP) AS "
+                "finished_at) FROM runs WHERE run_id = ?",
+                [status, error, run_id],
+            )
             self._stage(("runs", row))
 
     def link_generations(self, run_id: str, links: list[tuple]) -> None:
@@ -1341,10 +1532,16 @@ class Store:
         links = [(*link, None) if len(link) == 3 else tuple(link) for link in links]
         keys, class_indices, excluded, items = (list(col) for col in zip(*links)) if links else ([], [], [], [])
         with self._lock:
-            self._insert("run_generations", {
-                "run_id": pa.array([run_id] * len(keys), pa.string()), "key": pa.array(keys, pa.string()),
-                "class_index": pa.array(class_indices, pa.int32()), "excluded": pa.array(excluded, pa.string()),
-                "excluded_items": pa.array(items, pa.list_(pa.int32()))})
+            self._insert(
+                "run_generations",
+                {
+                    "run_id": pa.array([run_id] * len(keys), pa.string()),
+                    "key": pa.array(keys, pa.string()),
+                    "class_index": pa.array(class_indices, pa.int32()),
+                    "excluded": pa.array(excluded, pa.string()),
+                    "excluded_items": pa.array(items, pa.list_(pa.int32())),
+                },
+            )
 
     def llm_usage(self, run_id: str) -> dict[str, LlmUsage]:
         """Template set (``meta``, ``targeted``, ``import``...) -> what the generations the run used cost when they were made,
@@ -1368,60 +1565,106 @@ class Store:
         )
         return {s: LlmUsage(int(n), int(p), int(c), float(t)) for s, n, p, c, t in rows}
 
-    def save_result(self, run_id: str, method: str, kind: str, top1: float, mean_per_class: float, n_images: int,
-                    per_class: list[tuple], **extra) -> None:
+    def save_result(
+        self,
+        run_id: str,
+        method: str,
+        kind: str,
+        top1: float,
+        mean_per_class: float,
+        n_images: int,
+        per_class: list[tuple],
+        **extra,
+    ) -> None:
         """One method's row of ``results`` (``extra``: any other column, e.g. top5, losses) and its ``class_results``:
         (class_index, class_name, n_images, accuracy, delta[, delta_low, delta_high]), in one batch."""
-        row = {"run_id": run_id, "method": method, "kind": kind, "top1": top1, "mean_per_class": mean_per_class,
-               "n_images": n_images, **extra}
+        row = {
+            "run_id": run_id,
+            "method": method,
+            "kind": kind,
+            "top1": top1,
+            "mean_per_class": mean_per_class,
+            "n_images": n_images,
+            **extra,
+        }
         columns = ("class_index", "class_name", "n_images", "accuracy", "delta", "delta_low", "delta_high")
         columns = columns[: len(per_class[0])] if per_class else columns
-        per_class_rows = {"run_id": [run_id] * len(per_class), "method": [method] * len(per_class),
-                          **{c: [r[i] for r in per_class] for i, c in enumerate(columns)}}
+        per_class_rows = {
+            "run_id": [run_id] * len(per_class),
+            "method": [method] * len(per_class),
+            **{c: [r[i] for r in per_class] for i, c in enumerate(columns)},
+        }
         with self._lock:
             result = self._new_rows("results", {c: [v.tolist() if isinstance(v, np.ndarray) else v] for c, v in row.items()})
             self._stage(("results", result), ("class_results", self._new_rows("class_results", per_class_rows)))
 
-    def save_classifier(self, run_id: str, method: str, seed: int, weight: np.ndarray, classes: list[str],
-                        log_prior: np.ndarray | None, beta: float | None) -> None:
+    def save_classifier(
+        self,
+        run_id: str,
+        method: str,
+        seed: int,
+        weight: np.ndarray,
+        classes: list[str],
+        log_prior: np.ndarray | None,
+        beta: float | None,
+    ) -> None:
         with self._lock:
-            self._insert("classifiers", {
-                "run_id": [run_id], "method": [method], "seed": [seed], "n_classes": [weight.shape[0]], "dim": [weight.shape[1]],
-                "classes": [classes], "weight": [weight.astype(np.float32).ravel()],
-                "log_prior": [None if log_prior is None else log_prior.astype(np.float32)], "beta": [beta]})
+            self._insert(
+                "classifiers",
+                {
+                    "run_id": [run_id],
+                    "method": [method],
+                    "seed": [seed],
+                    "n_classes": [weight.shape[0]],
+                    "dim": [weight.shape[1]],
+                    "classes": [classes],
+                    "weight": [weight.astype(np.float32).ravel()],
+                    "log_prior": [None if log_prior is None else log_prior.astype(np.float32)],
+                    "beta": [beta],
+                },
+            )
 
     def classifier(self, run_id: str, method: str) -> tuple[int, np.ndarray, list[str], np.ndarray | None, float | None]:
         """(seed, weight, classes, log_prior, beta) of one stored classifier."""
-        rows = self.query("SELECT seed, n_classes, dim, weight, classes, log_prior, beta FROM classifiers "
-                          "WHERE run_id = ? AND method = ?", [run_id, method])
+        rows = self.query(
+            "SELECT seed, n_classes, dim, weight, classes, log_prior, beta FROM classifiers WHERE run_id = ? AND method = ?",
+            [run_id, method],
+        )
         if not rows:
             raise KeyError((run_id, method))
         seed, n, d, weight, classes, log_prior, beta = rows[0]
         log_prior = None if log_prior is None else np.asarray(log_prior, np.float32)
         return seed, np.asarray(weight, np.float32).reshape(n, d), classes, log_prior, beta
 
-    def save_predictions(self, run_id: str, image_hashes: list[str], labels: np.ndarray,
-                         predicted: dict[str, np.ndarray]) -> None:
+    def save_predictions(
+        self, run_id: str, image_hashes: list[str], labels: np.ndarray, predicted: dict[str, np.ndarray]
+    ) -> None:
         """A run's test images (``run_images``) and every method's (seeds, images) predicted classes (``predictions``), in
         one batch that replaces what the run had stored. Bulk, through Arrow: ImageNet's 50,000 images x 30 methods are
         1.5 million rows."""
         n, methods = len(image_hashes), list(predicted)
-        images = {"run_id": pa.array([run_id] * n, pa.string()), "image_index": pa.array(np.arange(n, dtype=np.int32)),
-                  "image_hash": pa.array(image_hashes, pa.string()), "label": pa.array(np.asarray(labels, np.int32))}
+        images = {
+            "run_id": pa.array([run_id] * n, pa.string()),
+            "image_index": pa.array(np.arange(n, dtype=np.int32)),
+            "image_hash": pa.array(image_hashes, pa.string()),
+            "label": pa.array(np.asarray(labels, np.int32)),
+        }
         per_image = [np.asarray(predicted[m], np.int32).reshape(-1, n).T for m in methods]  # (images, seeds) each
         values = np.concatenate([p.ravel() for p in per_image] or [np.zeros(0, np.int32)])
         lengths = np.concatenate([np.full(n, p.shape[1], np.int32) for p in per_image] or [np.zeros(0, np.int32)])
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
         rows = {
             "run_id": pa.array([run_id] * (n * len(methods)), pa.string()),
-            "method": pa.DictionaryArray.from_arrays(pa.array(np.repeat(np.arange(len(methods), dtype=np.int32), n)),
-                                                     pa.array(methods, pa.string())).cast(pa.string()),
+            "method": pa.DictionaryArray.from_arrays(
+                pa.array(np.repeat(np.arange(len(methods), dtype=np.int32), n)), pa.array(methods, pa.string())
+            ).cast(pa.string()),
             "image_index": pa.array(np.tile(np.arange(n, dtype=np.int32), len(methods))),
             "predicted": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)),
         }
         with self._lock:
-            self._stage(("run_images", self._new_rows("run_images", images)),
-                        ("predictions", self._new_rows("predictions", rows)))
+            self._stage(
+                ("run_images", self._new_rows("run_images", images)), ("predictions", self._new_rows("predictions", rows))
+            )
 
     def run_images(self, run_id: str) -> tuple[list[str], np.ndarray]:
         """(image hashes, labels) of the test images a run scored, in scoring order; ([], empty) if none is stored."""
@@ -1432,8 +1675,9 @@ class Store:
     def predictions(self, run_id: str, method: str) -> np.ndarray | None:
         """(seeds, images): a method's predicted class of every test image of the run, per seed; None if not stored."""
         with self._lock:
-            tbl = self._query_rows("SELECT predicted FROM predictions WHERE run_id = ? AND method = ? ORDER BY image_index",
-                                   [run_id, method])
+            tbl = self._query_rows(
+                "SELECT predicted FROM predictions WHERE run_id = ? AND method = ? ORDER BY image_index", [run_id, method]
+            )
         if tbl.num_rows == 0:
             return None
         lists = tbl.column("predicted").combine_chunks()
@@ -1477,8 +1721,15 @@ class Store:
 
 def _writes(query: str) -> bool:
     """Whether a statement would change the file (DuckDB refuses it on a read-only connection, or on a view)."""
-    reads = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN, duckdb.StatementType.PRAGMA, duckdb.StatementType.SET,
-             duckdb.StatementType.VARIABLE_SET, duckdb.StatementType.PREPARE, duckdb.StatementType.EXECUTE}
+    reads = {
+        duckdb.StatementType.SELECT,
+        duckdb.StatementType.EXPLAIN,
+        duckdb.StatementType.PRAGMA,
+        duckdb.StatementType.SET,
+        duckdb.StatementType.VARIABLE_SET,
+        duckdb.StatementType.PREPARE,
+        duckdb.StatementType.EXECUTE,
+    }
     try:
         return any(s.type not in reads for s in duckdb.extract_statements(query))
     except duckdb.Error:
@@ -1491,6 +1742,7 @@ def _embedding_table(kind: str) -> tuple[str, str]:
     if kind == "image":
         return "image_embeddings", "image_hash"
     raise ValueError(kind)
+
 
 @dataclass
 class RunSummary:

@@ -41,8 +41,8 @@ Other encoders of text in textadapt, and how they take the same path:
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -147,9 +147,16 @@ def _refusal(model: torch.nn.Module) -> tuple[CausalTower | None, str]:
             return None, "its text attention mask is not causal"
         if model.text_pool_type not in POOLS:
             return None, f"it pools text at {model.text_pool_type!r}"
-        return CausalTower(model.token_embedding, model.positional_embedding, model.transformer, model.ln_final,
-                           model.text_projection, model.attn_mask, model.text_pool_type,
-                           getattr(model, "text_eos_id", None)), ""
+        return CausalTower(
+            model.token_embedding,
+            model.positional_embedding,
+            model.transformer,
+            model.ln_final,
+            model.text_projection,
+            model.attn_mask,
+            model.text_pool_type,
+            getattr(model, "text_eos_id", None),
+        ), ""
     if kind.encode_text not in (CustomTextCLIP.encode_text, CoCa.encode_text):
         return None, f"{kind.__name__}.encode_text is not open_clip's"
     text = getattr(model, "text", None)
@@ -159,9 +166,20 @@ def _refusal(model: torch.nn.Module) -> tuple[CausalTower | None, str]:
         return None, "its text attention mask is not causal"
     if text.cls_emb is None and text.pool_type not in POOLS:
         return None, f"it pools text at {text.pool_type!r}"
-    return CausalTower(text.token_embedding, text.positional_embedding, text.transformer, text.ln_final,
-                       text.text_projection, text.attn_mask, text.pool_type, getattr(text, "eos_id", None),
-                       text.cls_emb, text.pad_id, text.heads, text.correct_cls_mask), ""
+    return CausalTower(
+        text.token_embedding,
+        text.positional_embedding,
+        text.transformer,
+        text.ln_final,
+        text.text_projection,
+        text.attn_mask,
+        text.pool_type,
+        getattr(text, "eos_id", None),
+        text.cls_emb,
+        text.pad_id,
+        text.heads,
+        text.correct_cls_mask,
+    ), ""
 
 
 def causal_tower(model: torch.nn.Module) -> CausalTower | None:
@@ -172,8 +190,9 @@ def causal_tower(model: torch.nn.Module) -> CausalTower | None:
     return tower
 
 
-def iter_text_features(model: torch.nn.Module, tokenizer, texts: Sequence[str], batch_size: int,
-                       device: torch.device | str = "cpu") -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+def iter_text_features(
+    model: torch.nn.Module, tokenizer, texts: Sequence[str], batch_size: int, device: torch.device | str = "cpu"
+) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """L2-normalised text embeddings, one batch at a time: (indices into ``texts``, (len(indices), D)).
 
     With a causal tower the batches come longest first (sorted within windows of ``SORT_WINDOW``

@@ -22,9 +22,9 @@ import inspect
 import logging
 import re
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -68,14 +68,21 @@ def takes_run_options(fn):
     """Give ``fn(**params)`` one keyword parameter per RunOptions field, with its type (constraints included),
     default and description (a Google-style docstring, which Prefect shows): the flow's parameters."""
     fn.__signature__ = inspect.Signature(
-        [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=f.rebuild_annotation(),
-                           default=inspect.Parameter.empty if f.is_required() else option_default(name))
-         for name, f in RunOptions.model_fields.items()],
+        [
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=f.rebuild_annotation(),
+                default=inspect.Parameter.empty if f.is_required() else option_default(name),
+            )
+            for name, f in RunOptions.model_fields.items()
+        ],
         return_annotation=RunOutcome,
     )
     fn.__annotations__ = {**{p.name: p.annotation for p in fn.__signature__.parameters.values()}, "return": RunOutcome}
-    fn.__doc__ = "\n".join([fn.__doc__.strip(), "", "Args:"]
-                           + [f"    {name}: {f.description}" for name, f in RunOptions.model_fields.items()])
+    fn.__doc__ = "\n".join(
+        [fn.__doc__.strip(), "", "Args:"] + [f"    {name}: {f.description}" for name, f in RunOptions.model_fields.items()]
+    )
     return fn
 
 
@@ -117,23 +124,45 @@ def adapt(**params) -> RunOutcome:
         results, best, gains = score(run_id, inputs, backbone, captioner_bb, classifiers, image_emb, store, t)
         workers.log_where(logger)
         report = RunReport(
-            run_id=run_id, spec=inputs.spec, backbone_spec=backbone.spec, backbone_id=backbone.id, untrained=backbone.untrained,
-            arch=backbone.arch, llm=llm, image_source=inputs.images.source if inputs.images else "none (--train-only)",
-            n_images=len(inputs.images) if inputs.images else 0, generation=gen, sets=sets,
+            run_id=run_id,
+            spec=inputs.spec,
+            backbone_spec=backbone.spec,
+            backbone_id=backbone.id,
+            untrained=backbone.untrained,
+            arch=backbone.arch,
+            llm=llm,
+            image_source=inputs.images.source if inputs.images else "none (--train-only)",
+            n_images=len(inputs.images) if inputs.images else 0,
+            generation=gen,
+            sets=sets,
             scores={r.method: r.score for r in results},
-            heads={c.method: c.heads[0] for c in trained}, best_baseline=best, text_encoder_calls=text_calls,
-            image_encoder_calls=image_calls, steps=inputs.config.steps, seed=options.seed, stage_seconds=t.seconds,
-            examples=_examples(inputs.spec, sets), filled=filled, results=results, seeds=inputs.config.seeds,
-            llm_usage=store.llm_usage(run_id), gains=gains,
+            heads={c.method: c.heads[0] for c in trained},
+            best_baseline=best,
+            text_encoder_calls=text_calls,
+            image_encoder_calls=image_calls,
+            steps=inputs.config.steps,
+            seed=options.seed,
+            stage_seconds=t.seconds,
+            examples=_examples(inputs.spec, sets),
+            filled=filled,
+            results=results,
+            seeds=inputs.config.seeds,
+            llm_usage=store.llm_usage(run_id),
+            gains=gains,
         )
         path = write_report(report, settings.reports_dir)
         store.update_run(run_id, text_encoder_calls=text_calls, report_path=str(path))
     logger.info("report: %s", path)
     publish_artifacts(report, path, html_path(path))  # the gains, the per-class plot and the report paths, in the Prefect UI
     return RunOutcome(
-        run_id=run_id, report_path=str(path), untrained_backbone=backbone.untrained, llm_calls=gen.made,
-        cached_generations=gen.cached, text_encoder_calls=text_calls,
-        trained_descriptions=sum(len(ts.texts) for ts in sets.values()), results={r.method: r.score.top1 for r in results},
+        run_id=run_id,
+        report_path=str(path),
+        untrained_backbone=backbone.untrained,
+        llm_calls=gen.made,
+        cached_generations=gen.cached,
+        text_encoder_calls=text_calls,
+        trained_descriptions=sum(len(ts.texts) for ts in sets.values()),
+        results={r.method: r.score.top1 for r in results},
     )
 
 
@@ -145,7 +174,7 @@ class Timer:
     """``with t("stage"):`` records the stage's seconds in ``t.seconds`` (the report's stage table); a stage starts only
     within the run's time limit (``deadline``)."""
 
-    def __init__(self, deadline: "Deadline | None" = None) -> None:
+    def __init__(self, deadline: Deadline | None = None) -> None:
         self.seconds: dict[str, float] = {}
         self.deadline = deadline
 
@@ -176,8 +205,10 @@ class Deadline:
             raise self.error()
 
     def error(self) -> RunTimedOut:
-        return RunTimedOut(f"the run took longer than its timeout ({self.seconds:g} s, run option timeout_seconds) and was "
-                           "stopped; what it stored stays in the cache, and running it again asks only for the rest")
+        return RunTimedOut(
+            f"the run took longer than its timeout ({self.seconds:g} s, run option timeout_seconds) and was "
+            "stopped; what it stored stays in the cache, and running it again asks only for the rest"
+        )
 
 
 @contextmanager
@@ -226,8 +257,9 @@ def load_backbones(options: RunOptions, settings: Settings) -> tuple[Backbone, B
     """The run's backbone, and the CoCa captioner's if asked for: before any LLM call, so a missing one costs no generation."""
     backbone = load_backbone(options.backbone or settings.backbone, settings)
     if backbone.untrained:
-        get_run_logger().warning("backbone %s is UNTRAINED (random weights): the accuracies of this run mean nothing",
-                                 backbone.arch)
+        get_run_logger().warning(
+            "backbone %s is UNTRAINED (random weights): the accuracies of this run mean nothing", backbone.arch
+        )
     captioner_bb = None
     if options.captioner and not options.train_only:
         captioner_bb = backbone if options.captioner == "same" else load_backbone(options.captioner, settings)
@@ -240,8 +272,9 @@ def load_backbone(spec: str, settings: Settings) -> Backbone:
     return encoders.load_backbone(spec, settings.device)
 
 
-def generate_descriptions(inputs: Inputs, backbone: Backbone, backend: Backend | None, store: Store,
-                          workers: Workers) -> tuple[pipeline.GenerationStats, list[pipeline.PlannedGeneration], int]:
+def generate_descriptions(
+    inputs: Inputs, backbone: Backbone, backend: Backend | None, store: Store, workers: Workers
+) -> tuple[pipeline.GenerationStats, list[pipeline.PlannedGeneration], int]:
     """Every generation the run needs, asked of the LLM where the cache lacks it: meta-prompting's questions first,
     then every (class, question, sample). Returns the stats, the plan, and the prompts encoded to find confusable classes."""
     if backend is None:
@@ -263,6 +296,7 @@ def generate_descriptions(inputs: Inputs, backbone: Backbone, backend: Backend |
         plan = pipeline.resolve_rounds(plan, store, options.refresh)
         artifact = GenerationProgress(spec.name, FlowRunContext.get().flow_run.name)  # the Prefect UI's view of it
         with stage_progress("generating", logger, _console()) as bar:
+
             def progress(done: int, total: int) -> None:
                 bar(done, total)
                 artifact(done, total)
@@ -277,15 +311,21 @@ def generate_descriptions(inputs: Inputs, backbone: Backbone, backend: Backend |
     return gen, meta + plan, calls
 
 
-def select_descriptions(run_id: str, inputs: Inputs, plan: list[pipeline.PlannedGeneration],
-                        store: Store) -> tuple[dict[str, pipeline.TrainingSet], dict[str, list[str]]]:
+def select_descriptions(
+    run_id: str, inputs: Inputs, plan: list[pipeline.PlannedGeneration], store: Store
+) -> tuple[dict[str, pipeline.TrainingSet], dict[str, list[str]]]:
     """The description sets the run trains on (its generations by template set, and imported sources), recorded in
     ``run_generations``; a class with no accepted description gets the fallback prompt, with a warning."""
     selection = pipeline.training_sets([p for p in plan if p.class_index >= 0], store, inputs.spec, inputs.options.sources)
     filled = pipeline.fill_missing(selection.sets, inputs.spec)
     for name, classes in filled.items():
-        get_run_logger().warning("%s: no accepted description for %d classes (%s); trained on %r for them", name, len(classes),
-                                 ", ".join(classes[:10]), pipeline.FALLBACK)
+        get_run_logger().warning(
+            "%s: no accepted description for %d classes (%s); trained on %r for them",
+            name,
+            len(classes),
+            ", ".join(classes[:10]),
+            pipeline.FALLBACK,
+        )
     store.link_generations(run_id, [(p.key, p.class_index, None) for p in plan if p.class_index < 0] + selection.links)
     return selection.sets, filled
 
@@ -300,8 +340,9 @@ def embed_all_texts(inputs: Inputs, backbone: Backbone, sets: dict, store: Store
     t0 = time.perf_counter()
     with stage_progress("encoding texts", get_run_logger(), _console()) as progress:
         n = pipeline.embed_texts(backbone, texts, store, inputs.options.batch_size, workers, progress)
-    get_run_logger().info("text embedding: %d texts encoded, %d from the cache, in %.1f s", n, len(texts) - n,
-                          time.perf_counter() - t0)
+    get_run_logger().info(
+        "text embedding: %d texts encoded, %d from the cache, in %.1f s", n, len(texts) - n, time.perf_counter() - t0
+    )
     return n
 
 
@@ -309,8 +350,9 @@ def train(inputs: Inputs, backbone: Backbone, sets: dict, store: Store):
     """The training-free classifiers, then every adapter on every description set; returns (all, the adapted, texts
     they had to encode themselves)."""
     free, k = training_free(backbone, inputs.spec, store, sets, _dclip_sets(inputs), inputs.options.batch_size)
-    trained, n = train_adapters(backbone, inputs.spec, store, sets, harness.teacher_prototypes(free), inputs.config,
-                                inputs.options.batch_size)
+    trained, n = train_adapters(
+        backbone, inputs.spec, store, sets, harness.teacher_prototypes(free), inputs.config, inputs.options.batch_size
+    )
     return free + trained, trained, k + n
 
 
@@ -334,13 +376,22 @@ def embed_test_images(inputs: Inputs, backbone: Backbone, store: Store, workers:
     with stage_progress("encoding test images", get_run_logger(), _console()) as progress:
         n = pipeline.embed_images(backbone, inputs.images, store, inputs.options.batch_size, workers, progress)
     emb, _ = encoders.encode_images(backbone, inputs.images, store, inputs.options.batch_size)  # all cached now: read in order
-    get_run_logger().info("image embedding: %d images encoded, %d from the cache, in %.1f s", n, len(inputs.images) - n,
-                          time.perf_counter() - t0)
+    get_run_logger().info(
+        "image embedding: %d images encoded, %d from the cache, in %.1f s", n, len(inputs.images) - n, time.perf_counter() - t0
+    )
     return emb, n
 
 
-def score(run_id: str, inputs: Inputs, backbone: Backbone, captioner_bb: Backbone | None, classifiers: list[harness.Classifier],
-          image_emb, store: Store, t: Timer):
+def score(
+    run_id: str,
+    inputs: Inputs,
+    backbone: Backbone,
+    captioner_bb: Backbone | None,
+    classifiers: list[harness.Classifier],
+    image_emb,
+    store: Store,
+    t: Timer,
+):
     """Keep every classifier, score each on the test images (and the captioner, if asked), with every gain's 95%
     interval, and store the results; returns them, the best training-free baseline and the gains (for --train-only,
     nothing is scored: [], None, None)."""
@@ -350,8 +401,9 @@ def score(run_id: str, inputs: Inputs, backbone: Backbone, captioner_bb: Backbon
     if images is None:
         return [], None, None
     with t("scoring"):
-        results = harness.evaluate(classifiers, image_emb, images.labels, len(inputs.spec.classes), config.scorings,
-                                   content_free, config.beta)
+        results = harness.evaluate(
+            classifiers, image_emb, images.labels, len(inputs.spec.classes), config.scorings, content_free, config.beta
+        )
     if captioner_bb is not None:
         with t("captioner"):
             results += caption_scores(captioner_bb, images, inputs.spec, config)
@@ -404,6 +456,7 @@ class _Quiet(logging.Filter):
 
 def _names_user_error(message: str) -> bool:
     """Whether a Prefect state message ("... encountered an exception NAME: ...") is about a TextadaptError."""
+
     def names(cls) -> set[str]:
         return {cls.__name__}.union(*(names(c) for c in cls.__subclasses__()))
 

@@ -53,14 +53,23 @@ def gains_rows(report: RunReport) -> list[dict]:
     rows = []
     for g in gains(report):
         ref = g.method == report.best_baseline
-        row = {"method": g.method, "kind": g.kind, "scoring": g.scoring, "training texts": g.n_texts,
-               "top-1 %": _points(g.top1), "top-1 sd": _points(g.top1_std)}
+        row = {
+            "method": g.method,
+            "kind": g.kind,
+            "scoring": g.scoring,
+            "training texts": g.n_texts,
+            "top-1 %": _points(g.top1),
+            "top-1 sd": _points(g.top1_std),
+        }
         if any(x.top5 is not None for x in gains(report)):
             row["top-5 %"] = _points(g.top5)
         row |= {"mean per-class %": _points(g.mean_per_class), "mean per-class sd": _points(g.mean_per_class_std)}
         for name, i in (("top-1", g.delta_top1), ("mean per-class", g.delta_mean_per_class)):
-            row |= {f"{name} gain": None if ref else _points(i.value), f"{name} gain low": None if ref else _points(i.low),
-                    f"{name} gain high": None if ref else _points(i.high)}
+            row |= {
+                f"{name} gain": None if ref else _points(i.value),
+                f"{name} gain low": None if ref else _points(i.low),
+                f"{name} gain high": None if ref else _points(i.high),
+            }
         rows.append(row)
     return rows
 
@@ -69,10 +78,14 @@ def _gains_description(report: RunReport) -> str:
     if report.best_baseline is None:
         return "\n".join(_heading(report) + ["Nothing scored: a `--train-only` run trains the heads without scoring them."])
     g = report.gains
-    return "\n".join(_heading(report) + [
-        f"Gains in accuracy points over the best training-free baseline `{report.best_baseline}` (its row has none), each "
-        f"with its {100 * g.level:.0f}% interval (low, high): a paired bootstrap over the {report.n_images} test images "
-        f"({g.n_resamples} resamples). Accuracies in %; sd: the spread over seeds of trained methods (and WaffleCLIP's draws)."])
+    return "\n".join(
+        _heading(report)
+        + [
+            f"Gains in accuracy points over the best training-free baseline `{report.best_baseline}` (its row has none), each "
+            f"with its {100 * g.level:.0f}% interval (low, high): a paired bootstrap over the {report.n_images} test images "
+            f"({g.n_resamples} resamples). Accuracies in %; sd: the spread over seeds of trained methods (and WaffleCLIP's draws)."
+        ]
+    )
 
 
 @task(name="publish artifacts", cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=2)
@@ -87,18 +100,25 @@ def publish_artifacts(report: RunReport, md_path: Path, html_path: Path) -> dict
         key = artifact_key(name, "per-class")
         image = base64.b64encode(png).decode("ascii")
         made[key] = create_markdown_artifact(
-            "\n".join(_heading(report) + [f"![accuracy per class: {report.best_baseline} and the adapted methods]"
-                                          f"(data:image/png;base64,{image})"]),
-            key=key, description=f"Accuracy per class, run {report.run_id}",
+            "\n".join(
+                _heading(report)
+                + [f"![accuracy per class: {report.best_baseline} and the adapted methods](data:image/png;base64,{image})"]
+            ),
+            key=key,
+            description=f"Accuracy per class, run {report.run_id}",
         )
     key = artifact_key(name, "report")
     made[key] = create_markdown_artifact(
-        "\n".join(_heading(report) + [
-            f"- HTML report (plots, confusion matrix, descriptions): `{html_path}`",
-            f"- Markdown report: `{md_path}`",
-            f"- everything behind it: `textadapt sql \"SELECT * FROM results WHERE run_id = '{report.run_id}'\"`",
-        ]),
-        key=key, description=f"Where the reports of run {report.run_id} are",
+        "\n".join(
+            _heading(report)
+            + [
+                f"- HTML report (plots, confusion matrix, descriptions): `{html_path}`",
+                f"- Markdown report: `{md_path}`",
+                f"- everything behind it: `textadapt sql \"SELECT * FROM results WHERE run_id = '{report.run_id}'\"`",
+            ]
+        ),
+        key=key,
+        description=f"Where the reports of run {report.run_id} are",
     )
     return {k: str(v) for k, v in made.items()}
 
@@ -110,8 +130,12 @@ class GenerationProgress:
 
     def __init__(self, dataset: str, run_id: str, every: float = 1.0):
         self.every, self._sent, self._failed = every, -math.inf, False
-        self.id: UUID | None = self._call(create_progress_artifact, 0.0, key=artifact_key(dataset, "progress"),
-                                          description=f"LLM generations done, run {run_id} (the cache's own are not counted)")
+        self.id: UUID | None = self._call(
+            create_progress_artifact,
+            0.0,
+            key=artifact_key(dataset, "progress"),
+            description=f"LLM generations done, run {run_id} (the cache's own are not counted)",
+        )
 
     def __call__(self, done: int, total: int) -> None:
         now = time.monotonic()

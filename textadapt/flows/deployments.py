@@ -52,8 +52,10 @@ def require_server() -> str:
 
     url = get_current_settings().api.url
     if not url:
-        raise TextadaptError("scheduled runs need a Prefect server: start one (`prefect server start`) and set "
-                             "PREFECT_API_URL, e.g. export PREFECT_API_URL=http://127.0.0.1:4200/api")
+        raise TextadaptError(
+            "scheduled runs need a Prefect server: start one (`prefect server start`) and set "
+            "PREFECT_API_URL, e.g. export PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
     return url
 
 
@@ -63,10 +65,13 @@ def cron_schedule(cron: str, timezone: str | None = None) -> CronSchedule:
         return CronSchedule(cron=cron, timezone=timezone)
     except ValidationError as e:
         if any(err["loc"] and err["loc"][0] == "timezone" for err in e.errors()):
-            raise TextadaptError(f"--timezone {timezone!r} is not a time zone: give an IANA name, e.g. Europe/Paris, "
-                                 "America/New_York or UTC") from None
-        raise TextadaptError(f"--cron {cron!r} is not a cron schedule: five fields, minute hour day-of-month month "
-                             "day-of-week, e.g. \"0 3 * * *\" (03:00 every day) or \"0 4 * * 0\" (04:00 on Sundays)") from None
+            raise TextadaptError(
+                f"--timezone {timezone!r} is not a time zone: give an IANA name, e.g. Europe/Paris, America/New_York or UTC"
+            ) from None
+        raise TextadaptError(
+            f"--cron {cron!r} is not a cron schedule: five fields, minute hour day-of-month month "
+            'day-of-week, e.g. "0 3 * * *" (03:00 every day) or "0 4 * * 0" (04:00 on Sundays)'
+        ) from None
 
 
 def check_inputs(options: RunOptions, settings: Settings | None = None) -> None:
@@ -100,14 +105,18 @@ def _read(client, name: str) -> DeploymentResponse | None:
 
 
 def _made_elsewhere(d: DeploymentResponse) -> str:
-    where = f"it runs on work pool {d.work_pool_name!r}, as prefect.yaml's do" if d.work_pool_name else "it has no tag " \
-        f"{MADE_BY_SCHEDULE!r}"
-    return (f"deployment {adapt.name}/{d.name} exists and `textadapt schedule` did not make it ({where}), so it is left as "
-            "it is: give this schedule another --name, or add --replace to delete that deployment and make this one")
+    where = (
+        f"it runs on work pool {d.work_pool_name!r}, as prefect.yaml's do"
+        if d.work_pool_name
+        else f"it has no tag {MADE_BY_SCHEDULE!r}"
+    )
+    return (
+        f"deployment {adapt.name}/{d.name} exists and `textadapt schedule` did not make it ({where}), so it is left as "
+        "it is: give this schedule another --name, or add --replace to delete that deployment and make this one"
+    )
 
 
-def schedule(options: RunOptions, cron: str, timezone: str | None = None, name: str | None = None,
-             replace: bool = False) -> UUID:
+def schedule(options: RunOptions, cron: str, timezone: str | None = None, name: str | None = None, replace: bool = False) -> UUID:
     """Create the deployment of ``options.dataset`` with this cron schedule, or update the one ``schedule`` made
     (see the module's docstring for one it did not make); returns its id. Every check comes first: the cron, the
     server, the run's inputs; nothing is created if one fails."""
@@ -138,8 +147,9 @@ def scheduled() -> list[RunnerDeployment]:
         try:
             options = RunOptions.parse(d.parameters)
         except TextadaptError as e:
-            raise TextadaptError(f"deployment {adapt.name}/{d.name}: {e}; fix its parameters, or make it again with "
-                                 "`textadapt schedule`") from None
+            raise TextadaptError(
+                f"deployment {adapt.name}/{d.name}: {e}; fix its parameters, or make it again with `textadapt schedule`"
+            ) from None
         dep = runner_deployment(options, None, d.name)
         # as they are on the server (cron, timezone, active): serving re-applies the deployment
         dep.schedules = [DeploymentScheduleCreate(schedule=s.schedule, active=s.active) for s in d.schedules]
@@ -159,5 +169,5 @@ def serve(limit: int | None = 1) -> None:
     require_server()
     deployments = scheduled()
     if not deployments:
-        raise TextadaptError("no textadapt deployment to serve: create one with `textadapt schedule DATASET --cron \"0 3 * * *\"`")
+        raise TextadaptError('no textadapt deployment to serve: create one with `textadapt schedule DATASET --cron "0 3 * * *"`')
     prefect_serve(*deployments, limit=limit, pause_on_shutdown=False)

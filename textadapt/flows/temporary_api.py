@@ -19,8 +19,8 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import httpx
 
@@ -69,10 +69,25 @@ def start_temporary_api(timeout: float | None = None) -> Callable[[], None]:
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
     parent = os.getpid()
     process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "error", "--lifespan", "on"],
-        env=env, stdin=subprocess.DEVNULL,
-        preexec_fn=(lambda: _die_with_parent(parent)) if sys.platform.startswith("linux") else None)
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "prefect.server.api.server:create_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "error",
+            "--lifespan",
+            "on",
+        ],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=(lambda: _die_with_parent(parent)) if sys.platform.startswith("linux") else None,
+    )
     atexit.register(_stop, process)
     os.environ["PREFECT_API_URL"] = url
     return lambda: _wait_until_up(process, url, timeout)
@@ -92,13 +107,17 @@ def _wait_until_up(process: subprocess.Popen, url: str, timeout: float) -> None:
     with httpx.Client(timeout=2) as client:
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise TextadaptError(f"Prefect's temporary API server exited with code {process.returncode} as it started "
-                                     "(its error is above); set PREFECT_API_URL to a running `prefect server start` instead")
+                raise TextadaptError(
+                    f"Prefect's temporary API server exited with code {process.returncode} as it started "
+                    "(its error is above); set PREFECT_API_URL to a running `prefect server start` instead"
+                )
             try:
                 if client.get(f"{url}/health").status_code == 200:
                     return
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
-    raise TextadaptError(f"Prefect's temporary API server did not answer within {timeout:.0f} s "
-                         "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); the machine may be very busy")
+    raise TextadaptError(
+        f"Prefect's temporary API server did not answer within {timeout:.0f} s "
+        "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); the machine may be very busy"
+    )

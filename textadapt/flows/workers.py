@@ -32,8 +32,8 @@ import math
 import os
 import queue
 from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from typing import Callable, Iterator
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -80,8 +80,9 @@ class LaneFailed(Exception):
         return f"{len(self.failures)} batch{'es' * (len(self.failures) > 1)} failed: {type(first).__name__}: {first}"
 
 
-def _work_through(fn: Callable[..., BatchResult], lane: Lane, sink: Callable[[int, BatchResult], None] | None
-                  ) -> dict[int, BatchResult]:
+def _work_through(
+    fn: Callable[..., BatchResult], lane: Lane, sink: Callable[[int, BatchResult], None] | None
+) -> dict[int, BatchResult]:
     """One try of a lane: run ``fn(**job)`` for every job still to do, in threads of this process (the
     library's runner), handing each result to ``sink`` (the flow's process) or keeping it for the task's result."""
     index = {id(job): i for i, job in lane.todo.items()}
@@ -115,8 +116,14 @@ def _worth_asking_again(task, task_run, state) -> bool:
     return True
 
 
-@task(name="generate", retries=LLM_RETRIES, retry_delay_seconds=exponential_backoff(backoff_factor=2),
-      retry_jitter_factor=0.5, retry_condition_fn=_worth_asking_again, **TASK)
+@task(
+    name="generate",
+    retries=LLM_RETRIES,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=_worth_asking_again,
+    **TASK,
+)
 def generate_lane(lane: Lane, sink) -> dict[int, BatchResult]:
     """``pipeline.answer_batch`` for each batch of the lane."""
     return _work_through(pipeline.answer_batch, lane, sink)
@@ -146,7 +153,7 @@ class Workers(Runner):
 
     @classmethod
     @contextmanager
-    def open(cls, task_runner: str, settings: Settings) -> Iterator["Workers"]:
+    def open(cls, task_runner: str, settings: Settings) -> Iterator[Workers]:
         """Start the run's workers: ``task_runner`` is the run option (threads or dask)."""
         logger = get_run_logger()
         if task_runner == "threads":
@@ -169,9 +176,16 @@ class Workers(Runner):
             except OSError as e:
                 if not settings.dask_address:
                     raise
-                raise TextadaptError(f"cannot reach the Dask scheduler at {settings.dask_address} (TEXTADAPT_DASK_ADDRESS): {e}") from None
-            logger.info("Dask: %s, %d workers, %d threads; the cache is written by this process (%s)",
-                        where, len(runner.client.nthreads()), threads, here())
+                raise TextadaptError(
+                    f"cannot reach the Dask scheduler at {settings.dask_address} (TEXTADAPT_DASK_ADDRESS): {e}"
+                ) from None
+            logger.info(
+                "Dask: %s, %d workers, %d threads; the cache is written by this process (%s)",
+                where,
+                len(runner.client.nthreads()),
+                threads,
+                here(),
+            )
             yield cls(runner, remote=True, slots=max(threads, 1))
 
     def llm_limit(self, settings: Settings) -> int | None:
@@ -185,15 +199,24 @@ class Workers(Runner):
             except ObjectNotFound:
                 try:
                     client.create_global_concurrency_limit(
-                        GlobalConcurrencyLimitCreate(name=LLM_LIMIT, limit=settings.llm_global_limit))
+                        GlobalConcurrencyLimitCreate(name=LLM_LIMIT, limit=settings.llm_global_limit)
+                    )
                 except ObjectAlreadyExists:  # another run created it meanwhile
                     pass
                 limit = client.read_global_concurrency_limit_by_name(LLM_LIMIT)
         self._limit = LLM_LIMIT if limit.active else None
         return limit.limit if limit.active else None
 
-    def map(self, fn: Callable[..., BatchResult], jobs: list[dict], done: Done, *, capacity: int,
-            weight: Callable[[dict], int] = lambda job: 1, label: str = "batches") -> None:
+    def map(
+        self,
+        fn: Callable[..., BatchResult],
+        jobs: list[dict],
+        done: Done,
+        *,
+        capacity: int,
+        weight: Callable[[dict], int] = lambda job: 1,
+        label: str = "batches",
+    ) -> None:
         """As ``Runner.map``, the jobs in lanes (``lanes``), each lane a Prefect task run (``TASKS[fn]``) on this run's
         task runner; ``done`` is called in this thread as each job completes."""
         if not jobs:
@@ -241,8 +264,12 @@ class Workers(Runner):
         """Where the batches ran, where that was not only this process (a Dask cluster)."""
         for label, where in self.where.items():
             if where and set(where) != {here()}:
-                logger.info("%s batches ran in %d processes: %s", label, len(where),
-                            ", ".join(f"{w} ({n})" for w, n in sorted(where.items())))
+                logger.info(
+                    "%s batches ran in %d processes: %s",
+                    label,
+                    len(where),
+                    ", ".join(f"{w} ({n})" for w, n in sorted(where.items())),
+                )
 
 
 def lanes(jobs: list[dict], capacity: int, weight: Callable[[dict], int], remote: bool) -> list[Lane]:
