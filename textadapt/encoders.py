@@ -204,6 +204,22 @@ def _offline_unless_reachable():
         yield
 
 
+@contextmanager
+def _open_clip_quiet() -> Iterator[None]:
+    """Hide what open_clip logs on the root logger (``logging.error``/``warning``) while textadapt handles the case and
+    says so itself: one message per event, at the level it deserves."""
+
+    def drop(record: logging.LogRecord) -> bool:
+        return record.name != "root"
+
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 def _create(arch: str, pretrained: str | None, quick_gelu: bool = False):
     kwargs = {"force_quick_gelu": True} if quick_gelu else {}
     if pretrained is None or Path(pretrained).is_file():
@@ -320,7 +336,8 @@ def load_backbone(spec: str, device: str = "auto") -> Backbone:
         try:
             if tag is None:
                 raise RuntimeError(f"open_clip lists no pretrained weights for {build}")
-            model, preprocess = _create(build, tag, quick or _tag_says_quick_gelu(build, tag))
+            with _open_clip_quiet():  # its "Failed to download" ERROR: the warning below says it, and what happens next
+                model, preprocess = _create(build, tag, quick or _tag_says_quick_gelu(build, tag))
             weights, weights_file = tag, _tag_file(build, tag)
         except Exception as e:
             log.warning(
@@ -328,7 +345,7 @@ def load_backbone(spec: str, device: str = "auto") -> Backbone:
                 arch,
                 str(e).splitlines()[0] if str(e) else type(e).__name__,
             )
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), _open_clip_quiet():  # ("No pretrained weights loaded": said above)
                 torch.manual_seed(RANDOM_SEED)
                 model, preprocess = _create(build, None, quick)
                 _init_untrained(model)
