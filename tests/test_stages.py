@@ -3,6 +3,7 @@ encode (all embedded up front, in batches), and a stage's progress on the consol
 
 import io
 import logging
+import re
 import threading
 import time
 
@@ -100,6 +101,18 @@ def test_a_stage_draws_a_bar_on_a_terminal_and_logs_elsewhere():
         lines = [r.getMessage() for r in records]
         assert lines == [f"generating: {4 * k}/40" for k in range(11)]  # every tenth of the way
         assert {r.levelno for r in records} == {logging.DEBUG}  # the stage's summary is its caller's one INFO line
+
+        # A long stage is not silent in a log: past progress.LONG seconds its tenths are INFO, with time elapsed and left.
+        records.clear()
+        with stage_progress("embedding", logger, log_file) as progress:
+            progress(0, 40)
+            progress.__dict__["_t0"] -= 120  # as if it had started two minutes ago
+            progress(20, 40)
+            progress(40, 40)
+        assert [r.levelno for r in records] == [logging.DEBUG, logging.INFO, logging.INFO]
+        assert records[0].getMessage() == "embedding: 0/40"
+        assert re.fullmatch(r"embedding: 20/40 \(2 min 0\d s, about 2 min 0\d s left\)", records[1].getMessage())
+        assert re.fullmatch(r"embedding: 40/40 \(2 min 0\d s\)", records[2].getMessage())
     finally:
         logger.removeHandler(handler)
 

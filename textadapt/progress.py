@@ -4,19 +4,24 @@
         pipeline.generate(..., progress=progress)      # progress(done, total) as batches complete
 
 On a terminal the bar shows while the stage runs and goes when it ends. Elsewhere (a log file, a
-Prefect worker, CI) the progress goes to the logger at DEBUG, at every tenth of the way. The stage's
-summary (what it did, how long it took) is the caller's one INFO line.
+Prefect worker, CI) the progress goes to the logger at every tenth of the way: at DEBUG, and at INFO
+(with the time elapsed and an estimate of the time left) once the stage has run for ``LONG`` seconds, so
+that a long stage is never silent while a short one stays one line. The stage's summary (what it did,
+how long it took) is the caller's one INFO line.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.theme import Theme
+
+LONG = 30.0  # seconds: a stage's progress lines are INFO after this long (a log without a terminal shows them)
 
 
 class StageProgress:
@@ -26,6 +31,7 @@ class StageProgress:
         self.label, self.logger, self.bar = label, logger, bar
         self.task = bar.add_task(label, total=None) if bar else None
         self.done, self.total, self._tenth = 0, 0, -1
+        self._t0 = time.monotonic()
 
     def __call__(self, done: int, total: int) -> None:
         self.done, self.total = done, total
@@ -35,7 +41,17 @@ class StageProgress:
         tenth = 10 * done // total if total else 10
         if tenth != self._tenth:
             self._tenth = tenth
-            self.logger.debug("%s: %d/%d", self.label, done, total)
+            elapsed = time.monotonic() - self._t0
+            if elapsed < LONG:
+                self.logger.debug("%s: %d/%d", self.label, done, total)
+            else:
+                left = f", about {_duration(elapsed * (total - done) / done)} left" if 0 < done < total else ""
+                self.logger.info("%s: %d/%d (%s%s)", self.label, done, total, _duration(elapsed), left)
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(round(seconds), 60)
+    return f"{minutes} min {s:02d} s" if minutes else f"{s} s"
 
 
 @contextmanager
