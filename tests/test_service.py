@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import REPO, TINY
+from processes import Background, wait_for
 
 from textadapt import TextadaptError
 from textadapt.config import RunOptions
@@ -189,41 +190,91 @@ def test_a_partial_override_keeps_the_deployments_other_parameters(prefect_api):
     assert props["prior"]["enum"] == ["empty-text", "blank-image", "mean-image"]
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_dask_runner_gives_the_same_generations_and_metrics(llama_server, prefect_server, tmp_path):
-    """The same run on threads and on a local Dask cluster (2 worker processes, 1 thread each):
-    the same rows in DuckDB, the same metrics; generation and embedding ran in the workers, and only
-    the flow's process wrote the cache."""
+    """The same run on threads, on a local Dask cluster (2 worker processes, 1 thread each) and on a real cluster
+    (`dask scheduler` and two `dask worker` processes on 127.0.0.1, TEXTADAPT_DASK_ADDRESS): the same rows in DuckDB,
+    the same metrics; generation and embedding ran in the workers, and only the flow's process wrote the cache."""
     # llama_cpp.server reuses the KV cache of the previous prompt's prefix, which moves the logits a
     # little: sampled answers (temperature > 0) then depend on the order requests arrive in, which
     # differs between runners. Greedy answers do not (temperature 0).
     args = ["run", "fashion-mnist", *SUBSET, "--llm", "openai:smollm2", "--temperature", "0"]
-    base = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # the temporary local API
+    base = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     base.update(
         TEXTADAPT_LLM_BASE_URL=llama_server, PREFECT_LOGGING_LEVEL="INFO", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120"
     )  # 2 busy cores: the default 20 s is short
-    homes = {"threads": tmp_path / "threads", "dask": tmp_path / "dask"}
+    homes = {side: tmp_path / side for side in ("threads", "local", "cluster")}
     textadapt(*args, env={**base, "TEXTADAPT_HOME": str(homes["threads"]), "PREFECT_API_URL": prefect_server})
-    dask = textadapt(
-        *args,
-        "--task-runner",
-        "dask",
-        env={
+    logs = {}
+    # A local cluster, which the flow starts; the run's own temporary Prefect API (no PREFECT_API_URL).
+    local = {
+        **base,
+        "TEXTADAPT_HOME": str(homes["local"]),
+        "TEXTADAPT_DASK_WORKERS": "2",
+        "TEXTADAPT_DASK_THREADS_PER_WORKER": "1",
+    }
+    p = textadapt(*args, "--task-runner", "dask", env=local)
+    logs["local"] = p.stdout + p.stderr
+    assert re.search(r"Dask: a local cluster, 2 workers, 2 threads", logs["local"]), logs["local"][-3000:]
+    # A cluster of its own processes, as a user runs one beside a Prefect server; its workers talk to that server.
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    dask = str(Path(sys.executable).parent / "dask")
+    worker_env = {**base, "PREFECT_API_URL": prefect_server}
+    with (
+        Background(
+            "dask scheduler",
+            [dask, "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1], "--dashboard-address", ":0"],
+            tmp_path,
+            env=worker_env,
+        ) as scheduler,
+        Background(
+            "dask worker",
+            [
+                dask,
+                "worker",
+                address,
+                "--nworkers",
+                "2",
+                "--nthreads",
+                "1",
+                "--host",
+                "127.0.0.1",
+                "--dashboard-address",
+                ":0",
+                "--local-directory",
+                str(tmp_path / "dask-worker"),
+            ],
+            tmp_path,
+            env=worker_env,
+        ) as workers,
+    ):
+        wait_for("two dask workers to join", lambda: workers.log().count("Registered to") >= 2 or None, 120, scheduler, workers)
+        cluster = {
             **base,
-            "TEXTADAPT_HOME": str(homes["dask"]),
-            "TEXTADAPT_DASK_WORKERS": "2",
-            "TEXTADAPT_DASK_THREADS_PER_WORKER": "1",
-        },
-    )
-    logs = dask.stdout + dask.stderr
-    assert re.search(r"Dask: a local cluster, 2 workers, 2 threads", logs), logs[-3000:]
-    flow_process = re.search(r"the cache is written by this process \((\S+)\)", logs).group(1)
-    for stage in ("generation", "text embedding", "image embedding"):
-        m = re.search(rf"{stage} batches ran in (\d+) processes: (.*)", logs)
-        assert m, f"no {stage} line in\n{logs[-3000:]}"
-        assert flow_process not in m.group(2)
-    assert re.search(r"generation batches ran in 2 processes", logs)
-    # The workers reached the run's temporary API: none started its own.
-    assert logs.count("Starting temporary server") == 1
+            "TEXTADAPT_HOME": str(homes["cluster"]),
+            "TEXTADAPT_DASK_ADDRESS": address,
+            "PREFECT_API_URL": prefect_server,
+        }
+        p = textadapt(*args, "--task-runner", "dask", env=cluster)
+        logs["cluster"] = p.stdout + p.stderr
+        assert f"Dask: {address}, 2 workers, 2 threads" in logs["cluster"], logs["cluster"][-3000:]
+        assert scheduler.alive() and workers.alive()
+    for side, text in logs.items():
+        flow_process = re.search(r"the cache is written by this process \((\S+)\)", text).group(1)
+        for stage in ("generation", "text embedding", "image embedding"):
+            m = re.search(rf"{stage} batches ran in (\d+) processes: (.*)", text)
+            assert m, f"{side}: no {stage} line in\n{text[-3000:]}"
+            assert flow_process not in m.group(2), side
+        assert re.search(r"generation batches ran in 2 processes", text), side
+        # The workers reached the run's Prefect API: none started its own.
+        assert "Starting temporary server" not in text, side
 
     same = [
         "SELECT key, dataset, class_name, template, model, prompt, params, raw_text, description, rejected FROM generations ORDER BY key",
@@ -231,9 +282,6 @@ def test_dask_runner_gives_the_same_generations_and_metrics(llama_server, prefec
         "SELECT method, class_index, accuracy, delta FROM class_results ORDER BY method, class_index",
         "SELECT status, llm_calls, cached_generations, text_encoder_calls FROM runs",
     ]
-    for sql in same:
-        threads, on_dask = (query(homes[r] / "textadapt.duckdb", sql) for r in ("threads", "dask"))
-        assert threads and threads == on_dask, sql
     # Embeddings and training losses agree to float precision: torch on a 1-thread worker sums in
     # another order than in the flow's 2-thread process.
     close = [
@@ -241,11 +289,15 @@ def test_dask_runner_gives_the_same_generations_and_metrics(llama_server, prefec
         "SELECT image_hash, embedding FROM image_embeddings ORDER BY image_hash",
         "SELECT method, losses FROM results WHERE losses IS NOT NULL ORDER BY method",
     ]
-    for sql in close:
-        threads, on_dask = (query(homes[r] / "textadapt.duckdb", sql) for r in ("threads", "dask"))
-        assert threads and [r[:-1] for r in threads] == [r[:-1] for r in on_dask], sql
-        assert np.allclose([r[-1] for r in threads], [r[-1] for r in on_dask], rtol=1e-4, atol=1e-5), sql
-    assert query(homes["dask"] / "textadapt.duckdb", "SELECT status, llm_calls FROM runs") == [("completed", 10)]
+    for side in ("local", "cluster"):
+        for sql in same:
+            threads, on_dask = (query(homes[r] / "textadapt.duckdb", sql) for r in ("threads", side))
+            assert threads and threads == on_dask, (side, sql)
+        for sql in close:
+            threads, on_dask = (query(homes[r] / "textadapt.duckdb", sql) for r in ("threads", side))
+            assert threads and [r[:-1] for r in threads] == [r[:-1] for r in on_dask], (side, sql)
+            assert np.allclose([r[-1] for r in threads], [r[-1] for r in on_dask], rtol=1e-4, atol=1e-5), (side, sql)
+        assert query(homes[side] / "textadapt.duckdb", "SELECT status, llm_calls FROM runs") == [("completed", 10)]
 
 
 def test_the_cache_never_travels_to_another_process(home):
