@@ -43,6 +43,7 @@ from textadapt import TextadaptError
 from textadapt.adapters import TrainedHead, dassl_lr, epoch_batches, fit, full_batch
 from textadapt.encoders import Backbone
 from textadapt.losses import CrossEntropy
+from textadapt.text_tower import is_causal_mask
 
 Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -181,13 +182,6 @@ def _text_tower(backbone: Backbone) -> _Tower:
     return tower
 
 
-def _is_causal(mask: torch.Tensor | None) -> bool:
-    if mask is None or mask.dim() != 2:
-        return False
-    upper = torch.ones(mask.shape, dtype=torch.bool, device=mask.device).triu(1)
-    return bool(torch.equal(torch.isneginf(mask), upper) and torch.all(mask[~upper] == 0))
-
-
 class PromptedClasses(torch.nn.Module):
     """The class embeddings of ``"[ctx] CLASSNAME."`` through the frozen tower; the context vectors (``ctx``,
     and ``deep`` for layers 1 .. depth-1) are its only parameters; ``forward()`` gives them all, normalised."""
@@ -222,7 +216,7 @@ class PromptedClasses(torch.nn.Module):
         # here and, per chunk of classes, down to the chunk's own longest prompt (``_encode``; the same length-aware
         # idea as textadapt.text_tower, which cannot take the deep prompts inserted between layers).
         self.lengths = torch.full((len(ids),), ids.shape[1], dtype=torch.long)
-        if _is_causal(self.tower.attn_mask) and self.tower.pool_type in ("argmax", "eos"):
+        if is_causal_mask(self.tower.attn_mask) and self.tower.pool_type in ("argmax", "eos"):
             if self.tower.pool_type == "argmax":
                 pooled_at = ids.argmax(dim=-1)
             else:
