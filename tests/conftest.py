@@ -24,13 +24,56 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = "textadapt-tiny:random"  # a 2-layer open_clip config shipped in textadapt/model_configs
 
 # The fixtures below that start a real server process. A test that uses one is slow (pytest.mark.slow: make test-fast
-# leaves it out), as is any test marked by hand for starting the whole CLI flow or taking over ~5 s (docs/development.md).
+# leaves it out), as is every test in SLOW_TESTS (docs/development.md).
 SERVER_FIXTURES = {"llama_server", "prefect_server"}
+
+# The tests that took 5 s or more each without a server (`pytest -m "not slow" --durations=60`, 2 busy cores,
+# 2026-11-30): whole CLI runs, writer processes, real ViT-B-32 / CoCa models. Without them `make test-fast` ran its 415
+# tests in 4.6 min beside a full suite run on the same 2 cores; add a test here when --durations shows it has joined them.
+SLOW_TESTS = {
+    "tests/test_adapters.py::test_chunked_steps_give_the_full_batch_weights",
+    "tests/test_adapters.py::test_chunked_steps_with_otter_plans_give_the_full_batch_weights",
+    "tests/test_adapters.py::test_tap_head_trained_on_text_classifies_shifted_images",
+    "tests/test_backbone_loading.py::test_a_run_with_the_openai_tag_uses_the_quickgelu_model",
+    "tests/test_backbone_loading.py::test_gelu_and_quickgelu_builds_of_the_same_weights_are_different_models",
+    "tests/test_backbone_loading.py::test_openai_tag_loads_the_cached_weights_with_quickgelu_towers",
+    "tests/test_cache_concurrency.py::test_a_reader_left_open_does_not_stall_the_writer",
+    "tests/test_cache_concurrency.py::test_a_writer_killed_mid_write_leaves_a_cache_that_opens_and_a_rerun_completes",
+    "tests/test_cache_concurrency.py::test_readers_see_every_batch_while_the_writer_writes_and_folds",
+    "tests/test_cache_views.py::test_textadapt_sql_and_the_duckdb_shell_answer_while_a_run_writes",
+    "tests/test_compare.py::test_compare_two_real_runs_before_and_after_an_edit",
+    "tests/test_descriptions.py::test_cupl_imagenet_file_imports_against_the_imagenet_spec",
+    "tests/test_export_and_baselines.py::test_exported_classifier_predicts_what_the_run_scored",
+    "tests/test_export_and_baselines.py::test_predict_refuses_what_it_cannot_use",
+    "tests/test_export_and_baselines.py::test_zero_shot_equals_clip_benchmark",
+    "tests/test_flow.py::test_a_run_killed_mid_generation_loses_only_what_was_in_flight",
+    "tests/test_flow.py::test_a_run_killed_with_kill_9_leaves_no_process_behind",
+    "tests/test_flow.py::test_bad_input_fails_before_prefect_is_imported",
+    "tests/test_flow.py::test_published_descriptions_train_without_an_llm",
+    "tests/test_flow.py::test_run_caches_everything_and_reports_every_method",
+    "tests/test_flow.py::test_strict_backbone_fails_before_any_llm_call",
+    "tests/test_harness.py::test_every_adapter_trains_through_the_harness",
+    "tests/test_harness.py::test_noise_augmentation_narrows_a_modality_gap",
+    "tests/test_llm.py::test_smollm2_answers_one_sentence_and_is_reproducible",
+    "tests/test_llm_requests.py::test_a_run_against_a_closed_port_fails_in_seconds",
+    "tests/test_llm_requests.py::test_in_process_llama_cpp_is_given_every_sampler",
+    "tests/test_new_dataset.py::test_a_run_names_every_bad_input_at_once_before_any_llm_call",
+    "tests/test_new_dataset.py::test_an_image_folder_becomes_a_dataset_with_two_commands_and_runs",
+    "tests/test_prompt_learning.py::test_match_objective_moves_classes_towards_their_descriptions",
+    "tests/test_prompt_learning.py::test_protext_trains_as_protexts_code",
+    "tests/test_prompt_learning.py::test_training_fits_descriptions_and_generalises",
+    "tests/test_reference_agreement.py::test_coca_caption_likelihood_is_open_clips_caption_loss",
+    "tests/test_reference_agreement.py::test_waffle_score_is_the_mean_of_the_similarities",
+    "tests/test_report.py::test_html_report_is_self_contained_and_matches_the_scores",
+    "tests/test_stages.py::test_the_harness_names_every_text_it_encodes",
+    "tests/test_text_tower.py::test_length_aware_encoding_equals_open_clip",
+}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+        name = f"{item.path.name}::{getattr(item, 'originalname', item.name)}"
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())) or f"tests/{name}" in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
 
 
