@@ -30,30 +30,10 @@ import numpy as np
 import pyarrow as pa
 
 from textadapt import store as store_module
-from textadapt.store import Generation, Store
+from textadapt.store import GENERATION_COLUMNS, Generation, Store
 
 NAME = "cache_readers"
 SHELL = str(Path(sys.executable).parent / "duckdb")
-GEN_COLUMNS = [
-    "key",
-    "dataset",
-    "class_name",
-    "template",
-    "template_hash",
-    "model",
-    "prompt",
-    "params",
-    "sample_index",
-    "raw_text",
-    "description",
-    "rejected",
-    "prompt_tokens",
-    "completion_tokens",
-    "seconds",
-    "base_key",
-    "refresh",
-    "run_id",
-]
 
 
 def gen_batch(b: int) -> list[Generation]:
@@ -139,11 +119,11 @@ def write_direct(path: Path, gens: int, embs: int) -> dict:
     t0 = time.perf_counter()
     for b in range(gens):
         rows = gen_batch(b)
-        data = {c: [getattr(g, c) for g in rows] for c in GEN_COLUMNS}
+        data = {c: [getattr(g, c) for g in rows] for c in GENERATION_COLUMNS}
         data["params"] = [json.dumps(p, sort_keys=True) for p in data["params"]]
         con.register("_new", pa.table(data))
         con.execute(
-            f"INSERT INTO generations ({', '.join(GEN_COLUMNS)}) SELECT {', '.join(GEN_COLUMNS)} FROM _new ON CONFLICT DO NOTHING"
+            f"INSERT INTO generations ({', '.join(GENERATION_COLUMNS)}) SELECT {', '.join(GENERATION_COLUMNS)} FROM _new ON CONFLICT DO NOTHING"
         )
         con.unregister("_new")
     t["gen"] = time.perf_counter() - t0

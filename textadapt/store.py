@@ -685,6 +685,29 @@ VIEWS: list[View] = [
 ]
 
 
+# The columns of generations a Generation fills (the others: created_at, the writer's)
+GENERATION_COLUMNS = [
+    "key",
+    "dataset",
+    "class_name",
+    "template",
+    "template_hash",
+    "model",
+    "prompt",
+    "params",
+    "sample_index",
+    "raw_text",
+    "description",
+    "rejected",
+    "prompt_tokens",
+    "completion_tokens",
+    "seconds",
+    "base_key",
+    "refresh",
+    "run_id",
+]
+
+
 @dataclass
 class Generation:
     """One LLM sample, as stored."""
@@ -1385,27 +1408,7 @@ class Store:
         process writes at a time, and it is the run's."""
         if not rows:
             return
-        cols = [
-            "key",
-            "dataset",
-            "class_name",
-            "template",
-            "template_hash",
-            "model",
-            "prompt",
-            "params",
-            "sample_index",
-            "raw_text",
-            "description",
-            "rejected",
-            "prompt_tokens",
-            "completion_tokens",
-            "seconds",
-            "base_key",
-            "refresh",
-            "run_id",
-        ]
-        data = {c: [getattr(g, c) for g in rows] for c in cols}
+        data = {c: [getattr(g, c) for g in rows] for c in GENERATION_COLUMNS}
         data["params"] = [json.dumps(p, sort_keys=True) for p in data["params"]]
         data["base_key"] = [g.base_key or g.key for g in rows]
         data["run_id"] = [g.run_id or self._run for g in rows]
