@@ -49,7 +49,7 @@ def _default(name: str) -> str:
 def options_markdown() -> str:
     """The page: one row per run option, then the harness's adapters and losses (what ``methods`` accepts)."""
     from textadapt.config import RunOptions, cli_meta, flag_name
-    from textadapt.harness import ALL_ADAPTERS, LOSSES, NO_OT
+    from textadapt.methods import ALL_ADAPTERS, LOSSES, NO_OT
 
     lines = [
         "# Run options",
@@ -81,7 +81,7 @@ def options_markdown() -> str:
         "",
         f"ADAPTER is one of {', '.join(f'`{a}`' for a in ALL_ADAPTERS)}; LOSS one of {', '.join(f'`{x}`' for x in LOSSES)}",
         "(`ADAPTER` alone trains with the adapter's own recipe loss; `+ot` with OTTER's soft labels, not for",
-        f"{', '.join(f'`{a}`' for a in NO_OT)}); `all` is every pair. They come from `textadapt/harness.py`, so a new",
+        f"{', '.join(f'`{a}`' for a in NO_OT)}); `all` is every pair. They come from `textadapt/methods.py`, so a new",
         "adapter shows up here when this page is written again.",
         "",
     ]

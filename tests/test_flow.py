@@ -165,10 +165,11 @@ def test_strict_backbone_fails_before_any_llm_call(home):
     assert status == "failed" and "ViT-B-32:openai" in error
 
 
-# The CLI in a Python that says, as it exits, whether Prefect was ever imported (its temporary API starts only after).
+# The CLI in a Python that says, as it exits, whether Prefect (its temporary API starts only after) or torch was ever imported.
 IMPORTS_PREFECT = (
     "import atexit, sys\n"
     "atexit.register(lambda: print('prefect imported:', 'prefect' in sys.modules, file=sys.stderr))\n"
+    "atexit.register(lambda: print('torch imported:', 'torch' in sys.modules, file=sys.stderr))\n"
     "from textadapt.cli import app\n"
     "app(prog_name='textadapt')"
 )
@@ -186,10 +187,15 @@ IMPORTS_PREFECT = (
         ),
         pytest.param(["run", "fashion-mnist", "--llm", "gpt-4o"], "unknown LLM spec 'gpt-4o'", id="llm-spec"),
         pytest.param(["run", "fashion-mnist", "--templates", "no-such-set"], "no-such-set", id="missing-template-set"),
+        pytest.param(
+            ["run", "fashion-mnist", "--methods", "tap-head+mse"],
+            "Invalid value for '--methods': unknown loss 'mse'",
+            id="methods",
+        ),
     ],
 )
 def test_bad_input_fails_before_prefect_is_imported(home, args, message):
-    """One clear message, and no Prefect: not imported in the CLI's process, so no temporary API server was started."""
+    """One clear message in about a second: neither Prefect (so no temporary API server was started) nor torch imported."""
     p = subprocess.run(
         [sys.executable, "-c", IMPORTS_PREFECT, *args],
         capture_output=True,
@@ -200,8 +206,8 @@ def test_bad_input_fails_before_prefect_is_imported(home, args, message):
     )
     shown = " ".join(p.stderr.split())  # the console wraps long lines
     assert p.returncode == 2, p.stdout + p.stderr
-    assert "error: " in shown and message in shown and "Traceback" not in shown, shown
-    assert "prefect imported: False" in shown
+    assert ("error: " in shown or "Invalid value for" in message) and message in shown and "Traceback" not in shown, shown
+    assert "prefect imported: False" in shown and "torch imported: False" in shown
     if args[1] == "fashion-mnst":
         assert "fashion-mnist" in shown.split(message, 1)[1]  # the known datasets are listed
 

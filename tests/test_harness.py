@@ -12,8 +12,8 @@ import torch
 from textadapt import TextadaptError
 from textadapt.adapters import TapRecipe, train_adapter
 from textadapt.config import RunOptions
-from textadapt.harness import method_name, parse_methods, parse_scorings
 from textadapt.losses import sinkhorn
+from textadapt.methods import method_name, parse_methods, parse_scorings
 from textadapt.scoring import ig_logits, predict, score, score_logits
 
 

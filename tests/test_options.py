@@ -85,7 +85,7 @@ def test_docs_option_table_is_current():
     assert (REPO / "docs" / "options.md").read_text(encoding="utf-8") == text, "run python scripts/make_options_doc.py"
     for name in RunOptions.model_fields:
         assert f"| `{name}` |" in text
-    from textadapt.harness import ALL_ADAPTERS
+    from textadapt.methods import ALL_ADAPTERS
 
     assert all(f"`{a}`" in text for a in ALL_ADAPTERS)  # what --methods accepts, from the harness itself
 
@@ -111,7 +111,7 @@ def test_a_bad_choice_is_refused_as_the_command_line_is_read(home, args, says):
 
 
 def test_known_adapters_are_listed_when_one_is_wrong():
-    from textadapt.harness import ALL_ADAPTERS
+    from textadapt.methods import ALL_ADAPTERS
 
     result = invoke("run", "fashion-mnist", "--methods", "tap-head,zs-hed+ot")
     assert result.exit_code == 2 and all(a in result.output for a in ALL_ADAPTERS), result.output

@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from textadapt.losses import CrossEntropy
+from textadapt.methods import HEADS
 
-ADAPTERS = ("tap-head", "zs-head", "tap-residual", "taskres")
 CHUNK_BYTES = 256 * 2**20  # working memory of one chunk of a full-batch step (noise, logits, their gradients)
 NOISE_ALIGN = 16  # CPU randn fills 16 values at a time: chunks of whole 16-value runs keep one noise stream
 
@@ -283,8 +283,8 @@ def train_adapter(
     ``loss(logits, labels, clean embeddings)`` defaults to the recipe's cross-entropy (TAP's label
     smoothing 0.1; none for TaskRes); ``OTTERSoftLabels`` gives OTTER's soft labels.
     """
-    if adapter not in ADAPTERS:
-        raise ValueError(f"unknown adapter {adapter!r}; known: {', '.join(ADAPTERS)}")
+    if adapter not in HEADS:
+        raise ValueError(f"unknown adapter {adapter!r}; known: {', '.join(HEADS)}")
     if len(embeddings) == 0:
         raise ValueError("no training descriptions")
     if adapter != "tap-head" and prototypes is None:

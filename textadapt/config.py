@@ -239,7 +239,7 @@ class RunOptions(BaseModel):
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, methods: list[str]) -> list[str]:
-        from textadapt.harness import parse_methods  # the harness's adapters and losses (imports torch: only for runs)
+        from textadapt.methods import parse_methods  # names only: no torch before Prefect starts
 
         try:
             parse_methods(methods)
