@@ -57,6 +57,7 @@ class RunReport:
     seeds: list[int] = field(default_factory=list)
     llm_usage: dict[str, LlmUsage] = field(default_factory=dict)  # template set -> cost of the generations used
     gains: Differences | None = None  # harness.gains(results, ...): every delta's interval; needed when scored
+    figures: dict[str, bytes] = field(default_factory=dict, repr=False)  # PNGs drawn so far, by name (per_class_png)
 
 
 # --------------------------------------------------------------------------------------------
@@ -571,8 +572,13 @@ def gains_markdown(r: RunReport) -> str:
 
 
 def per_class_png(r: RunReport) -> bytes | None:
-    """The per-class chart: the best training-free baseline against every adapted method (None without scores)."""
+    """The per-class chart: the best training-free baseline against every adapted method (None without scores). Drawn
+    once per report: the HTML page and the Prefect artifact show the same PNG."""
     if r.best_baseline is None:
         return None
-    shown = [r.best_baseline, *[res.method for res in r.results if res.classifier.kind == "adapted"]]
-    return plots.per_class_accuracy(r.spec.classes, {m: r.scores[m].per_class for m in shown}, r.best_baseline)
+    if r.figures.get("per-class") is None:
+        shown = [r.best_baseline, *[res.method for res in r.results if res.classifier.kind == "adapted"]]
+        r.figures["per-class"] = plots.per_class_accuracy(
+            r.spec.classes, {m: r.scores[m].per_class for m in shown}, r.best_baseline
+        )
+    return r.figures["per-class"]
