@@ -7,6 +7,7 @@ import inspect
 import json
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Literal, Optional, get_origin
 
@@ -135,16 +136,18 @@ def run(**flags) -> None:
     options = _run_options(flags)
     _check_before_prefect(options)
     _prefect_env()
-    from textadapt.flows.temporary_api import configured_api_url, start_temporary_api
+    from textadapt.flows.temporary_api import configured_api_url, start_temporary_api, without_heartbeats
 
     try:
         # Without a Prefect server, this process starts Prefect's temporary API as its own child (stopped even by kill -9)
-        api_ready = (lambda: None) if configured_api_url() else start_temporary_api()
+        temporary = not configured_api_url()
+        api_ready = start_temporary_api() if temporary else (lambda: None)
         from textadapt.flows.adapt import adapt, quiet_console  # Prefect is imported only for commands that run flows
 
         quiet_console(caller_shows_errors=True)
         api_ready()
-        outcome = adapt(**options.model_dump())
+        with without_heartbeats() if temporary else nullcontext():
+            outcome = adapt(**options.model_dump())
     except TextadaptError as e:
         _fail(e)
     if outcome.untrained_backbone:
