@@ -5,7 +5,6 @@ backbone, a real DuckDB cache file reopened between runs as a new run would."""
 from dataclasses import replace
 
 import numpy as np
-import pytest
 import torch
 
 from textadapt import harness, head_cache, pipeline
@@ -70,7 +69,13 @@ def test_a_rerun_reads_every_head_back_and_a_changed_input_trains_exactly_its_he
         assert a.method == b.method
         for x, y in zip(a.heads, b.heads):
             assert np.array_equal(x.weight, y.weight) and x.weight.dtype == y.weight.dtype == np.float32
-            assert (x.losses, x.seconds, x.device, x.seed, x.labelled_mass) == (y.losses, y.seconds, y.device, y.seed, y.labelled_mass)
+            assert (x.losses, x.seconds, x.device, x.seed, x.labelled_mass) == (
+                y.losses,
+                y.seconds,
+                y.device,
+                y.seed,
+                y.labelled_mass,
+            )
             assert not x.cached and y.cached
     for method in ("tap-head:generic", "zs-head+ot:generic", "tap-coop:generic"):
         assert any(line.startswith(f"{method}: 2 seed(s) from the cache (trained in ") for line in logged), logged
@@ -84,7 +89,12 @@ def test_a_rerun_reads_every_head_back_and_a_changed_input_trains_exactly_its_he
     assert sorted(trained) == [("tap-coop:generic", 3), ("tap-head:generic", 3), ("zs-head+ot:generic", 3)]
     # Steps: the heads with TAP's recipe train again; tap-coop has its own steps.
     _, _, trained = _run(tiny_backbone, spec, cache, config=replace(CONFIG, steps=7), spy=monkeypatch)
-    assert sorted(trained) == [("tap-head:generic", 1), ("tap-head:generic", 2), ("zs-head+ot:generic", 1), ("zs-head+ot:generic", 2)]
+    assert sorted(trained) == [
+        ("tap-head:generic", 1),
+        ("tap-head:generic", 2),
+        ("zs-head+ot:generic", 1),
+        ("zs-head+ot:generic", 2),
+    ]
     # An OT setting: only the +ot heads.
     _, logged, trained = _run(tiny_backbone, spec, cache, config=replace(CONFIG, ot_eps=0.2), spy=monkeypatch)
     assert sorted(trained) == [("zs-head+ot:generic", 1), ("zs-head+ot:generic", 2)]
@@ -104,7 +114,9 @@ def test_the_key_hashes_every_input(monkeypatch):
     base = HeadInputs("zs-head", "ot", TapRecipe(steps=5, seed=1), OTTERSoftLabels(0.5, 0.15, 5), emb, labels, start, 100.0,
                       ["a", "b", "c"], "ARCH@abc", "cpu")  # fmt: skip
     key = head_key(base)
-    same = replace(base, embeddings=emb.copy(), labels=labels.astype(np.int32), start=start.copy(), recipe=TapRecipe(steps=5, seed=1))
+    same = replace(
+        base, embeddings=emb.copy(), labels=labels.astype(np.int32), start=start.copy(), recipe=TapRecipe(steps=5, seed=1)
+    )
     assert head_key(same) == key
     flipped = emb.copy()
     flipped[3, 5] = np.nextafter(flipped[3, 5], np.float32(np.inf))  # one bit of one embedding
