@@ -43,12 +43,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from textadapt import TextadaptError, head_cache, stats
+from textadapt import TextadaptError, stats
 from textadapt.adapters import ADAPTERS, TapRecipe, TrainedHead, taskres_base, taskres_recipe, taskres_templates, train_adapter
 from textadapt.config import RunOptions
 from textadapt.datasets import DatasetSpec, ImageSet
 from textadapt.encoders import Backbone, encode_texts
-from textadapt.head_cache import HeadInputs, head_key
+from textadapt.head_cache import HeadInputs, cached_head, head_key, head_row
 from textadapt.losses import OTTERSoftLabels
 from textadapt.scoring import (
     BASELINES,
@@ -423,10 +423,10 @@ def adapted(
             heads, new = [], []
             for key, h in zip(keys, inputs):
                 if key in cached:
-                    head = head_cache.trained_head(cached[key])
+                    head = cached_head(cached[key])
                 else:
                     head = _train(h, backbone)
-                    new.append(head_cache.stored(key, h, head))
+                    new.append(head_row(key, h, head))
                 heads.append(head)
                 if head.labelled_mass:
                     mass = head.labelled_mass

@@ -85,7 +85,7 @@ def head_key(inputs: HeadInputs) -> str:
     return h.hexdigest()
 
 
-def stored(key: str, inputs: HeadInputs, head: TrainedHead) -> StoredHead:
+def head_row(key: str, inputs: HeadInputs, head: TrainedHead) -> StoredHead:
     """A head just trained, as ``Store.put_trained_heads`` stores it."""
     return StoredHead(
         key,
@@ -102,6 +102,6 @@ def stored(key: str, inputs: HeadInputs, head: TrainedHead) -> StoredHead:
     )
 
 
-def trained_head(row: StoredHead) -> TrainedHead:
+def cached_head(row: StoredHead) -> TrainedHead:
     """A head read back from the cache (``cached`` set: its losses, seconds and device are from when it was trained)."""
     return TrainedHead(row.weight, row.losses, row.seconds, row.device, row.seed, row.labelled_mass or [], cached=True)
