@@ -78,9 +78,14 @@ def test_run_caches_everything_and_reports_every_method(home, tmp_path, monkeypa
     ) == [([7777, 7778, 7779], 3)]
     assert query(home, f"SELECT count(*) FROM run_generations WHERE run_id = '{run_id}'") == [(60,)]
 
-    # Nothing changed: no LLM call, no text encoded.
+    assert "tap-head:generic: trained 3 seed(s) in" in first.stderr
+
+    # Nothing changed: no LLM call, no text encoded, no head trained (each read back from the cache).
     again = textadapt("run", "fashion-mnist", *SMALL)
     assert "0 LLM calls" in again.stdout and "0 texts encoded" in again.stdout
+    for method in ("tap-head:generic", "tap-head:targeted"):
+        assert f"{method}: 3 seed(s) from the cache (trained in" in again.stderr, again.stderr
+    assert query(home, "SELECT count(*), count(DISTINCT run_id) FROM trained_heads") == [(6, 1)]
     rows = query(home, "SELECT status, llm_calls, cached_generations, text_encoder_calls FROM runs ORDER BY started_at")
     assert rows[0][:2] == ("completed", 60) and rows[0][3] > 0
     assert rows[1] == ("completed", 0, 60, 0)
@@ -93,6 +98,7 @@ def test_run_caches_everything_and_reports_every_method(home, tmp_path, monkeypa
     monkeypatch.setenv("TEXTADAPT_PROMPTS_DIR", str(prompts))
     edited = textadapt("run", "fashion-mnist", *SMALL, "--templates", "targeted")
     assert "6 LLM calls, 24 cached" in edited.stdout  # 3 classes x 2 samples of targeted/look
+    assert "tap-head:targeted: trained 3 seed(s) in" in edited.stderr  # on the edited descriptions
     assert query(home, "SELECT count(*) FROM generations") == [(66,)]
 
     # --refresh asks again on purpose; the old rows stay, and the run records which it used.

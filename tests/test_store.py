@@ -215,3 +215,45 @@ def test_a_new_file_and_a_migrated_one_have_the_same_schema(tmp_path):
     with Store(old) as migrated, Store(tmp_path / "new.duckdb") as new:
         for sql in (columns, keys):
             assert migrated.query(sql) == new.query(sql)
+
+
+def test_migration_from_version_6_folds_its_staged_rows_and_adds_trained_heads(tmp_path):
+    """A cache as schema 6 wrote it (stored tables, views, and a batch its writer staged but did not fold, as when it was
+    killed): the staged rows are folded with the schema they were written with, then the file gets trained_heads."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from textadapt.store import STORED_V6, StoredHead
+
+    path = tmp_path / "v6.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE textadapt_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+    con.execute("INSERT INTO textadapt_meta VALUES ('schema_version', '6')")
+    con.execute(STORED_V6)
+    con.execute("INSERT INTO stored.text_embeddings VALUES ('A@1', 'h1', 'a bag', [0.6, 0.8], '2026-01-01 10:00')")
+    con.execute("INSERT INTO stored.runs (run_id, dataset, status, options) VALUES ('r1', 'd', 'completed', '{}')")
+    con.close()
+    batch = Path(f"{path}.staging") / "000000000001-0"
+    batch.mkdir(parents=True)
+    staged = pa.table(
+        {
+            "backbone": ["A@1"],
+            "text_hash": ["h2"],
+            "text": ["a shoe"],
+            "embedding": pa.array([[1.0, 0.0]], pa.list_(pa.float32())),
+            "created_at": pa.array([None], pa.timestamp("us")),
+            "_seq": pa.array([1], pa.int64()),
+            "_copy": pa.array([1], pa.int64()),
+        }
+    )
+    pq.write_table(staged, batch / "text_embeddings.parquet")
+    with Store(path) as s:
+        assert s.sql("SELECT value FROM textadapt_meta WHERE key = 'schema_version'")[1] == [(str(SCHEMA_VERSION),)]
+        assert s.query("SELECT text_hash, text FROM text_embeddings ORDER BY text_hash") == [("h1", "a bag"), ("h2", "a shoe")]
+        assert s.query("SELECT count(*) FROM stored.text_embeddings") == [(2,)]  # folded before the migration
+        assert s.query("SELECT count(*) FROM trained_heads") == [(0,)]
+        w = np.eye(2, dtype=np.float32)
+        s.put_trained_heads([StoredHead("k", "tap-head", "ce", 7, "A@1", {}, w, [0.5], 0.1, "cpu")])
+    with Store(path, read_only=True) as s:
+        assert np.array_equal(s.trained_heads(["k"])["k"].weight, np.eye(2))
+        assert s.query("SELECT run_id, status FROM runs") == [("r1", "completed")]

@@ -115,6 +115,8 @@ class TrainedHead:
     seconds: float = 0.0
     device: str = "cpu"
     seed: int = 0
+    labelled_mass: list[float] = field(default_factory=list)  # +ot: per step, the OT plan's mass on the labelled class
+    cached: bool = False  # read back from the cache (head_cache.py): losses, seconds and device are from when it trained
 
 
 class _Linear(torch.nn.Module):

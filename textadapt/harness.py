@@ -51,6 +51,7 @@ from textadapt.adapters import TapRecipe, TrainedHead, taskres_base, taskres_rec
 from textadapt.config import RunOptions
 from textadapt.datasets import DatasetSpec, ImageSet
 from textadapt.encoders import Backbone, encode_texts
+from textadapt.head_cache import HeadInputs, cached_head, head_key, head_row
 from textadapt.losses import OTTERSoftLabels
 from textadapt.methods import method_name, parse_methods, parse_scorings
 from textadapt.scoring import (
@@ -351,11 +352,12 @@ def adapted(
     """Every (adapter, loss) of ``config.methods`` on every description set, once per seed.
 
     ``teacher``: the normalised zero-shot prototypes (classes, dim) that zs-head and tap-residual start from.
-    ``progress(done, total)``: heads trained so far.
+    ``progress(done, total)``: heads trained (or read back) so far. A head whose inputs are unchanged since a run
+    trained it (``head_cache.head_key``) is read back from the cache; only the others are trained, and stored.
     """
     n, scale, encoded, out = len(spec.classes), logit_scale(backbone), 0, []
     base = None  # taskres's template features, computed once
-    total = len(sets) * len(config.methods) * len(config.seeds)
+    total, done = len(sets) * len(config.methods) * len(config.seeds), 0
     if progress:
         progress(0, total)
     for name, ts in sets.items():
@@ -364,32 +366,46 @@ def adapted(
         for adapter, loss_name in config.methods:
             if adapter == "taskres" and base is None:
                 base = taskres_base(backbone, spec.classes, taskres_templates(spec.name), batch_size)
-            heads = []
-            for seed in config.seeds:
-                loss = OTTERSoftLabels(config.ot_alpha, config.ot_eps, config.ot_iters) if loss_name == "ot" else None
-                if adapter in ("tap-coop", "protext"):
-                    heads.append(_prompt(adapter, backbone, emb, ts.labels, spec, config, seed, loss, scale))
-                elif adapter == "taskres":
-                    recipe = taskres_recipe(spec.name, seed)
-                    recipe.epochs = config.epochs or recipe.epochs
-                    heads.append(train_adapter(adapter, emb, ts.labels, n, recipe, base, scale, loss, backbone.device))
-                else:
-                    recipe = TapRecipe(steps=config.steps, seed=seed)
-                    heads.append(train_adapter(adapter, emb, ts.labels, n, recipe, teacher, scale, loss, backbone.device))
-                if loss is not None:
-                    mass = loss.labelled_mass()
-                    log(
-                        f"{method_name(adapter, loss_name, name)} seed {seed}: the OT plan gives the labelled class "
-                        f"{mass[0]:.3f} of a description's mass at the first step, {mass[-1]:.3f} at the last "
-                        f"(uniform: {1 / n:.3f})"
-                    )
-                if progress:
-                    progress(len(out) * len(config.seeds) + len(heads), total)
             method = method_name(adapter, loss_name, name)
-            log(
-                f"{method}: trained {len(heads)} seed(s) in {sum(h.seconds for h in heads):.1f} s, "
-                f"last loss {np.mean([h.losses[-1] for h in heads]):.3f}"
-            )
+            start = base if adapter == "taskres" else teacher if adapter in ("zs-head", "tap-residual") else None
+            inputs = [
+                HeadInputs(
+                    adapter,
+                    loss_name,
+                    _recipe(adapter, spec, config, seed),
+                    OTTERSoftLabels(config.ot_alpha, config.ot_eps, config.ot_iters) if loss_name == "ot" else None,
+                    emb,
+                    ts.labels,
+                    start,
+                    scale,
+                    spec.classes,
+                    backbone.id,
+                    torch.device(backbone.device).type,
+                )
+                for seed in config.seeds
+            ]
+            keys = [head_key(h) for h in inputs]
+            cached = store.trained_heads(keys)
+            heads, new = [], []
+            for key, h in zip(keys, inputs):
+                if key in cached:
+                    head = cached_head(cached[key])
+                else:
+                    head = _train(h, backbone)
+                    new.append(head_row(key, h, head))
+                heads.append(head)
+                if head.labelled_mass:
+                    mass = head.labelled_mass
+                    log(
+                        f"{method} seed {head.seed}: the OT plan gives the labelled class {mass[0]:.3f} of a description's "
+                        f"mass at the first step, {mass[-1]:.3f} at the last (uniform: {1 / n:.3f})"
+                        + (" (from the cache)" if head.cached else "")
+                    )
+                done += 1
+                if progress:
+                    progress(done, total)
+            store.put_trained_heads(new)
+            log(f"{method}: {_trained_or_cached(heads)}, last loss {np.mean([h.losses[-1] for h in heads]):.3f}")
             out.append(
                 Classifier(
                     method,
@@ -406,16 +422,54 @@ def adapted(
     return out, encoded
 
 
-def _prompt(adapter, backbone, emb, labels, spec, config, seed, loss, scale) -> TrainedHead:
-    from textadapt.prompt_learning import PromptRecipe, protext_recipe, train_prompt_learner
-
+def _recipe(adapter: str, spec: DatasetSpec, config: HarnessConfig, seed: int):
+    """The recipe one seed of ``adapter`` trains with: TapRecipe, TaskResRecipe or the prompt learner's PromptRecipe."""
     if adapter == "protext":
-        recipe = protext_recipe(spec.name, seed, config.epochs)
+        from textadapt.prompt_learning import protext_recipe
+
+        return protext_recipe(spec.name, seed, config.epochs)
+    if adapter == "tap-coop":
+        from textadapt.prompt_learning import PromptRecipe
+
+        return PromptRecipe(seed=seed) if config.prompt_steps is None else PromptRecipe(seed=seed, steps=config.prompt_steps)
+    if adapter == "taskres":
+        recipe = taskres_recipe(spec.name, seed)
+        recipe.epochs = config.epochs or recipe.epochs
+        return recipe
+    return TapRecipe(steps=config.steps, seed=seed)
+
+
+def _train(h: HeadInputs, backbone: Backbone) -> TrainedHead:
+    """Train one head on its inputs; a +ot head keeps the OT plan's labelled-class mass per step."""
+    if h.adapter in ("tap-coop", "protext"):
+        head = _prompt(h, backbone)
     else:
-        recipe = PromptRecipe(seed=seed) if config.prompt_steps is None else PromptRecipe(seed=seed, steps=config.prompt_steps)
-    head = train_prompt_learner(backbone, emb, labels, spec.classes, recipe, loss)
-    head.weight = scale * head.weight  # normalised class embeddings -> CLIP's logits, as zero-shot's
+        head = train_adapter(
+            h.adapter, h.embeddings, h.labels, len(h.classes), h.recipe, h.start, h.logit_scale, h.ot, backbone.device
+        )
+    if h.ot is not None:
+        head.labelled_mass = h.ot.labelled_mass()
     return head
+
+
+def _prompt(h: HeadInputs, backbone: Backbone) -> TrainedHead:
+    from textadapt.prompt_learning import train_prompt_learner
+
+    head = train_prompt_learner(backbone, h.embeddings, h.labels, h.classes, h.recipe, h.ot)
+    head.weight = h.logit_scale * head.weight  # normalised class embeddings -> CLIP's logits, as zero-shot's
+    return head
+
+
+def _trained_or_cached(heads: list[TrainedHead]) -> str:
+    """How a method's heads were had: "trained 3 seed(s) in 2.8 s", "3 seed(s) from the cache (trained in 2.8 s)", or both."""
+    trained = [h for h in heads if not h.cached]
+    cached = [h for h in heads if h.cached]
+    parts = []
+    if trained:
+        parts.append(f"trained {len(trained)} seed(s) in {sum(h.seconds for h in trained):.1f} s")
+    if cached:
+        parts.append(f"{len(cached)} seed(s) from the cache (trained in {sum(h.seconds for h in cached):.1f} s)")
+    return ", ".join(parts)
 
 
 # --------------------------------------------------------------------------------------------

@@ -316,16 +316,27 @@ def _results(r: RunReport) -> list[Section]:
 def _training(r: RunReport) -> Section:
     seconds = {res.classifier.method: sum(h.seconds for h in res.classifier.heads) for res in r.results}
     rows = [
-        [Code(m), Num(f"{h.losses[0]:.3f}"), Num(f"{h.losses[-1]:.3f}"), Num(f"{seconds.get(m, h.seconds):.2f}"), h.device]
+        [
+            Code(m),
+            Num(f"{h.losses[0]:.3f}"),
+            Num(f"{h.losses[-1]:.3f}"),
+            Num(f"{seconds.get(m, h.seconds):.2f}"),
+            h.device,
+            "an earlier run (cache)" if h.cached else "this run",
+        ]
         for m, h in r.heads.items()
     ]
     return Section(
         ["Training"],
         [
             Paragraph(
-                [f"{r.steps} full-batch steps. Loss of the first seed's run, at its first and last step; seconds: all seeds."]
+                [
+                    f"{r.steps} full-batch steps. Loss of the first seed's run, at its first and last step; seconds: all "
+                    "seeds. Trained by: this run, or an earlier one (a head whose inputs are unchanged is read back from the "
+                    "cache, with the losses and seconds of when it was trained)."
+                ]
             ),
-            Table(["adapter", "first loss", "last loss", "seconds", "device"], rows),
+            Table(["adapter", "first loss", "last loss", "seconds", "device", "trained by"], rows),
         ],
     )
 

@@ -111,12 +111,23 @@ STORED_V6 = """
     );
 """
 
+# 6 -> 7: trained heads, content-addressed like generations and embeddings (TABLES: keep "first"; textadapt/head_cache.py)
+TRAINED_HEADS_V7 = """
+    CREATE TABLE stored.trained_heads (
+        key VARCHAR NOT NULL, adapter VARCHAR NOT NULL, loss VARCHAR NOT NULL, seed INTEGER NOT NULL,
+        backbone VARCHAR NOT NULL, settings JSON NOT NULL, n_classes INTEGER NOT NULL, dim INTEGER NOT NULL,
+        weight FLOAT[] NOT NULL, losses DOUBLE[], labelled_mass DOUBLE[], seconds DOUBLE, device VARCHAR,
+        run_id VARCHAR, created_at TIMESTAMP
+    );
+"""
+STORED_V7 = STORED_V6 + TRAINED_HEADS_V7
+
 # The tables of a new file: the current schema, written whole. DuckDB 1.5.6 cannot replay a write-ahead log that alters a
 # table with a function default (ADD COLUMN, COMMENT ON COLUMN: "GetDefaultDatabase with no default database set") and
 # then refuses the file, so a new file replays no history, and the stored tables have no current_timestamp default (the
 # writer sets created_at and started_at: STORED_AT). A migration that changes the tables writes the new whole schema
 # here too; tests/test_store.py checks that a new file and a migrated one have the same.
-SCHEMA = STORED_V6
+SCHEMA = STORED_V7
 
 MIGRATIONS: list[str] = [
     # 0 -> 1: the first schema
@@ -305,6 +316,8 @@ MIGRATIONS: list[str] = [
     DROP TABLE main.runs; DROP TABLE main.run_generations; DROP TABLE main.results; DROP TABLE main.class_results;
     DROP TABLE main.classifiers; DROP TABLE main.run_images; DROP TABLE main.predictions;
     """,
+    # 6 -> 7: trained heads (Store.trained_heads), so that a head whose inputs are unchanged is read back, not retrained
+    TRAINED_HEADS_V7,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -330,6 +343,7 @@ TABLES: dict[str, StagedTable] = {
     "classifiers": StagedTable(("run_id", "method"), "last"),
     "run_images": StagedTable(("run_id",), "run"),
     "predictions": StagedTable(("run_id",), "run"),
+    "trained_heads": StagedTable(("key",), "first"),
 }
 
 # What each table and column means: written into the file (COMMENT ON) and into docs/schema.md.
@@ -500,6 +514,29 @@ TABLE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
             "method": "results.method",
             "image_index": "run_images.image_index",
             "predicted": "predicted class index per seed (results.seeds' order; one: no seed)",
+        },
+    ),
+    "trained_heads": (
+        "Every adapter head a run trained, by the inputs that determine its weights: a run whose head has the same key "
+        "reads it back instead of training it (textadapt/head_cache.py).",
+        {
+            "key": "content address: sha256 of settings (training scheme, adapter, loss, recipe with its seed, OT settings, "
+            "logit scale, classes, backbone, torch version, device type) and the exact bytes of the training embeddings, "
+            "labels and the weights it starts from (head_cache.head_key)",
+            "adapter": "tap-head, zs-head, tap-residual, taskres, tap-coop or protext",
+            "loss": "ce, ot or l1 (results.loss)",
+            "seed": "the training seed",
+            "backbone": "backbones.backbone",
+            "settings": "everything in the key but the arrays, readable: the recipe's fields, OT settings, torch version ...",
+            "n_classes": "rows of weight",
+            "dim": "columns of weight",
+            "weight": "(n_classes, dim) row-major: logits = normalised image embedding @ weight.T (logit scale included)",
+            "losses": "the training loss every 10 steps and the last, when it was trained",
+            "labelled_mass": "+ot only: per step, the mean share of a description's OT plan row on its labelled class",
+            "seconds": "training time, when it was trained",
+            "device": "where it was trained (cpu, cuda:0 ...)",
+            "run_id": "the run that trained it (NULL: trained outside a run)",
+            "created_at": "when it was stored",
         },
     ),
 }
@@ -730,6 +767,24 @@ class Generation:
     base_key: str | None = None  # None: the key itself (refresh round 0)
     refresh: int = 0
     run_id: str | None = None  # the run that asked the LLM for it (None: an import)
+
+
+@dataclass
+class StoredHead:
+    """One trained adapter head, as stored in ``trained_heads`` (textadapt/head_cache.py makes and reads them)."""
+
+    key: str
+    adapter: str
+    loss: str
+    seed: int
+    backbone: str
+    settings: dict
+    weight: np.ndarray  # (classes, dim), float32
+    losses: list[float]
+    seconds: float
+    device: str
+    labelled_mass: list[float] | None = None
+    run_id: str | None = None  # None: this writer's run, if it has one started
 
 
 @dataclass
@@ -1490,6 +1545,53 @@ class Store:
             data["text"] = pa.array(texts, pa.string())
         with self._lock:
             self._insert(table, data)
+
+    # -- trained heads -----------------------------------------------------------------------
+
+    def trained_heads(self, keys: list[str]) -> dict[str, StoredHead]:
+        """key -> the stored head, for those of ``keys`` in the cache."""
+        if not keys:
+            return {}
+        with self._lock:
+            self.con.register("_wanted", pa.table({"key": pa.array(keys, pa.string())}))
+            try:
+                tbl = self._execute(
+                    "SELECT h.* EXCLUDE (created_at) FROM trained_heads h JOIN _wanted w USING (key)"
+                ).to_arrow_table()
+            finally:
+                self.con.unregister("_wanted")
+        flat = tbl.column("weight").combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+        heads, start = {}, 0
+        for row in tbl.drop_columns(["weight"]).to_pylist():
+            n, dim = row.pop("n_classes"), row.pop("dim")
+            weight, start = flat[start : start + n * dim].reshape(n, dim), start + n * dim
+            heads[row["key"]] = StoredHead(**{**row, "settings": json.loads(row["settings"])}, weight=weight)
+        return heads
+
+    def put_trained_heads(self, heads: list[StoredHead]) -> None:
+        """Store trained heads as one batch (a key already stored keeps its first row). A head without a ``run_id``
+        stored while this writer has a run started is that run's."""
+        if not heads:
+            return
+        weights = [np.ascontiguousarray(h.weight, dtype=np.float32) for h in heads]
+        data = {
+            "key": pa.array([h.key for h in heads], pa.string()),
+            "adapter": pa.array([h.adapter for h in heads], pa.string()),
+            "loss": pa.array([h.loss for h in heads], pa.string()),
+            "seed": pa.array([h.seed for h in heads], pa.int32()),
+            "backbone": pa.array([h.backbone for h in heads], pa.string()),
+            "settings": pa.array([json.dumps(h.settings, sort_keys=True) for h in heads], pa.string()),
+            "n_classes": pa.array([w.shape[0] for w in weights], pa.int32()),
+            "dim": pa.array([w.shape[1] for w in weights], pa.int32()),
+            "weight": pa.array([w.ravel() for w in weights], pa.list_(pa.float32())),
+            "losses": pa.array([h.losses for h in heads], pa.list_(pa.float64())),
+            "labelled_mass": pa.array([h.labelled_mass for h in heads], pa.list_(pa.float64())),
+            "seconds": pa.array([h.seconds for h in heads], pa.float64()),
+            "device": pa.array([h.device for h in heads], pa.string()),
+            "run_id": pa.array([h.run_id or self._run for h in heads], pa.string()),
+        }
+        with self._lock:
+            self._insert("trained_heads", data)
 
     def add_backbone(self, backbone: str, spec: str, arch: str, weights: str, untrained: bool) -> None:
         with self._lock:
