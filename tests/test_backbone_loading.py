@@ -198,6 +198,8 @@ def test_a_recorded_backbone_is_built_on_first_use_and_encodes_as_the_eager_buil
         np.testing.assert_array_equal(embed_texts(lazy, texts), embed_texts(eager, texts))
         np.testing.assert_array_equal(embed_images(lazy, images), embed_images(eager, images))
         assert lazy.built is not None
+        # Built inside the encoder's inference_mode, its weights are still ones autograd can use (prompt learning).
+        assert not any(p.is_inference() for p in lazy.model.parameters())
         # Pickled (as for another process), a backbone travels without its model and builds it where it is used.
         shipped = pickle.loads(pickle.dumps(eager))
         assert shipped == eager and shipped.built is None

@@ -306,7 +306,9 @@ def _make(recipe: Recipe, device: torch.device, offline: bool = False) -> Built:
     from_hub = recipe.build.startswith("hf-hub:") or (recipe.pretrained is not None and not Path(recipe.pretrained).is_file())
     hub = (_hub_offline() if offline else _offline_unless_reachable()) if from_hub else nullcontext()
     kwargs = {"force_quick_gelu": True} if recipe.force_quick_gelu else {}
-    with hub:
+    # Built on first use, maybe inside an encoder's inference_mode: its weights must still be ordinary tensors,
+    # which the prompt learner can run autograd through.
+    with hub, torch.inference_mode(False):
         if recipe.seeded:
             with torch.random.fork_rng(devices=[]), _open_clip_quiet():  # ("No pretrained weights loaded": said by us)
                 torch.manual_seed(RANDOM_SEED)
