@@ -34,7 +34,6 @@ delta against the best training-free baseline.
 
 from __future__ import annotations
 
-import gzip
 import re
 import string
 from dataclasses import dataclass, field
@@ -59,7 +58,6 @@ from textadapt.scoring import (
     ig_logits,
     log_softmax,
     mean_score,
-    open_clip_file,
     openclip_imagenet_templates,
     prototypes,
     score_logits,
@@ -214,14 +212,10 @@ def _waffle_vocabulary() -> tuple[tuple[str, ...], str]:
     merge order, which follows frequency; shipped inside open_clip), sorted; the characters are ASCII
     letters of both cases and digits. Both are the same on every machine with the same open_clip.
     """
-    # open_clip's SimpleTokenizer numbers 512 byte tokens, then one token per merge of its BPE file (the first
-    # 49152 - 256 - 2 lines after the header, in merge order), then two special tokens: only merges can be whole
-    # words of two or more letters. Read from the file, not through open_clip, whose import costs ~4 s
-    # (tests/test_reference_agreement.py checks that both give the same words).
-    with gzip.open(open_clip_file("bpe_simple_vocab_16e6.txt.gz"), "rt", encoding="utf-8") as f:
-        merges = f.read().split("\n")[1 : 49152 - 256 - 2 + 1]
-    tokens = ["".join(m.split()) for m in merges]
-    words = [t[:-4] for t in tokens if t.endswith("</w>") and re.fullmatch(r"[a-z]{2,}", t[:-4])]
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tokens = sorted(SimpleTokenizer().encoder.items(), key=lambda kv: kv[1])
+    words = [t[:-4] for t, _ in tokens if t.endswith("</w>") and re.fullmatch(r"[a-z]{2,}", t[:-4])]
     characters = "".join(sorted(string.ascii_letters + string.digits))
     return tuple(sorted(dict.fromkeys(words[:WAFFLE_VOCABULARY]))), characters
 
