@@ -7,6 +7,8 @@ from its reference. What textadapt does differently on purpose is in docs/method
 OTTER's targets, TaskRes's logits and ProText's loss have their tests beside their code.
 """
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -110,6 +112,12 @@ def test_waffle_vocabulary_is_made_here_the_same_every_time():
     assert characters == "".join(sorted(set(characters))) and len(characters) == 62
     harness._waffle_vocabulary.cache_clear()
     assert harness._waffle_vocabulary() == (words, characters)
+    # read from the BPE file without open_clip, the words are those of open_clip's own tokenizer, in its id order
+    from open_clip.tokenizer import SimpleTokenizer
+
+    by_id = sorted(SimpleTokenizer().encoder.items(), key=lambda kv: kv[1])
+    merged = [t[:-4] for t, _ in by_id if t.endswith("</w>") and re.fullmatch(r"[a-z]{2,}", t[:-4])]
+    assert words == tuple(sorted(dict.fromkeys(merged[: harness.WAFFLE_VOCABULARY])))
 
 
 def test_imagenet_templates_read_without_importing_open_clip_are_open_clips():

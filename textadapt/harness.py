@@ -34,10 +34,13 @@ delta against the best training-free baseline.
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import re
 import string
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -211,11 +214,16 @@ def _waffle_vocabulary() -> tuple[tuple[str, ...], str]:
     ``WAFFLE_VOCABULARY`` most frequent whole words of CLIP's BPE vocabulary (two or more letters a-z, in
     merge order, which follows frequency; shipped inside open_clip), sorted; the characters are ASCII
     letters of both cases and digits. Both are the same on every machine with the same open_clip.
-    """
-    from open_clip.tokenizer import SimpleTokenizer
 
-    tokens = sorted(SimpleTokenizer().encoder.items(), key=lambda kv: kv[1])
-    words = [t[:-4] for t, _ in tokens if t.endswith("</w>") and re.fullmatch(r"[a-z]{2,}", t[:-4])]
+    The words are read from open_clip's BPE file as its ``SimpleTokenizer`` builds its vocabulary (a token's id
+    is its last position among the merges), without importing open_clip: a cached run never needs its 4 s import.
+    """
+    package = importlib.util.find_spec("open_clip")
+    bpe = Path(package.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    merges = gzip.decompress(bpe.read_bytes()).decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    position = {"".join(m.split()): i for i, m in enumerate(merges)}
+    tokens = sorted(position, key=position.__getitem__)
+    words = [t[:-4] for t in tokens if t.endswith("</w>") and re.fullmatch(r"[a-z]{2,}", t[:-4])]
     characters = "".join(sorted(string.ascii_letters + string.digits))
     return tuple(sorted(dict.fromkeys(words[:WAFFLE_VOCABULARY]))), characters
 
