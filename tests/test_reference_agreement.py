@@ -120,14 +120,6 @@ def test_waffle_vocabulary_is_made_here_the_same_every_time():
     assert words == tuple(sorted(dict.fromkeys(merged[: harness.WAFFLE_VOCABULARY])))
 
 
-def test_imagenet_templates_read_without_importing_open_clip_are_open_clips():
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-
-    ours = scoring.openclip_imagenet_templates()
-    assert len(ours) == len(OPENAI_IMAGENET_TEMPLATES) == 80
-    assert ours == [t("{}") if callable(t) else t for t in OPENAI_IMAGENET_TEMPLATES]
-
-
 @pytest.mark.parametrize("classes", WAFFLE_CLASSES, ids=["fashion-mnist", "multi-word"])
 def test_waffle_texts_are_the_references_on_the_same_stream(classes):
     words, characters = harness._waffle_vocabulary()
@@ -305,6 +297,14 @@ def test_tap_head_is_lafters_training_loop():
     ours = train_adapter("tap-head", feats.numpy(), labels.numpy(), n_classes, TapRecipe(steps=steps, seed=seed))
     np.testing.assert_allclose(ours.weight, text_adapter[0].weight.detach().numpy(), rtol=1e-5, atol=1e-6)
     assert np.abs(ours.weight - initial.numpy()).max() > 1e-2  # it trained
+
+
+def test_imagenet_templates_read_without_importing_open_clip_are_open_clips():
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    ours = scoring.openclip_imagenet_templates()
+    assert len(ours) == len(OPENAI_IMAGENET_TEMPLATES) == 80
+    assert ours == [t("{}") if callable(t) else t for t in OPENAI_IMAGENET_TEMPLATES]
 
 
 # --------------------------------------------------------------------------------------------
