@@ -19,6 +19,9 @@ import pytest
 # Prefect keeps its temporary API's database under PREFECT_HOME: keep it out of the user's home.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="textadapt-prefect-"))
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# Session fixtures (tiny_backbone) are set up before the per-test ``home`` below: what they write (the backbone's
+# resolution record) goes to a home of the session's, never the user's.
+os.environ["TEXTADAPT_HOME"] = tempfile.mkdtemp(prefix="textadapt-home-")
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = "textadapt-tiny:random"  # a 2-layer open_clip config shipped in textadapt/model_configs

@@ -1,5 +1,6 @@
 """The real open_clip loading path, offline: QuickGELU wherever the weights were trained with it, an
-identity that changes with the activation, and the weights hash kept by file identity.
+identity that changes with the activation, and the resolution record that gives a backbone's identity
+without importing open_clip or building the model while nothing it was built from has changed.
 
 ``ViT-B-32:openai`` resolves, as for any user, through the Hugging Face cache: open_clip's
 pretrained config for the tag names the hub repository ``timm/vit_base_patch32_clip_224.openai``
@@ -10,20 +11,24 @@ this machine), with the ``open_clip_config.json`` the real repository carries be
 """
 
 import json
+import logging
 import os
+import pickle
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
 from conftest import TINY
 
 from textadapt import encoders
-from textadapt.encoders import load_backbone, save_checkpoint
+from textadapt.datasets import load_test_images, restrict
+from textadapt.encoders import embed_images, embed_texts, load_backbone, save_checkpoint
 from textadapt.store import Store
 
 CLI = str(Path(sys.executable).parent / "textadapt")
@@ -59,21 +64,26 @@ def hf_cache(tmp_path_factory):
     return hf_home, snapshot / "open_clip_model.safetensors"
 
 
-@pytest.fixture
-def offline_hub(hf_cache, monkeypatch):
-    """HF_HOME / HF_HUB_CACHE at the fixture's cache and HF_HUB_OFFLINE=1, as a user would set them.
+def use_hf_home(monkeypatch, hf_home: Path) -> dict:
+    """HF_HOME / HF_HUB_CACHE at ``hf_home`` and HF_HUB_OFFLINE=1, as a user would set them.
     huggingface_hub reads these variables when it is imported (open_clip imported it already), so its
     constants are set too."""
     from huggingface_hub import constants
 
-    hf_home, weights = hf_cache
     env = {"HF_HOME": str(hf_home), "HF_HUB_CACHE": str(hf_home / "hub"), "HF_HUB_OFFLINE": "1"}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setattr(constants, "HF_HOME", env["HF_HOME"])
     monkeypatch.setattr(constants, "HF_HUB_CACHE", env["HF_HUB_CACHE"])
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return env, weights
+    return env
+
+
+@pytest.fixture
+def offline_hub(hf_cache, monkeypatch):
+    """The fixture's Hugging Face cache, offline (``use_hf_home``)."""
+    hf_home, weights = hf_cache
+    return use_hf_home(monkeypatch, hf_home), weights
 
 
 def activations(tower: torch.nn.Module) -> set[str]:
@@ -94,10 +104,14 @@ def test_openai_tag_loads_the_cached_weights_with_quickgelu_towers(offline_hub, 
     loaded = bb.model.state_dict()
     assert set(loaded) == set(saved) and all(torch.equal(loaded[k], saved[k]) for k in saved)
     assert bb.id.startswith("ViT-B-32-quickgelu@")
-    # Loaded again, the weights are not hashed again: the hash is kept under the file open_clip resolved.
+    # Loaded again, it is neither built nor hashed: its record names the file open_clip resolved, unchanged.
     calls = []
     monkeypatch.setattr(encoders, "weights_id", lambda *a, **k: calls.append(1))
-    assert load_backbone("ViT-B-32:openai", "cpu").id == bb.id and not calls
+    again = load_backbone("ViT-B-32:openai", "cpu")
+    assert again == bb and again.built is None and not calls
+    # Built when first used, from the same cached file, with QuickGELU towers.
+    assert activations(again.model.transformer) == {"QuickGELU"}
+    assert all(torch.equal(again.model.state_dict()[k], saved[k]) for k in saved)
 
 
 def test_gelu_and_quickgelu_builds_of_the_same_weights_are_different_models(offline_hub, tmp_path):
@@ -136,36 +150,143 @@ def test_quickgelu_suffix_on_any_architecture():
     assert gelu.id.split("@")[1] != quick.id.split("@")[1]
 
 
-def test_weights_hash_is_kept_by_file_identity(tmp_path, tiny_backbone, home, monkeypatch):
+# A fresh process: what it imports, and the backbone it gets (the test reads the JSON it prints).
+PROBE = """
+import json, sys
+from textadapt.encoders import load_backbone
+bb = load_backbone(sys.argv[1], "cpu")
+fields = ("id", "embed_dim", "quick_gelu", "untrained", "weights", "logit_scale")
+print(json.dumps({**{f: getattr(bb, f) for f in fields}, "imported": sorted({"open_clip", "torchvision"} & set(sys.modules))}))
+"""
+
+
+def probe(spec: str) -> dict:
+    p = subprocess.run([sys.executable, "-c", PROBE, spec], capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout.splitlines()[-1])
+
+
+def as_probed(bb) -> dict:
+    fields = ("id", "embed_dim", "quick_gelu", "untrained", "weights", "logit_scale")
+    return {**{f: getattr(bb, f) for f in fields}, "imported": []}
+
+
+@pytest.mark.parametrize("kind", ["random", "checkpoint", "openai"])
+def test_a_backbone_loaded_again_in_a_new_process_does_not_import_open_clip(kind, tmp_path, tiny_backbone, request):
+    if kind == "random":
+        spec = TINY
+    elif kind == "checkpoint":
+        save_checkpoint(tiny_backbone, tmp_path / "tiny.safetensors")
+        spec = f"textadapt-tiny:{tmp_path / 'tiny.safetensors'}"
+    else:
+        request.getfixturevalue("offline_hub")
+        spec = "ViT-B-32:openai"
+    first = load_backbone(spec, "cpu")  # resolved and built here: the record is written
+    assert first.built is not None
+    assert probe(spec) == as_probed(first)
+
+
+def test_a_recorded_backbone_is_built_on_first_use_and_encodes_as_the_eager_build(tmp_path, tiny_backbone, fmnist, home):
+    texts = ["a photo of a sandal.", "a bag", "", "two long trouser legs side by side, seen from the front"]
+    _, images = restrict(fmnist, load_test_images(fmnist, home), None, 8)
+    path = tmp_path / "tiny.pt"
+    save_checkpoint(tiny_backbone, path)
+    for spec in (TINY, f"textadapt-tiny:{path}"):
+        eager = load_backbone(spec, "cpu")
+        lazy = load_backbone(spec, "cpu")
+        assert lazy == eager and lazy.built is None
+        np.testing.assert_array_equal(embed_texts(lazy, texts), embed_texts(eager, texts))
+        np.testing.assert_array_equal(embed_images(lazy, images), embed_images(eager, images))
+        assert lazy.built is not None
+        # Built inside the encoder's inference_mode, its weights are still ones autograd can use (prompt learning).
+        assert not any(p.is_inference() for p in lazy.model.parameters())
+        # Pickled (as for another process), a backbone travels without its model and builds it where it is used.
+        shipped = pickle.loads(pickle.dumps(eager))
+        assert shipped == eager and shipped.built is None
+        np.testing.assert_array_equal(embed_texts(shipped, texts), embed_texts(eager, texts))
+
+
+def test_a_changed_checkpoint_or_config_beside_it_is_resolved_again(tmp_path, tiny_backbone, home, monkeypatch):
+    from safetensors.torch import save_file
+
     calls = []
     real = encoders.weights_id
     monkeypatch.setattr(encoders, "weights_id", lambda *a, **k: calls.append(1) or real(*a, **k))
     path = tmp_path / "tiny.safetensors"
     save_checkpoint(tiny_backbone, path)
-    first = load_backbone(f"textadapt-tiny:{path}", "cpu")
-    assert len(calls) == 1 and first.id == tiny_backbone.id
-    assert (home / encoders.HASH_CACHE).is_file()
-    again = load_backbone(f"textadapt-tiny:{path}", "cpu")
-    assert len(calls) == 1 and again.id == first.id  # not hashed again
-    # The same file with another activation is another model: hashed, and a different id.
+    spec = f"textadapt-tiny:{path}"
+    first = load_backbone(spec, "cpu")
+    assert len(calls) == 1 and first.id == tiny_backbone.id and (home / encoders.RECORDS).is_file()
+    again = load_backbone(spec, "cpu")
+    assert len(calls) == 1 and again.built is None and again.id == first.id  # neither built nor hashed
+    # The same file with another activation is another spec and another model.
     quick = load_backbone(f"textadapt-tiny-quickgelu:{path}", "cpu")
-    assert len(calls) == 2 and quick.id != first.id
-    # A changed file is hashed again.
+    assert len(calls) == 2 and quick.quick_gelu and quick.id != first.id
+    # A changed file is resolved again.
     sd = {k: v.clone() for k, v in tiny_backbone.model.state_dict().items()}
     sd["text_projection"] += 1e-3
-    from safetensors.torch import save_file
-
     save_file(sd, str(path))
-    changed = load_backbone(f"textadapt-tiny:{path}", "cpu")
-    assert len(calls) == 3 and changed.id != first.id
+    changed = load_backbone(spec, "cpu")
+    assert len(calls) == 3 and changed.built is not None and changed.id != first.id
     # So is one whose contents stayed the same but which was written again (its mtime moved).
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
-    assert load_backbone(f"textadapt-tiny:{path}", "cpu").id == changed.id and len(calls) == 4
-    # A damaged cache file costs a hash, not a failure.
-    for damaged in ("{not json", "[]"):
-        (home / encoders.HASH_CACHE).write_text(damaged)
-        assert load_backbone(f"textadapt-tiny:{path}", "cpu").id == changed.id
-    assert len(calls) == 6 and list(home.glob(".backbone_hashes.*")) == []  # no temporary file left behind
+    assert load_backbone(spec, "cpu").id == changed.id and len(calls) == 4
+    assert load_backbone(spec, "cpu").built is None and len(calls) == 4
+    # An open_clip_config.json that appears beside it and says quick_gelu makes it another model.
+    (path.parent / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"quick_gelu": True}}))
+    beside = load_backbone(spec, "cpu")
+    assert len(calls) == 5 and beside.quick_gelu and beside.id.startswith("textadapt-tiny-quickgelu@")
+    # A damaged records file costs a build, not a failure.
+    for damaged in ("{not json", "[]", json.dumps({k: {"key": 1} for k in json.loads((home / encoders.RECORDS).read_text())})):
+        (home / encoders.RECORDS).write_text(damaged)
+        assert load_backbone(spec, "cpu").id == beside.id
+    assert len(calls) == 8 and list(home.glob(".backbones.*")) == []  # no temporary file left behind
+
+
+@pytest.mark.parametrize("package", ["open_clip", "torch"])
+def test_another_open_clip_or_torch_version_resolves_again(package, monkeypatch, tiny_backbone):
+    assert load_backbone(TINY, "cpu").built is not None  # this test's home has no record yet
+    assert load_backbone(TINY, "cpu").built is None
+    if package == "torch":
+        monkeypatch.setattr(torch, "__version__", "0.0.1+other")
+    else:
+        real = encoders._version
+        monkeypatch.setattr(encoders, "_version", lambda name: "0.0.1+other" if name == "open_clip_torch" else real(name))
+    other = load_backbone(TINY, "cpu")
+    assert other.built is not None and other.id == tiny_backbone.id  # built: the seeded init may differ there
+    assert load_backbone(TINY, "cpu").built is None  # and recorded under that version
+
+
+def test_auto_without_weights_is_recorded_untrained_until_they_are_in_the_hub_cache(hf_cache, tmp_path, monkeypatch, caplog):
+    if encoders._hub_reachable():
+        pytest.skip("the Hugging Face hub is reachable: auto would download the weights")
+    use_hf_home(monkeypatch, tmp_path / "empty-hf-home")
+    with caplog.at_level(logging.WARNING, logger="textadapt.encoders"):
+        first = load_backbone("ViT-B-32:auto", "cpu")
+        said = [r.getMessage() for r in caplog.records if "UNTRAINED" in r.getMessage()]
+        caplog.clear()
+        again = load_backbone("ViT-B-32:auto", "cpu")
+        said_again = [r.getMessage() for r in caplog.records if "UNTRAINED" in r.getMessage()]
+    assert first.untrained and first.weights == "random" and first.built is not None
+    assert again == first and again.built is None
+    # The user is told on every load, with the reason found when it was resolved.
+    assert len(said) == 1 and said_again == said
+    assert said[0].startswith("no pretrained weights for ViT-B-32 (") and said[0].endswith("using UNTRAINED weights")
+
+    def resolve_anew(*args):
+        raise RuntimeError("resolved anew")
+
+    # With a route to the hub, auto would download the weights: the record is not used.
+    with monkeypatch.context() as m, pytest.raises(RuntimeError, match="resolved anew"):
+        m.setattr(encoders, "_hub_reachable", lambda timeout=3.0: True)
+        m.setattr(encoders, "_resolve", resolve_anew)
+        load_backbone("ViT-B-32:auto", "cpu")
+    # Once the weights are in the Hugging Face cache, auto loads them: the untrained record is not used.
+    use_hf_home(monkeypatch, hf_cache[0])
+    pretrained = load_backbone("ViT-B-32:auto", "cpu")
+    assert not pretrained.untrained and pretrained.weights == "openai" and pretrained.quick_gelu
+    assert pretrained.id == load_backbone("ViT-B-32:openai", "cpu").id != first.id
+    assert load_backbone("ViT-B-32:auto", "cpu").built is None  # and that is recorded in turn
 
 
 def test_a_run_with_the_openai_tag_uses_the_quickgelu_model(offline_hub, home, tmp_path):
@@ -214,3 +335,16 @@ def test_a_run_with_the_openai_tag_uses_the_quickgelu_model(offline_hub, home, t
     assert backbone == expected.id and backbone.startswith("ViT-B-32-quickgelu@")
     assert n_images > 0
     assert "QuickGELU mismatch" not in p.stdout + p.stderr
+    # Run again, nothing changed: every embedding is cached, so open_clip is never imported (-X importtime lists
+    # every module the process imports), and the run's backbone is the same.
+    again = subprocess.run(
+        [CLI, *args], capture_output=True, text=True, env={**run_env, "PYTHONPROFILEIMPORTTIME": "1"}, timeout=900,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stdout + again.stderr[-5000:]
+    imported = {line.rsplit("|", 1)[1].strip() for line in again.stderr.splitlines() if line.startswith("import time:")}
+    assert "textadapt.encoders" in imported and "torch" in imported  # the listing is complete
+    assert not {m for m in imported if m.split(".")[0] in ("open_clip", "torchvision", "timm")}
+    assert "0 texts encoded" in again.stdout and "report: " in again.stdout
+    with Store(home / "textadapt.duckdb", read_only=True) as s:
+        assert s.sql("SELECT DISTINCT backbone FROM runs")[1] == [(expected.id,)]

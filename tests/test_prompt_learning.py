@@ -54,7 +54,7 @@ def custom_text_backbone(tiny_backbone, **text_cfg):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = open_clip.CustomTextCLIP(64, TINY_VISION, {**TINY_TEXT, **text_cfg}).eval().requires_grad_(False)
-    return dataclasses.replace(tiny_backbone, spec="custom-text:random", model=model)
+    return dataclasses.replace(tiny_backbone, spec="custom-text:random", built=tiny_backbone.build()._replace(model=model))
 
 
 @pytest.mark.parametrize("class_specific", [False, True])
@@ -194,7 +194,8 @@ def test_unsupported_text_towers_are_refused(tiny_backbone):
     coca_like = custom_text_backbone(tiny_backbone, embed_cls=True)
     with pytest.raises(TextadaptError, match="appends a class token"):
         train_prompt_learner(coca_like, x, y, NAMES, PromptRecipe(steps=1))
-    no_tower = dataclasses.replace(tiny_backbone, spec="vision-only", model=torch.nn.Linear(2, 2))
+    vision_only = tiny_backbone.build()._replace(model=torch.nn.Linear(2, 2))
+    no_tower = dataclasses.replace(tiny_backbone, spec="vision-only", built=vision_only)
     with pytest.raises(TextadaptError, match="needs open_clip's own text transformer.*'vision-only'"):
         train_prompt_learner(no_tower, x, y, NAMES, PromptRecipe(steps=1))
 

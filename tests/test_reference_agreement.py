@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from textadapt import harness
+from textadapt import harness, scoring
 from textadapt.adapters import TapRecipe, train_adapter
 from textadapt.captioner import caption_log_likelihood
 from textadapt.pipeline import TrainingSet
@@ -297,6 +297,14 @@ def test_tap_head_is_lafters_training_loop():
     ours = train_adapter("tap-head", feats.numpy(), labels.numpy(), n_classes, TapRecipe(steps=steps, seed=seed))
     np.testing.assert_allclose(ours.weight, text_adapter[0].weight.detach().numpy(), rtol=1e-5, atol=1e-6)
     assert np.abs(ours.weight - initial.numpy()).max() > 1e-2  # it trained
+
+
+def test_imagenet_templates_read_without_importing_open_clip_are_open_clips():
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    ours = scoring.openclip_imagenet_templates()
+    assert len(ours) == len(OPENAI_IMAGENET_TEMPLATES) == 80
+    assert ours == [t("{}") if callable(t) else t for t in OPENAI_IMAGENET_TEMPLATES]
 
 
 # --------------------------------------------------------------------------------------------

@@ -149,8 +149,7 @@ class MethodResult:
 
 
 def logit_scale(backbone: Backbone) -> float:
-    scale = getattr(backbone.model, "logit_scale", None)
-    return float(scale.exp().item()) if scale is not None else 100.0
+    return backbone.logit_scale  # known without building the model (encoders' resolution record)
 
 
 # --------------------------------------------------------------------------------------------

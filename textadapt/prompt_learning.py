@@ -33,10 +33,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import TextTransformer, text_global_pool
 from torch.utils.checkpoint import checkpoint
 
 from textadapt import TextadaptError
@@ -138,6 +136,9 @@ class _Tower:
 
 def _text_tower(backbone: Backbone) -> _Tower:
     """The standard CLIP text transformer of ``backbone``, or a TextadaptError naming what it has instead."""
+    import open_clip
+    from open_clip.transformer import TextTransformer
+
     model = backbone.model
     name = f"backbone {backbone.spec!r} ({type(model).__name__})"
     if isinstance(model, open_clip.CLIP):
@@ -263,6 +264,8 @@ class PromptedClasses(torch.nn.Module):
         return x if first else x.transpose(0, 1)
 
     def _encode(self, idx: torch.Tensor) -> torch.Tensor:
+        from open_clip.transformer import text_global_pool
+
         tower = self.tower
         cast = tower.transformer.get_cast_dtype()
         ctx = self.ctx[idx] if self.ctx.dim() == 3 else self.ctx.unsqueeze(0).expand(len(idx), -1, -1)

@@ -47,9 +47,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from open_clip.coca_model import CoCa
-from open_clip.model import CLIP, CustomTextCLIP
-from open_clip.transformer import TextTransformer, text_global_pool
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +109,8 @@ class CausalTower:
         ``token_embeds`` (B, >= that many, width): the token embeddings to run instead of looking up
         ``tokens`` (prompt learning); ``tokens`` still says where the pooled token is and what is padding.
         """
+        from open_clip.transformer import text_global_pool
+
         B, L = tokens.shape
         n = int(self.lengths(tokens).max()) if B else 1
         cast = self.transformer.get_cast_dtype()
@@ -141,6 +140,10 @@ class CausalTower:
 
 
 def _refusal(model: torch.nn.Module) -> tuple[CausalTower | None, str]:
+    from open_clip.coca_model import CoCa
+    from open_clip.model import CLIP, CustomTextCLIP
+    from open_clip.transformer import TextTransformer
+
     kind = type(model)
     if kind.encode_text is CLIP.encode_text:  # the tower inline in the model (OpenAI CLIP's layout)
         if not is_causal_mask(getattr(model, "attn_mask", None)):
