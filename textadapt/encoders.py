@@ -712,16 +712,19 @@ def uncached_images(
 
 
 def encode_texts(backbone: Backbone, texts: list[str], store: Store, batch_size: int = 256) -> tuple[np.ndarray, int]:
-    """L2-normalised embeddings of ``texts`` in order, and how many had to be encoded (not cached)."""
-    todo = uncached_texts(backbone, texts, store)
-    for idx, emb in iter_text_embeddings(backbone, todo, batch_size):  # each batch stored as soon as it is encoded
-        chunk = [todo[i] for i in idx]
-        store.put_embeddings("text", backbone.id, [_sha(t) for t in chunk], emb, chunk)
+    """L2-normalised embeddings of ``texts`` in order, and how many had to be encoded (not cached): one cache query
+    when every text is cached."""
     if not texts:
         return np.zeros((0, backbone.embed_dim), np.float32), 0
     hashes = [_sha(t) for t in texts]
-    cached = store.get_embeddings("text", backbone.id, list(set(hashes)))
-    return np.stack([cached[h] for h in hashes]), len(todo)
+    found = store.get_embeddings("text", backbone.id, list(set(hashes)))
+    todo = [t for t, h in dict(zip(texts, hashes)).items() if h not in found]
+    for idx, emb in iter_text_embeddings(backbone, todo, batch_size):  # each batch stored as soon as it is encoded
+        chunk = [todo[i] for i in idx]
+        keys = [_sha(t) for t in chunk]
+        store.put_embeddings("text", backbone.id, keys, emb, chunk)
+        found.update(zip(keys, emb))
+    return np.stack([found[h] for h in hashes]), len(todo)
 
 
 def encode_images(
