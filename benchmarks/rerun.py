@@ -72,8 +72,8 @@ def runs(db) -> list[dict]:
 
 def main() -> None:
     p = _common.parser(__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
+    args.repeats = args.repeats or 3
     from textadapt.config import Settings
 
     db = Settings().db_path
@@ -117,7 +117,7 @@ def main() -> None:
         )
     )
     settings = {"command": "textadapt " + " ".join(ARGS), "cache": str(db), "repeats": args.repeats}
-    _common.write_results(NAME, settings, figures, [])
+    _common.write_results(NAME, settings, figures, [], args.out)
 
 
 if __name__ == "__main__":
