@@ -51,23 +51,26 @@ def timed(cmd: list[str]) -> tuple[float, None]:
 
 
 def runs(db) -> list[dict]:
-    """Every completed run of `make run`'s command in the cache, oldest first."""
+    """Every completed run in the cache whose options are those of `make run`'s command, oldest first."""
     import duckdb
 
+    from textadapt.config import RunOptions
+
+    flags = dict(zip(ARGS[2::2], ARGS[3::2]))  # --backbone ViT-B-32:auto
+    wanted = RunOptions.parse({"dataset": ARGS[1], **{k.removeprefix("--"): v for k, v in flags.items()}}).model_dump()
     con = duckdb.connect(str(db), read_only=True)
     try:
         rows = con.execute(
             "SELECT run_id, options, llm_calls, text_encoder_calls, epoch(finished_at - started_at) FROM runs "
-            "WHERE status = 'completed' AND dataset = 'fashion-mnist' ORDER BY started_at"
+            "WHERE status = 'completed' ORDER BY started_at"
         ).fetchall()
     finally:
         con.close()
-    out = []
-    for run_id, options, llm_calls, text_calls, seconds in rows:
-        o = json.loads(options)
-        if o.get("backbone") == "ViT-B-32:auto" and not o.get("max_images") and not o.get("max_classes"):
-            out.append({"run_id": run_id, "llm_calls": llm_calls, "text_encoder_calls": text_calls, "flow_seconds": seconds})
-    return out
+    return [
+        {"run_id": run_id, "llm_calls": llm_calls, "text_encoder_calls": text_calls, "flow_seconds": seconds}
+        for run_id, options, llm_calls, text_calls, seconds in rows
+        if json.loads(options) == json.loads(json.dumps(wanted))
+    ]
 
 
 def main() -> None:
@@ -79,10 +82,12 @@ def main() -> None:
     db = Settings().db_path
     textadapt = [sys.executable, "-m", "textadapt.cli", *ARGS]
     print(f"textadapt {' '.join(ARGS)} in {db}", flush=True)
+    if not db.exists() or not runs(db):
+        sys.exit(f"{db}: `make run` has not completed there (a cold run takes about 20 minutes here); run `make run` first")
     timed(textadapt)  # a first re-run: anything a changed checkout invalidates (e.g. the heads) is filled here
-    before = runs(db)
-    if not before or before[-1]["llm_calls"] or before[-1]["text_encoder_calls"]:
-        sys.exit(f"{db}: `make run` is not fully cached there (its last run called the LLM or the encoder); run `make run` first")
+    last = runs(db)[-1]
+    if last["llm_calls"] or last["text_encoder_calls"]:
+        sys.exit(f"{db}: `make run` was not fully cached there (the re-run called the LLM or the encoder); run it again")
     sides = {
         "re-run": lambda: timed(textadapt),
         "imports": lambda: timed([sys.executable, "-c", "import torch, prefect"]),
