@@ -140,7 +140,7 @@ def test_waffle_score_is_the_mean_of_the_similarities(tiny_backbone, fmnist, tmp
     waffle = next(c for c in free if c.method == "waffle")
     assert waffle.seeds == list(range(7)) and len(waffle.weights) == 7  # --reps 7
     images = F.normalize(torch.randn(25, tiny_backbone.embed_dim, generator=torch.Generator().manual_seed(0)), dim=-1)
-    scale = harness.logit_scale(tiny_backbone)
+    scale = tiny_backbone.logit_scale
     for rep, weight in [(waffle.seeds[0], waffle.weights[0]), (waffle.seeds[-1], waffle.weights[-1])]:  # two draws: time
         texts = harness.waffle_texts(fmnist.classes, rep)
         per_class = [texts[i * 30 : (i + 1) * 30] for i in range(len(fmnist.classes))]
@@ -218,7 +218,7 @@ def test_dclip_sentences_and_score_are_the_references(tiny_backbone, fmnist, tmp
     with torch.inference_mode():  # main.py lines 53-63: mean over each class's descriptor similarities
         encodings = [F.normalize(tiny_backbone.model.encode_text(tiny_backbone.tokenizer(v))) for v in theirs_texts.values()]
         theirs = torch.stack([(images @ v.T).mean(dim=1) for v in encodings], dim=1).numpy()
-    ours = images.numpy() @ dclip.weights[0].T / harness.logit_scale(tiny_backbone)
+    ours = images.numpy() @ dclip.weights[0].T / tiny_backbone.logit_scale
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
@@ -254,7 +254,7 @@ def test_cupl_class_weights_are_the_references(tiny_backbone, fmnist, tmp_path):
             class_embedding /= class_embedding.norm()
             weights.append(class_embedding)
     theirs = torch.stack(weights, dim=1).numpy()  # (D, C): logits = image_features @ zeroshot_weights
-    np.testing.assert_allclose(cupl.weights[0].T / harness.logit_scale(tiny_backbone), theirs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cupl.weights[0].T / tiny_backbone.logit_scale, theirs, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------

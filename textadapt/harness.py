@@ -148,10 +148,6 @@ class MethodResult:
         return float(np.std([s.mean_per_class for s in self.per_seed])) if len(self.per_seed) > 1 else None
 
 
-def logit_scale(backbone: Backbone) -> float:
-    return backbone.logit_scale  # known without building the model (encoders' resolution record)
-
-
 # --------------------------------------------------------------------------------------------
 # Training-free classifiers
 
@@ -240,7 +236,7 @@ def training_free(
     backbone: Backbone, spec: DatasetSpec, store: Store, sets: dict, dclip_sets: set[str], batch_size: int = 256
 ) -> tuple[list[Classifier], int]:
     """The zero-shot, WaffleCLIP, CuPL and DCLIP classifiers, and how many texts had to be encoded."""
-    n, scale, encoded, out = len(spec.classes), logit_scale(backbone), 0, []
+    n, scale, encoded, out = len(spec.classes), backbone.logit_scale, 0, []
     for method, prompts in zero_shot_prompts(spec).items():
         emb, k = encode_texts(backbone, prompts, store, batch_size)
         encoded += k
@@ -354,7 +350,7 @@ def adapted(
     ``progress(done, total)``: heads trained (or read back) so far. A head whose inputs are unchanged since a run
     trained it (``head_cache.head_key``) is read back from the cache; only the others are trained, and stored.
     """
-    n, scale, encoded, out = len(spec.classes), logit_scale(backbone), 0, []
+    n, scale, encoded, out = len(spec.classes), backbone.logit_scale, 0, []
     base = None  # taskres's template features, computed once
     total, done = len(sets) * len(config.methods) * len(config.seeds), 0
     if progress:
